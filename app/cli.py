@@ -1,0 +1,268 @@
+"""Command-line interface: `launch.py [gui|nodes|validate|run] ...`.
+
+`--help`, `nodes` and `validate` never import torch (nor the executor): they must answer at once.
+Exit codes of `run`: 0 done, 1 a node failed, 2 invalid recipe or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="launch.py",
+        description="NodeTrainer: build diffusion-model training recipes as node graphs, validate and run them.",
+        epilog="Without a command, the editor opens. Exit codes of 'run': 0 done, 1 a node failed, "
+               "2 invalid recipe or usage, 130 interrupted.")
+    ap.add_argument("--nodes-dir", action="append", default=[], metavar="DIR",
+                    help="also load node plugins from DIR (repeatable); see README 'Writing a node'")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("gui", help="open the editor (the default)")
+    g.add_argument("recipe", nargs="?", help="a recipe to open")
+    g.add_argument("--screenshot", metavar="PNG", help="render, save a screenshot and exit")
+    g.add_argument("--frames", type=int, default=5, help="frames to render before the screenshot")
+
+    n = sub.add_parser("nodes", help="list every node type with its inputs and outputs")
+    n.add_argument("--json", action="store_true", help="print the catalogue as JSON")
+    n.add_argument("--category", help="only this category")
+
+    v = sub.add_parser("validate", help="check a recipe; exit 0 if valid, 2 with every problem if not")
+    v.add_argument("recipe")
+    v.add_argument("--json", action="store_true", help="print problems as JSON")
+
+    r = sub.add_parser("run", help="run a recipe (only what the targets need)")
+    r.add_argument("recipe")
+    r.add_argument("--set", action="append", default=[], metavar="NODE.PARAM=VALUE",
+                   help="override a param; NODE is a node id, title or type (repeatable)")
+    r.add_argument("--target", action="append", default=[], metavar="NODE",
+                   help="run only what this node needs (repeatable; default: every sink)")
+    r.add_argument("--events", metavar="FILE.jsonl", help="write the event stream as JSON lines")
+    r.add_argument("--workspace", metavar="DIR",
+                   help="where outputs go (default: ./workspace/<recipe name>)")
+    r.add_argument("--worker", action="store_true", help="run in a separate worker process")
+    r.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cmd = args.command or "gui"
+    try:
+        if cmd == "nodes":
+            return cmd_nodes(args)
+        if cmd == "validate":
+            return cmd_validate(args)
+        if cmd == "run":
+            return cmd_run(args)
+        return cmd_gui(args)
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+def _registry(args):
+    from app.graph.registry import load_registry
+
+    reg = load_registry(args.nodes_dir)
+    for p in reg.problems:
+        print(f"warning: {p}", file=sys.stderr)
+    return reg
+
+
+# ---- nodes -----------------------------------------------------------------------------------
+
+def cmd_nodes(args) -> int:
+    reg = _registry(args)
+    specs = [s for s in reg if not args.category or s.category == args.category]
+    if args.json:
+        print(json.dumps([s.to_dict() for s in specs], indent=2))
+        return EXIT_OK
+    category = None
+    for spec in specs:
+        if spec.category != category:
+            category = spec.category
+            print(f"\n== {category} ==")
+        flags = "" if spec.pure else "  [writes files: always runs]"
+        print(f"\n{spec.title}  (type {spec.type}, v{spec.version}){flags}")
+        print(f"  {spec.description}")
+        if spec.inputs:
+            print("  inputs:")
+            for inp in spec.inputs:
+                print("    " + _describe_input(inp))
+        if spec.outputs:
+            print("  outputs:")
+            for out in spec.outputs:
+                tip = f"  - {out.tooltip}" if out.tooltip else ""
+                print(f"    {out.name:<22} {out.type}{tip}")
+    print()
+    return EXIT_OK
+
+
+def _describe_input(inp) -> str:
+    parts = [f"{inp.name:<22}", inp.type]
+    if inp.is_socket:
+        parts.append("socket")
+        if inp.multi:
+            parts.append("(several links)")
+    else:
+        if inp.type == "PATH":
+            parts.append(f"({inp.path_kind})")
+        parts.append(f"= {json.dumps(inp.default)}")
+        if inp.min is not None or inp.max is not None:
+            parts.append(f"[{inp.min if inp.min is not None else ''} .. {inp.max if inp.max is not None else ''}]")
+        if inp.choices:
+            parts.append("{" + ", ".join(inp.choices) + "}")
+    if inp.is_socket or inp.type == "PATH":
+        parts.append("optional" if inp.optional else "required")
+    text = " ".join(parts)
+    return f"{text}  - {inp.tooltip}" if inp.tooltip else text
+
+
+# ---- validate --------------------------------------------------------------------------------
+
+def load_and_check(path: str, registry):
+    """(graph, problems) or raise RecipeError; shared by validate and run."""
+    from app.graph.recipe import load_recipe
+    from app.graph.validate import validate
+
+    graph, problems = load_recipe(path, registry)
+    return graph, problems + validate(graph, registry)
+
+
+def cmd_validate(args) -> int:
+    from app.graph.problems import RecipeError
+
+    reg = _registry(args)
+    try:
+        graph, problems = load_and_check(args.recipe, reg)
+    except RecipeError as e:
+        if args.json:
+            print(json.dumps({"valid": False, "error": str(e), "problems": []}))
+        else:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps({"valid": not problems, "problems": [p.to_dict() for p in problems]}, indent=2))
+    elif problems:
+        for p in problems:
+            print(p)
+        print(f"{args.recipe}: {len(problems)} problem(s)", file=sys.stderr)
+    else:
+        print(f"{args.recipe}: valid ({len(graph.nodes)} nodes, {len(graph.links)} links)")
+    return EXIT_INVALID if problems else EXIT_OK
+
+
+# ---- run -------------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from app.graph.overrides import UsageError, apply_set, find_node
+    from app.graph.problems import RecipeError
+    from app.graph.recipe import load_recipe, to_data
+    from app.graph.validate import validate
+
+    reg = _registry(args)
+    recipe_path = Path(args.recipe)
+    try:
+        graph, problems = load_recipe(args.recipe, reg)
+        for assignment in args.set:  # before validation: an override can fix or cause a problem
+            apply_set(graph, reg, assignment)
+        targets = [find_node(graph, t) for t in args.target]
+    except (RecipeError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    problems += validate(graph, reg)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{args.recipe}: {len(problems)} problem(s); nothing was run", file=sys.stderr)
+        return EXIT_INVALID
+
+    from app.engine.console import ConsoleReporter
+    from app.engine.events import Fanout, JsonlWriter
+
+    workspace = Path(args.workspace or os.environ.get("NODETRAINER_WORKSPACE") or Path("workspace") / recipe_path.stem)
+    events_file = open(args.events, "w", encoding="utf-8") if args.events else None
+    emit = Fanout(ConsoleReporter(verbose=args.verbose), JsonlWriter(events_file) if events_file else None)
+    recipe_dir = str(recipe_path.resolve().parent)
+    try:
+        if args.worker:
+            status = _run_in_worker(args, reg, to_data(graph), recipe_dir, targets, workspace, emit)
+        else:
+            status = _run_in_process(reg, graph, recipe_dir, targets, workspace, emit)
+    finally:
+        if events_file:
+            events_file.close()
+    if status == "done" and workspace.exists():
+        print(f"Outputs are in {workspace.resolve()}", file=sys.stderr)
+    return {"done": EXIT_OK, "cancelled": EXIT_INTERRUPTED, "invalid": EXIT_INVALID}.get(status, EXIT_FAILED)
+
+
+class _InterruptHandler:
+    """First Ctrl-C: stop at the next check. Second: stop now."""
+
+    def __init__(self, cancel) -> None:
+        self.cancel = cancel
+        self.count = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            print("\nStopping at the next check... (Ctrl-C again to stop immediately)", file=sys.stderr)
+            self.cancel()
+        else:
+            raise KeyboardInterrupt
+
+
+def _run_in_process(reg, graph, recipe_dir, targets, workspace, emit) -> str:
+    from app.engine.executor import Executor
+
+    executor = Executor(reg)
+    previous = signal.signal(signal.SIGINT, _InterruptHandler(executor.cancel))
+    try:
+        result = executor.run(graph, targets or None, emit=emit, recipe_dir=recipe_dir, workspace=workspace)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return "cancelled"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return result.status
+
+
+def _run_in_worker(args, reg, data, recipe_dir, targets, workspace, emit) -> str:
+    from app.engine.client import WorkerClient
+
+    client = WorkerClient(nodes_dirs=args.nodes_dir)
+    previous = signal.signal(signal.SIGINT, _InterruptHandler(client.cancel))
+    try:
+        client.start()
+        run_id = client.run(data, source=args.recipe, recipe_dir=recipe_dir, targets=targets,
+                            workspace=str(workspace.resolve()))
+        done = client.wait_run(run_id, on_event=emit)
+        return done.get("status", "error")
+    except KeyboardInterrupt:
+        client.kill()
+        print("Interrupted.", file=sys.stderr)
+        return "cancelled"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        client.shutdown()
+
+
+# ---- gui -------------------------------------------------------------------------------------
+
+def cmd_gui(args) -> int:
+    try:
+        from app.gui.main import run_editor  # noqa: F401  (arrives with the editor issue)
+    except ImportError:
+        print("The editor is not part of this build yet. Use 'launch.py run RECIPE' and "
+              "'launch.py validate RECIPE' (see 'launch.py --help').", file=sys.stderr)
+        return EXIT_INVALID
+    return run_editor(args)

@@ -1,0 +1,241 @@
+"""The executor: runs what the targets need, in topological order, reusing cached outputs.
+
+Cache key = node type + version + params (+ a fingerprint of the files a node reads) + the keys of
+its inputs, recursively. So changing a Sample prompt re-runs Sample only, while changing a LoRA rank
+re-runs LoRAInject and everything downstream of it. Pure nodes are cached; side-effect nodes (they
+write files) always run. Cached outputs are frozen so no consumer can change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import networkx as nx
+
+from app.engine.context import NodeContext
+from app.engine.errors import Cancelled
+from app.engine.freeze import freeze
+from app.graph.model import Graph
+from app.graph.problems import Problem
+from app.graph.recipe import to_data
+from app.graph.spec import NodeSpec
+from app.graph.validate import _id_key, effective_params, validate
+
+Emit = Callable[[dict], None]
+
+
+@dataclass
+class RunResult:
+    status: str  # "done", "error", "cancelled" or "invalid"
+    run_id: str
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id -> output name -> value
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    error_node: str | None = None
+    error: str | None = None
+
+
+class Executor:
+    """Holds the output cache between runs; the worker keeps one Executor for its whole life."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+        self.cache: dict[str, tuple] = {}  # cache key -> frozen outputs
+        self.node_keys: dict[str, str] = {}  # node id -> key of its latest outputs
+        self.cancel_event = threading.Event()
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+        self.node_keys.clear()
+
+    # ---- planning ----------------------------------------------------------------------------
+    def plan(self, graph: Graph, targets: list[str] | None = None) -> list[str]:
+        """The targets and their ancestors in topological order (ties broken by node id)."""
+        g = nx.DiGraph()
+        g.add_nodes_from(graph.nodes)
+        g.add_edges_from((l.from_node, l.to_node) for l in graph.links)
+        targets = list(targets) if targets else graph.sinks()
+        needed = set(targets)
+        for t in targets:
+            needed |= nx.ancestors(g, t)
+        return list(nx.lexicographical_topological_sort(g.subgraph(needed), key=_id_key))
+
+    def keys(self, graph: Graph, order: list[str], recipe_dir: Path | None = None) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for nid in order:
+            node = graph.nodes[nid]
+            spec = self.registry.get(node.type)
+            params = resolve_paths(effective_params(node, spec), spec, recipe_dir)
+            inputs = {}
+            for sock in spec.sockets:
+                links = sorted(graph.links_into(nid, sock.name), key=lambda l: l.id)
+                inputs[sock.name] = [f"{keys[l.from_node]}:{l.from_output}" for l in links]
+            payload = {"type": spec.type, "version": spec.version, "params": params, "inputs": inputs}
+            if spec.fingerprint is not None:
+                try:
+                    payload["files"] = spec.fingerprint(params)
+                except Exception:  # a missing folder: let the node itself report it when it runs
+                    payload["files"] = uuid.uuid4().hex
+            blob = json.dumps(payload, sort_keys=True, ensure_ascii=True, default=str)
+            keys[nid] = hashlib.sha256(blob.encode()).hexdigest()
+        return keys
+
+    # ---- running -----------------------------------------------------------------------------
+    def run(self, graph: Graph, targets: list[str] | None = None, *, emit: Emit | None = None,
+            recipe_dir: str | Path | None = None, workspace: str | Path | None = None,
+            run_id: str | None = None) -> RunResult:
+        with self._lock:  # one run at a time per executor
+            return self._run(graph, targets, emit or (lambda e: None), Path(recipe_dir) if recipe_dir else None,
+                             Path(workspace) if workspace else Path("workspace"), run_id or uuid.uuid4().hex[:12])
+
+    def _run(self, graph: Graph, targets, emit_raw: Emit, recipe_dir: Path | None, workspace: Path,
+             run_id: str) -> RunResult:
+        self.cancel_event.clear()
+        t_run = time.perf_counter()
+
+        def emit(event: dict) -> None:
+            event.setdefault("run_id", run_id)
+            event.setdefault("t", time.time())
+            emit_raw(event)
+
+        result = RunResult("invalid", run_id)
+        problems = validate(graph, self.registry)
+        for t in targets or []:
+            if t not in graph.nodes:
+                problems.append(Problem(None, None, f"target {t!r} is not a node of this recipe"))
+        if problems:
+            result.problems = problems
+            emit({"event": "run_done", "status": "invalid", "problems": [p.to_dict() for p in problems],
+                  "message": "; ".join(map(str, problems))})
+            return result
+
+        order = self.plan(graph, targets)
+        keys = self.keys(graph, order, recipe_dir)
+        recipe_data = to_data(graph)
+        emit({"event": "run_start", "nodes": order, "targets": list(targets or graph.sinks()),
+              "titles": {nid: graph.label(nid) for nid in order}})
+        values: dict[str, tuple] = {}
+        status = "done"
+        for index, nid in enumerate(order):
+            node = graph.nodes[nid]
+            spec: NodeSpec = self.registry.get(node.type)
+            key = keys[nid]
+            base = {"node": nid, "type": node.type, "title": node.label(), "index": index, "count": len(order)}
+            if self.cancel_event.is_set():
+                status = "cancelled"
+                break
+            if spec.pure and key in self.cache:
+                values[nid] = self.cache[key]
+                self.node_keys[nid] = key
+                result.cached.append(nid)
+                emit({"event": "node_cached", **base})
+                continue
+            emit({"event": "node_start", **base})
+            t0 = time.perf_counter()
+            ctx = NodeContext(node_id=nid, node_type=node.type, title=node.label(), emit=emit,
+                              cancel_event=self.cancel_event, workspace=workspace, recipe=recipe_data,
+                              recipe_dir=recipe_dir, run_id=run_id)
+            kwargs = resolve_paths(effective_params(node, spec), spec, recipe_dir)
+            for sock in spec.sockets:
+                links = sorted(graph.links_into(nid, sock.name), key=lambda l: l.id)
+                got = [values[l.from_node][self._output_index(graph, l)] for l in links]
+                kwargs[sock.name] = got if sock.multi else (got[0] if got else None)
+            try:
+                outputs = freeze(normalise_outputs(spec, spec.fn(ctx, **kwargs)))
+            except Cancelled:
+                emit({"event": "node_cancelled", **base, "elapsed_s": time.perf_counter() - t0})
+                status = "cancelled"
+                break
+            except Exception as e:
+                message = error_message(e)
+                emit({"event": "node_error", **base, "message": message, "error_type": type(e).__name__,
+                      "traceback": traceback.format_exc()})
+                result.error_node, result.error = nid, f"node {nid} ({node.label()}): {message}"
+                status = "error"
+                break
+            values[nid] = outputs
+            result.executed.append(nid)
+            if spec.pure:
+                self.cache[key] = outputs
+                self.node_keys[nid] = key
+            emit({"event": "node_done", **base, "elapsed_s": time.perf_counter() - t0})
+        self._evict()
+        result.status = status
+        for nid in (targets or graph.sinks()):
+            if nid in values:
+                spec = self.registry.get(graph.nodes[nid].type)
+                result.outputs[nid] = dict(zip((o.name for o in spec.outputs), values[nid]))
+        done = {"event": "run_done", "status": status, "elapsed_s": time.perf_counter() - t_run,
+                "executed": result.executed, "cached": result.cached}
+        if result.error:
+            done["message"] = result.error
+        if status == "cancelled":
+            done["message"] = "stopped by the user"
+        emit(done)
+        return result
+
+    def _output_index(self, graph: Graph, link) -> int:
+        spec = self.registry.get(graph.nodes[link.from_node].type)
+        return [o.name for o in spec.outputs].index(link.from_output)
+
+    def _evict(self) -> None:
+        """Keep only the latest outputs of each node, so memory holds one model per node, not a history."""
+        live = set(self.node_keys.values())
+        for key in [k for k in self.cache if k not in live]:
+            del self.cache[key]
+
+
+def normalise_outputs(spec: NodeSpec, value: Any) -> tuple:
+    """A node returns a bare value for one output, or a tuple / name -> value dict for several."""
+    names = [o.name for o in spec.outputs]
+    if len(names) == 0:
+        return ()
+    if len(names) == 1:
+        return (value,)
+    if isinstance(value, dict) and set(value) == set(names):
+        return tuple(value[n] for n in names)
+    if isinstance(value, (tuple, list)) and len(value) == len(names):
+        return tuple(value)
+    raise TypeError(f"{spec.type} must return {len(names)} outputs ({', '.join(names)})")
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # builtin:tiny-sd (two letters at least: not C:)
+
+
+def resolve_paths(params: dict, spec: NodeSpec, recipe_dir: Path | None) -> dict:
+    """PATH params are stored relative to the recipe; nodes get absolute paths."""
+    out = dict(params)
+    for inp in spec.params:
+        value = out.get(inp.name)
+        if inp.type != "PATH" or not value or _SCHEME.match(value):
+            continue
+        p = Path(value).expanduser()
+        if not p.is_absolute() and recipe_dir is not None:
+            p = recipe_dir / p
+        out[inp.name] = str(p)
+    return out
+
+
+_PLAIN_ERRORS = (OSError, ValueError, KeyError, NotImplementedError, MemoryError)
+
+
+def error_message(e: BaseException) -> str:
+    """User-facing errors speak for themselves; programming errors keep their type name."""
+    text = str(e)
+    if text and (isinstance(e, _PLAIN_ERRORS) or type(e).__name__ in ("NodeError", "DataError", "ModelLoadError")):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
