@@ -1,0 +1,1 @@
+"""Training: optimizers and schedules, the diffusion objective, and the training loop."""

@@ -1,0 +1,546 @@
+"""The training loop.
+
+Exact resume is a design property, not a feature bolted on: every random draw of step s comes from
+generators seeded by (seed, s), and the data plan of epoch e is a pure function of (seed, e). A
+backup therefore needs only the trainable weights, optimizer, scheduler, EMA and the position
+(step, epoch, batch); a resumed run then draws exactly what an uninterrupted run would.
+
+Data-parallel training (``accelerate launch``): every rank draws the same global batch plan and
+the same noise, takes its own slice, and gradients are averaged across ranks, so W processes with
+batch B equal one process with batch W x B.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from app.ml.train.objective import (ObjectiveSettings, make_noise, noisy_input, per_sample_loss,
+                                    rescale_zero_terminal_snr, sample_timesteps, target_for, timestep_weights)
+from app.ml.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class StopTraining(Exception):
+    """Raised by the cancel check; the loop writes a backup and re-raises the caller's exception."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 10
+    max_steps: int = 0
+    grad_accumulation: int = 1
+    clip_grad_norm: float = 1.0
+    seed: int = 42
+    train_dtype: str = "fp32"  # autocast dtype: fp32 | fp16 | bf16
+    gradient_checkpointing: bool = False
+    zero_terminal_snr: bool = False
+    objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    ema: bool = False
+    ema_decay: float = 0.999
+    ema_every: int = 1
+    ema_on_cpu: bool = True
+    sample_every: int = 0
+    save_every: int = 0
+    backup_every: int = 0
+    every_unit: str = "epochs"  # epochs | steps | minutes
+    backups_kept: int = 3
+    stop_text_encoder_after: int = 0  # optimizer steps; 0 = never
+    validate_every: int = 0  # in every_unit; 0 = at the end only (if there is validation data)
+
+
+@dataclass
+class Batch:
+    captions: list[str]
+    loss_weights: torch.Tensor  # (B,)
+    pixels: torch.Tensor | None = None  # B x 3 x H x W in [-1, 1]
+    latents: torch.Tensor | None = None  # cached latents
+    text: dict[str, torch.Tensor] | None = None  # cached text-encoder outputs
+    masks: torch.Tensor | None = None  # B x H x W in [0, 1]
+    original_sizes: list[tuple[int, int]] | None = None  # (h, w) before resize (SDXL conditioning)
+    crops_top_left: list[tuple[int, int]] | None = None
+
+
+class BatchSource(Protocol):
+    """The data side of training: a pure function of (epoch, index), so resume is exact."""
+
+    def iterations(self, epoch: int) -> int: ...
+
+    def batch(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> Batch: ...
+
+
+class Trainable(Protocol):
+    """What trains: an adapter patched into the shared base model, or a model's own copy."""
+
+    def param_groups(self, optimizer_settings: dict) -> list[dict]: ...
+
+    def components(self): ...  # (unet, text_encoders) to run forward through
+
+    def attached(self): ...  # context manager: patches in while training runs, removed after
+
+    def trains_text_encoder(self) -> bool: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class Hooks:
+    """What the node layer does at the loop's periodic points (all optional)."""
+
+    progress: Callable[[int, int], None] = lambda step, total: None
+    metric: Callable[..., None] = lambda **values: None
+    log: Callable[[str], None] = lambda message: None
+    check_cancel: Callable[[], None] = lambda: None
+    sample: Callable[[int, int], None] | None = None  # (step, epoch)
+    save: Callable[[int, int], None] | None = None
+    validation: BatchSource | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: int
+    losses: list[float]
+    validation: list[tuple[int, float]]
+    backups: list[str]
+    last_backup: str | None
+    elapsed_s: float
+
+
+def _seeded(*parts: int) -> torch.Generator:
+    h = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, kept on CPU or the device."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float, on_cpu: bool) -> None:
+        self.decay = decay
+        self.device = torch.device("cpu") if on_cpu else None
+        self.shadow = [p.detach().to(self.device or p.device, dtype=torch.float32, copy=True) for p in params]
+
+    @torch.no_grad()
+    def update(self, params: list[torch.Tensor]) -> None:
+        for s, p in zip(self.shadow, params):
+            s.mul_(self.decay).add_(p.detach().to(s.device, torch.float32), alpha=1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{i}": t for i, t in enumerate(self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, s in enumerate(self.shadow):
+            s.copy_(state[f"ema.{i}"])
+
+
+class Trainer:
+    def __init__(self, bundle, trainable: Trainable, data: BatchSource, optimizer_settings: dict,
+                 settings: TrainSettings, workdir: Path, hooks: Hooks | None = None,
+                 device: torch.device | None = None) -> None:
+        self.bundle = getattr(trainable, "model", bundle)  # the handle to train through
+        self.trainable = trainable
+        self.data = data
+        self.opt_settings = dict(optimizer_settings)
+        self.s = settings
+        self.workdir = Path(workdir)
+        self.hooks = hooks or Hooks()
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.rank, self.world = _distributed()
+        self.is_main = self.rank == 0
+
+    # ---- planning --------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        """Optimizer steps: max_steps if set, else each epoch's batches in groups of grad_accumulation."""
+        if self.s.max_steps:
+            return self.s.max_steps
+        acc = self.s.grad_accumulation
+        return sum(-(-self.data.iterations(e) // acc) for e in range(self.s.epochs))
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self, resume_from: str | Path | None = None) -> TrainResult:
+        t_start = time.monotonic()
+        s = self.s
+        total = self.total_steps()
+        if total <= 0:
+            raise TrainingError("nothing to train: the dataset gives no batches (check the Bucketer's "
+                                "batch size and the leftovers it reported)")
+        scheduler = self.bundle.make_noise_scheduler()
+        if s.zero_terminal_snr:
+            rescale_zero_terminal_snr(scheduler)
+        groups = self.trainable.param_groups(self.opt_settings)
+        params = [p for g in groups for p in g["params"]]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = build_optimizer(self.opt_settings, groups)
+        lr_sched = build_scheduler(optimizer, self.opt_settings, total)
+        ema = EMA(params, s.ema_decay, s.ema_on_cpu) if s.ema else None
+        prediction = s.objective.prediction
+        autocast = _autocast(self.device, s.train_dtype)
+        scaler = torch.amp.GradScaler(self.device.type) if s.train_dtype == "fp16" and self.device.type == "cuda" else None
+
+        step, epoch, batch_index = 0, 0, 0
+        step_start = (0, 0)
+        if resume_from:
+            step, epoch, batch_index = self._load_backup(Path(resume_from), optimizer, lr_sched, ema)
+            step_start = (epoch, batch_index)
+            self.hooks.log(f"resumed from {resume_from} at step {step} (epoch {epoch + 1}, batch {batch_index})")
+        losses: list[float] = []
+        validation: list[tuple[int, float]] = []
+        backups: list[str] = []
+        last_backup = None
+        smooth = None
+        timer = _Periodic(s.every_unit)
+        te_stopped = False
+        t_steps, steps_timed = time.monotonic(), 0
+        unet, text_encoders = self.trainable.components()
+        ckpt_ctx = _gradient_checkpointing(unet, s.gradient_checkpointing)
+        with self.trainable.attached(), ckpt_ctx:
+            _set_train(unet, text_encoders, self.trainable.trains_text_encoder())
+            try:
+                while step < total:
+                    n_batches = self.data.iterations(epoch)
+                    if n_batches == 0:
+                        raise TrainingError(f"epoch {epoch + 1} has no batches")
+                    while batch_index < n_batches and step < total:
+                        step_start = (epoch, batch_index)  # a stop inside an accumulation redoes the group
+                        accum_loss = 0.0
+                        for micro in range(s.grad_accumulation):
+                            if batch_index >= n_batches:
+                                break
+                            self.hooks.check_cancel()
+                            loss = self._micro_step(scheduler, unet, text_encoders, epoch, batch_index, step, micro,
+                                                    prediction, autocast, scaler, te_stopped)
+                            if not math.isfinite(loss):
+                                optimizer.zero_grad(set_to_none=True)
+                                path = self._backup(step, *step_start, optimizer, lr_sched, ema, backups)
+                                raise TrainingError(
+                                    f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}); training "
+                                    f"stopped. The last good state is backed up in {path}. Try a lower learning "
+                                    "rate, bf16 or fp32 instead of fp16, or gradient clipping.")
+                            accum_loss += loss / s.grad_accumulation
+                            batch_index += 1
+                        self._sync_gradients(params)
+                        if scaler is not None:
+                            scaler.unscale_(optimizer)
+                        if s.clip_grad_norm > 0:
+                            torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
+                        if scaler is not None:
+                            scaler.step(optimizer)
+                            scaler.update()
+                        else:
+                            optimizer.step()
+                        lr_sched.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        step += 1
+                        if ema is not None and step % max(1, s.ema_every) == 0:
+                            ema.update(params)
+                        if s.stop_text_encoder_after and step >= s.stop_text_encoder_after and not te_stopped:
+                            te_stopped = self._stop_text_encoder(optimizer)
+                        losses.append(accum_loss)
+                        smooth = accum_loss if smooth is None else 0.95 * smooth + 0.05 * accum_loss
+                        steps_timed += 1
+                        elapsed = time.monotonic() - t_steps
+                        rate = steps_timed / elapsed if elapsed > 0 else 0.0
+                        lrs = {g.get("name", str(i)): g["lr"] or 0.0 for i, g in enumerate(optimizer.param_groups)}
+                        self.hooks.metric(loss=accum_loss, smooth_loss=smooth, lr=next(iter(lrs.values())), lrs=lrs,
+                                          step=step, epoch=epoch + 1, steps_per_s=rate,
+                                          eta_s=(total - step) / rate if rate else None, memory_mb=_memory_mb(self.device))
+                        self.hooks.progress(step, total)
+                        end_of_epoch = batch_index >= n_batches
+                        position = (epoch + 1, 0) if end_of_epoch else (epoch, batch_index)
+                        if self.is_main:
+                            last_backup = self._periodic(timer, step, epoch, end_of_epoch, total, position, optimizer,
+                                                         lr_sched, ema, backups, validation, scheduler, unet,
+                                                         text_encoders, prediction) or last_backup
+                    if batch_index >= n_batches:
+                        epoch += 1
+                        batch_index = 0
+            except BaseException as e:
+                from app.engine.errors import Cancelled
+
+                if isinstance(e, (Cancelled, StopTraining)) and self.is_main:
+                    optimizer.zero_grad(set_to_none=True)
+                    last_backup = self._backup(step, *step_start, optimizer, lr_sched, ema, backups)
+                    self.hooks.log(f"stopped at step {step}; resumable backup in {last_backup}")
+                raise
+            finally:
+                _set_eval(unet, text_encoders)
+                if hasattr(optimizer, "eval"):
+                    optimizer.eval()  # schedule-free: switch to the averaged weights
+            if self.is_main and self.hooks.validation is not None:
+                validation.append((step, self.validation_loss(scheduler, unet, text_encoders, prediction)))
+        if ema is not None:
+            with torch.no_grad():
+                for p, shadow in zip(params, ema.shadow):
+                    p.copy_(shadow.to(p.device, p.dtype))
+        return TrainResult(step, epoch, losses, validation, backups, last_backup, time.monotonic() - t_start)
+
+    # ---- one micro-batch ---------------------------------------------------------------------
+    def _micro_step(self, scheduler, unet, text_encoders, epoch, index, step, micro, prediction, autocast,
+                    scaler, te_stopped) -> float:
+        s = self.s
+        # seeds depend on the global position only, so a resumed run draws exactly the same
+        torch.manual_seed(int(_seeded(s.seed, step, micro, 1).initial_seed() % (2**63)))
+        batch = self.data.batch(epoch, index, self.rank, self.world)
+        latents = self._latents(batch)
+        full_b = latents.shape[0] * self.world
+        g = _seeded(s.seed, step, micro, 0)
+        noise_all = make_noise(torch.zeros((full_b,) + tuple(latents.shape[1:])), s.objective, g)
+        t_all = sample_timesteps(full_b, s.objective, scheduler.config.num_train_timesteps, g)
+        mask_draw = torch.rand(full_b, generator=g) >= s.objective.unmasked_probability
+        sl = slice(self.rank * latents.shape[0], (self.rank + 1) * latents.shape[0])
+        noise, timesteps, use_mask = noise_all[sl].to(latents), t_all[sl].to(latents.device), mask_draw[sl]
+        noisy = noisy_input(scheduler, latents, noise, timesteps, s.objective, g)
+        target = target_for(scheduler, latents, noise, timesteps, prediction)
+        train_te = self.trainable.trains_text_encoder() and not te_stopped
+        with autocast:
+            cond = self._conditioning(batch, train_te)
+            model_dtype = next(unet.parameters()).dtype
+            pred = unet(noisy.to(model_dtype), timesteps, **cond).sample
+            loss = per_sample_loss(pred, target, s.objective, batch.masks.to(pred.device) if batch.masks is not None else None,
+                                   use_mask.to(pred.device))
+            weights = timestep_weights(scheduler, timesteps, s.objective, prediction) * batch.loss_weights.to(loss.device)
+            loss = (loss * weights).mean()
+        value = float(loss.detach())
+        if math.isfinite(value):
+            scaled = loss / s.grad_accumulation
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return value
+
+    def _latents(self, batch: Batch) -> torch.Tensor:
+        if batch.latents is not None:
+            return batch.latents.to(self.device, torch.float32)
+        return self.bundle.encode_images(batch.pixels.to(self.device)).to(torch.float32)
+
+    def _conditioning(self, batch: Batch, train_te: bool) -> dict[str, Any]:
+        if batch.text is not None and not train_te:
+            text = {k: v.to(self.device) for k, v in batch.text.items()}
+        else:
+            text = self.bundle.encode_prompts(batch.captions, with_grad=train_te)
+        cond: dict[str, Any] = {"encoder_hidden_states": text["prompt_embeds"]}
+        if self.bundle.family.uses_time_ids:
+            if batch.pixels is not None:
+                h, w = batch.pixels.shape[-2:]
+            else:
+                h, w = (x * self.bundle.vae_scale_factor for x in batch.latents.shape[-2:])
+            b = len(batch.captions)
+            time_ids = self.bundle.add_time_ids(batch.original_sizes or [(h, w)] * b,
+                                                batch.crops_top_left or [(0, 0)] * b, [(h, w)] * b)
+            cond["added_cond_kwargs"] = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": time_ids.to(self.device)}
+        return cond
+
+    # ---- periodic work -----------------------------------------------------------------------
+    def _periodic(self, timer, step, epoch, end_of_epoch, total, position, optimizer, lr_sched, ema, backups,
+                  validation, scheduler, unet, text_encoders, prediction):
+        s = self.s
+        last = step >= total
+        backup = None
+        if s.sample_every and self.hooks.sample and timer.due("sample", s.sample_every, step, end_of_epoch):
+            _set_eval(unet, text_encoders)
+            self.hooks.sample(step, epoch + 1)
+            _set_train(unet, text_encoders, self.trainable.trains_text_encoder())
+        if s.save_every and self.hooks.save and not last and timer.due("save", s.save_every, step, end_of_epoch):
+            self.hooks.save(step, epoch + 1)
+        if s.backup_every and not last and timer.due("backup", s.backup_every, step, end_of_epoch):
+            backup = self._backup(step, *position, optimizer, lr_sched, ema, backups)
+        if s.validate_every and self.hooks.validation is not None and not last and \
+                timer.due("validate", s.validate_every, step, end_of_epoch):
+            validation.append((step, self.validation_loss(scheduler, unet, text_encoders, prediction)))
+            _set_train(unet, text_encoders, self.trainable.trains_text_encoder())
+        return backup
+
+    @torch.no_grad()
+    def validation_loss(self, scheduler, unet, text_encoders, prediction) -> float:
+        """Deterministic: fixed timesteps spread over the schedule and fixed noise per sample."""
+        source = self.hooks.validation
+        _set_eval(unet, text_encoders)
+        n_t = 4
+        total, count = 0.0, 0
+        for index in range(source.iterations(0)):
+            batch = source.batch(0, index)
+            latents = self._latents(batch)
+            cond = self._conditioning(batch, False)
+            for k in range(n_t):
+                t = int((k + 0.5) / n_t * scheduler.config.num_train_timesteps)
+                timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+                noise = torch.randn(latents.shape, generator=_seeded(self.s.seed, 99991, index, k)).to(latents)
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                pred = unet(noisy.to(next(unet.parameters()).dtype), timesteps, **cond).sample
+                target = target_for(scheduler, latents, noise, timesteps, prediction)
+                total += float(per_sample_loss(pred, target, self.s.objective).sum())
+                count += latents.shape[0]
+        value = total / max(1, count)
+        self.hooks.metric(validation_loss=value)
+        return value
+
+    # ---- backups -----------------------------------------------------------------------------
+    def _backup(self, step, epoch, batch_index, optimizer, lr_sched, ema, backups) -> str:
+        """A resumable snapshot, written to a temp folder and renamed: a crash never leaves half of one."""
+        root = self.workdir / "backups"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{step:07d}"
+        tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable.state_dict().items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None}, tmp / "state.pt")
+        meta = {"step": step, "epoch": epoch, "batch_index": batch_index, "seed": self.s.seed,
+                "settings": _jsonable(asdict(self.s)), "optimizer": self.opt_settings, "time": time.time()}
+        (tmp / "backup.json").write_text(json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        backups.append(str(final))
+        existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        for old in existing[: max(0, len(existing) - self.s.backups_kept)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return str(final)
+
+    def _load_backup(self, path: Path, optimizer, lr_sched, ema) -> tuple[int, int, int]:
+        from safetensors.torch import load_file
+
+        if path.is_dir() and not (path / "backup.json").exists():
+            candidates = sorted(p for p in (path / "backups" if (path / "backups").is_dir() else path).iterdir()
+                                if p.is_dir() and (p / "backup.json").exists())
+            if not candidates:
+                raise TrainingError(f"{path}: no backup found (expected a folder with backup.json)")
+            path = candidates[-1]
+        try:
+            meta = json.loads((path / "backup.json").read_text())
+            weights = load_file(str(path / "trainable.safetensors"))
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise TrainingError(f"{path}: cannot read this backup ({e})") from None
+        self.trainable.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        return int(meta["step"]), int(meta["epoch"]), int(meta["batch_index"])
+
+    def _stop_text_encoder(self, optimizer) -> bool:
+        for g in optimizer.param_groups:
+            if str(g.get("name", "")).startswith("text_encoder"):
+                g["lr"] = 0.0
+                g["weight_decay"] = 0.0
+                for p in g["params"]:
+                    p.requires_grad_(False)
+        self.hooks.log("text encoder training stopped")
+        return True
+
+    def _sync_gradients(self, params) -> None:
+        if self.world <= 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(self.world)
+
+
+class _Periodic:
+    """Decides when "every N epochs / steps / minutes" work is due."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.start = time.monotonic()
+        self.last: dict[str, float] = {}
+
+    def due(self, what: str, every: int, step: int, end_of_epoch: bool) -> bool:
+        if self.unit == "steps":
+            return step % every == 0
+        if self.unit == "epochs":
+            if not end_of_epoch:
+                return False
+            self.last[what] = self.last.get(what, 0) + 1
+            return self.last[what] % every == 0
+        now = time.monotonic()
+        if now - self.last.get(what, self.start) >= every * 60:
+            self.last[what] = now
+            return True
+        return False
+
+
+def _distributed() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:
+        pass
+    return 0, 1
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    if device.type == "cpu" and dt == torch.float16:
+        return nullcontext()  # fp16 autocast is a GPU feature; CPUs train in fp32 or bf16
+    return torch.autocast(device.type, dtype=dt)
+
+
+def _gradient_checkpointing(unet, enabled: bool):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def ctx():
+        was = getattr(unet, "is_gradient_checkpointing", False)
+        if enabled and not was and hasattr(unet, "enable_gradient_checkpointing"):
+            unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if enabled and not was and hasattr(unet, "disable_gradient_checkpointing"):
+                unet.disable_gradient_checkpointing()
+
+    return ctx()
+
+
+def _set_train(unet, text_encoders, train_te: bool) -> None:
+    unet.train()
+    for te in text_encoders:
+        te.train(train_te)
+
+
+def _set_eval(unet, text_encoders) -> None:
+    unet.eval()
+    for te in text_encoders:
+        te.eval()
+
+
+def _memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:
+        return None
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,140 @@
+"""Optimizers and learning-rate schedules, built from the plain settings an Optimizer node carries.
+
+The settings are data (a dict), so they can be cached, shown and saved in a backup; the torch
+objects are built by the training loop once it knows which parameters train.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion", "lion8bit", "sgd_nesterov", "dadapt_adam",
+              "schedulefree_adamw")
+SCHEDULES = ("constant", "linear", "cosine", "cosine_restarts", "polynomial")
+ADAPTIVE = {"prodigy", "dadapt_adam"}
+
+
+class OptimizerError(ValueError):
+    pass
+
+
+def build_optimizer(settings: dict, groups: list[dict]) -> torch.optim.Optimizer:
+    """`groups`: torch param groups, each with "params", "lr" and a "name" (unet, text_encoder, ...)."""
+    name = settings.get("optimizer", "adamw")
+    groups = [g for g in groups if list(g["params"])]
+    if not groups:
+        raise OptimizerError("nothing to train: no parameter requires a gradient")
+    betas = (float(settings.get("beta1", 0.9)), float(settings.get("beta2", 0.999)))
+    eps = float(settings.get("eps", 1e-8))
+    wd = float(settings.get("weight_decay", 0.01))
+    lr = groups[0]["lr"]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    if name in ("adamw8bit", "lion8bit"):
+        bnb = _bitsandbytes(name)
+        cls = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.Lion8bit
+        kwargs = {"eps": eps} if name == "adamw8bit" else {}
+        return cls(groups, lr=lr, betas=betas, weight_decay=wd, **kwargs)
+    if name == "lion":
+        return Lion(groups, lr=lr, betas=betas, weight_decay=wd)
+    if name == "sgd_nesterov":
+        return torch.optim.SGD(groups, lr=lr, momentum=betas[0], nesterov=True, weight_decay=wd)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        relative = bool(settings.get("relative_step", False))
+        for g in groups:
+            if relative:
+                g["lr"] = None
+        return Adafactor(groups, lr=None if relative else lr, eps=(1e-30, 1e-3), clip_threshold=1.0,
+                         decay_rate=-0.8, beta1=None, weight_decay=wd, scale_parameter=relative,
+                         relative_step=relative, warmup_init=False)
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd, decouple=True,
+                       use_bias_correction=bool(settings.get("bias_correction", True)),
+                       safeguard_warmup=bool(settings.get("safeguard_warmup", True)),
+                       d_coef=float(settings.get("d_coef", 1.0)))
+    if name == "dadapt_adam":
+        from dadaptation import DAdaptAdam
+
+        return DAdaptAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd, decouple=True,
+                          d0=1e-6, growth_rate=float("inf"))
+    if name == "schedulefree_adamw":
+        from schedulefree import AdamWScheduleFree
+
+        opt = AdamWScheduleFree(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd,
+                                warmup_steps=int(settings.get("warmup", 0)) if settings.get("warmup", 0) >= 1 else 0)
+        opt.train()
+        return opt
+    raise OptimizerError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _bitsandbytes(name: str):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise OptimizerError(f"{name} needs bitsandbytes and a CUDA GPU: pip install -e '.[cuda]', or choose "
+                             "adamw / lion") from None
+    if not torch.cuda.is_available():
+        raise OptimizerError(f"{name} needs a CUDA GPU; on this machine choose adamw or lion")
+    return bnb
+
+
+def lr_factor(step: int, total_steps: int, settings: dict) -> float:
+    """The schedule's multiplier of the base learning rate at `step` (0-based)."""
+    schedule = settings.get("schedule", "constant")
+    warmup = float(settings.get("warmup", 0.0))
+    warmup_steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
+    min_factor = float(settings.get("min_factor", 0.0))
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    p = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if schedule == "constant":
+        f = 1.0
+    elif schedule == "linear":
+        f = 1.0 - p
+    elif schedule == "cosine":
+        f = 0.5 * (1.0 + math.cos(math.pi * p))
+    elif schedule == "cosine_restarts":
+        cycles = max(1, int(settings.get("cycles", 1)))
+        f = 0.5 * (1.0 + math.cos(math.pi * ((p * cycles) % 1.0))) if p < 1.0 else 0.0
+    elif schedule == "polynomial":
+        f = (1.0 - p) ** float(settings.get("power", 1.0))
+    else:
+        raise OptimizerError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return min_factor + (1.0 - min_factor) * f
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, settings: dict, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, settings))
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023): sign of an interpolated momentum; use a 3-10x lower LR than AdamW."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = m.mul(b1).add_(p.grad, alpha=1 - b1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+        return loss
