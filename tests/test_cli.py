@@ -45,7 +45,7 @@ def test_nodes_lists_the_catalogue_as_text_and_json():
     assert rank["type"] == "INT" and rank["default"] == 16 and rank["min"] == 1 and rank["tooltip"]
     algo = next(i for i in by_type["LoRAInject"]["inputs"] if i["name"] == "algorithm")
     assert algo["choices"] == ["lora", "locon", "loha", "lokr", "dora"]
-    assert by_type["TrainLoop"]["outputs"][0] == {"name": "model", "type": "MODEL", "tooltip": ""}
+    assert by_type["TrainLoop"]["outputs"][0] == {"name": "model", "type": "MODEL", "tooltip": "the trained model"}
     assert {i["name"]: i["kind"] for i in by_type["TrainLoop"]["inputs"]}["buckets"] == "socket"
 
 
@@ -136,8 +136,8 @@ def test_run_invalid_exits_2_without_running(tmp_path):
 
 
 def test_run_unimplemented_builtin_says_so(tmp_path):
-    path = recipe(tmp_path, [("1", "Optimizer", {})])
-    out = cli("run", path, stubs=False)
+    path = recipe(tmp_path, [("1", "TestPending", {})])
+    out = cli("run", path)
     assert out.returncode == 1 and "not implemented yet" in out.stderr
 
 

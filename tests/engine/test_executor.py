@@ -138,7 +138,7 @@ def test_error_names_the_node_and_stops_downstream(registry, build):
 
 
 def test_not_yet_implemented_node_says_so(registry, build):
-    g = build(("1", "Optimizer", {}))
+    g = build(("1", "TestPending", {}))
     result, ev = events_of(Executor(registry), g)
     assert result.status == "error"
     assert "not implemented yet" in [e for e in ev if e["event"] == "node_error"][0]["message"]

@@ -107,3 +107,9 @@ def write(ctx, data, path):
       outputs=[Output("out", "DATASET")])
 def flag(ctx, flag, ratio, mode, folder):
     return {"value": int(flag), "trace": [ctx.node_id], "items": [ratio, mode, folder]}
+
+
+@node(type="TestPending", category="test", description="Declared, not implemented yet.",
+      inputs=[], outputs=[Output("out", "DATASET")])
+def pending(ctx):
+    raise NotImplementedError("TestPending is declared but not implemented yet: it arrives with a later issue")

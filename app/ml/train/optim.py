@@ -11,9 +11,7 @@ from typing import Iterable
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "lion", "lion8bit", "sgd_nesterov", "dadapt_adam",
-              "schedulefree_adamw")
-SCHEDULES = ("constant", "linear", "cosine", "cosine_restarts", "polynomial")
+from app.ml.train.names import OPTIMIZERS, SCHEDULES
 ADAPTIVE = {"prodigy", "dadapt_adam"}
 
 

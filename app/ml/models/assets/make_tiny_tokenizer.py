@@ -1,0 +1,107 @@
+"""Generate the tiny CLIP byte-level BPE tokenizer shipped in ``tiny_clip_tokenizer/``.
+
+Real CLIP vocabularies (49,408 entries) cannot be downloaded here and are far too big for tiny test
+models, so this script learns a few hundred BPE merges over a small word list with the same
+conventions as OpenAI's CLIP tokenizer: byte-to-unicode base symbols, an ``</w>`` end-of-word
+suffix, vocab order "bytes, bytes+</w>, merges, <|startoftext|>, <|endoftext|>". The result loads
+with transformers' ``CLIPTokenizer`` like the real files do, and common prompt words ("red",
+"circle", "photo") become single tokens so tiny models can learn word-level conditioning.
+
+Run ``python app/ml/models/assets/make_tiny_tokenizer.py`` to regenerate; the output is
+deterministic (ties are broken lexicographically), so re-running gives identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+OUT_DIR = Path(__file__).resolve().parent / "tiny_clip_tokenizer"
+NUM_MERGES = 320
+
+WORDS = """
+a an the of in on at with and or to for by from is are this that it its
+red green blue yellow orange purple pink brown black white gray grey gold silver cyan magenta
+circle square triangle rectangle star heart line dot dots stripe stripes ring cross shape shapes
+big small large tiny little bright dark light left right top bottom center middle corner
+photo picture image painting drawing sketch render style art artwork portrait landscape
+man woman person girl boy child face hand eyes hair smile dog cat bird horse car house tree
+flower sky sun moon water sea river mountain city street forest field night day background
+high quality detailed sharp blurry simple plain texture pattern color colour solid
+one two three four five six seven eight nine ten
+0 1 2 3 4 5 6 7 8 9
+ohwx sks token concept class
+""".split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI CLIP's reversible byte -> printable unicode table (the GPT-2 scheme)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE training on a word-frequency table (every word counted once)."""
+    byte_encoder = bytes_to_unicode()
+    corpus: Counter[tuple[str, ...]] = Counter()
+    for word in words:
+        symbols = [byte_encoder[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        corpus[tuple(symbols)] += 1
+
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, freq in corpus.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += freq
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for symbols, freq in corpus.items():
+            out: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += freq
+        corpus = merged
+    return merges
+
+
+def build() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    merges = learn_merges(WORDS, NUM_MERGES)
+    base = list(bytes_to_unicode().values())
+    tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def main() -> None:
+    vocab, merges = build()
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (OUT_DIR / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {len(vocab)} vocab entries and {len(merges)} merges to {OUT_DIR}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""``ModelBundle``: the loaded base model that will flow on MODEL sockets.
+
+A bundle is a shared, immutable handle. The executor caches it and hands the *same* object to every
+consumer, so nothing may change its weights in place: its own methods run under ``torch.no_grad``
+(unless asked for gradients) and never touch parameters, and code that trains or patches the model
+(LoRA injection, full fine-tune) must work on adapters or its own copy and return a new handle.
+Components are frozen (``requires_grad=False``) and in eval mode when the bundle is made.
+
+``identities`` hold cheap content hashes per component (see ``identity.py``); the latent and text
+caches key on them, so a different VAE file, or the same VAE in another dtype, re-encodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .families import ModelFamily
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def parse_dtype(value: "str | torch.dtype") -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value not in DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {value}; use fp32, fp16 or bf16")
+        return value
+    try:
+        return DTYPES[str(value).strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {value!r}; use fp32, fp16 or bf16") from None
+
+
+@dataclass(frozen=True, eq=False)
+class ModelBundle:
+    """A loaded SD-family model: components, tokenizers, scheduler config, dtypes and identities.
+
+    ``text_encoders[i]`` / ``tokenizers[i]`` follow ``family.text_encoders[i]``. ``dtypes`` and
+    ``identities`` are keyed by component name ("unet", "vae", "text_encoder", "text_encoder_2").
+    """
+
+    family: ModelFamily
+    unet: Any
+    vae: Any
+    text_encoders: tuple
+    tokenizers: tuple
+    scheduler_config: Mapping[str, Any]
+    dtypes: Mapping[str, torch.dtype]
+    identities: Mapping[str, str]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
+        object.__setattr__(self, "tokenizers", tuple(self.tokenizers))
+        object.__setattr__(self, "scheduler_config", MappingProxyType(dict(self.scheduler_config)))
+        object.__setattr__(self, "dtypes", MappingProxyType(dict(self.dtypes)))
+        object.__setattr__(self, "identities", MappingProxyType(dict(self.identities)))
+        if len(self.text_encoders) != len(self.family.text_encoders) or len(self.tokenizers) != len(self.text_encoders):
+            raise ValueError(
+                f"{self.family.id} needs {len(self.family.text_encoders)} text encoder(s) and tokenizer(s), got "
+                f"{len(self.text_encoders)} and {len(self.tokenizers)}"
+            )
+
+    # ------------------------------------------------------------------ identity / facts
+
+    @property
+    def identity(self) -> str:
+        """One hash over all component identities: 'the same base model'."""
+        h = hashlib.sha256()
+        for name in sorted(self.identities):
+            h.update(f"{name}={self.identities[name]};".encode())
+        return h.hexdigest()[:32]
+
+    @property
+    def vae_identity(self) -> str:
+        return self.identities["vae"]
+
+    @property
+    def text_identity(self) -> str:
+        """Identity of everything that turns a prompt into embeddings (encoders and tokenizers)."""
+        names = [te.name for te in self.family.text_encoders] + [te.tokenizer for te in self.family.text_encoders]
+        h = hashlib.sha256("|".join(self.identities.get(n, "") for n in names).encode())
+        return h.hexdigest()[:32]
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", self.family.prediction_type))
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", None) or self.family.vae_scaling_factor)
+
+    @property
+    def vae_shift_factor(self) -> float | None:
+        return getattr(self.vae.config, "shift_factor", None) or self.family.vae_shift_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel, from the loaded VAE's depth."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def make_noise_scheduler(self):
+        """A fresh DDPM training scheduler from this model's scheduler config (not shared)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(dict(self.scheduler_config))
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode_images(self, images: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE-encode ``B x 3 x H x W`` images in [-1, 1] to scaled latents (float32).
+
+        The distribution's mode is used by default so cached latents are deterministic; pass
+        ``sample=True`` (and a generator) to draw like kohya does.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_images expects B x 3 x H x W, got {tuple(images.shape)}")
+        f = self.vae_scale_factor
+        if images.shape[-2] % f or images.shape[-1] % f:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the VAE factor {f}")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"encode_images expects pixel values in [-1, 1], got [{lo:.3g}, {hi:.3g}]")
+        vae = self.vae
+        with torch.no_grad():
+            x = images.to(device=vae.device, dtype=vae.dtype)
+            dist = vae.encode(x).latent_dist
+            z = dist.sample(generator) if sample else dist.mode()
+            z = z.float()
+            if self.vae_shift_factor is not None:
+                z = z - self.vae_shift_factor
+            return z * self.vae_scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``encode_images``: scaled latents -> images in [-1, 1] (float32, clamped)."""
+        vae = self.vae
+        with torch.no_grad():
+            z = latents.float() / self.vae_scaling_factor
+            if self.vae_shift_factor is not None:
+                z = z + self.vae_shift_factor
+            x = vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample
+            return x.float().clamp(-1, 1)
+
+    def tokenize(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Token ids per tokenizer, padded/truncated to each tokenizer's max length (77)."""
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts/tokenize take a list of prompts, not a single string")
+        ids = []
+        for tok in self.tokenizers:
+            out = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            ids.append(out.input_ids)
+        return ids
+
+    def encode_prompts(self, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False) -> dict[str, torch.Tensor]:
+        """Prompt embeddings as the family's UNet consumes them (float32).
+
+        Returns ``{"prompt_embeds": B x 77 x D}``; SDXL adds ``"pooled_prompt_embeds": B x P``.
+        SD1.5/SD2: the last hidden state after the final LayerNorm (``clip_skip=2`` takes the
+        penultimate layer, still normalised, as A1111 does). SDXL: the penultimate hidden states
+        of both encoders, not normalised, concatenated (768 + 1280 = 2048 for the real model),
+        and the projected pooled output of the second encoder.
+        """
+        if clip_skip < 1:
+            raise ValueError("clip_skip counts from 1 (1 = no skip)")
+        ctx = nullcontext() if with_grad else torch.no_grad()
+        hidden, pooled = [], None
+        with ctx:
+            for spec, te, ids in zip(self.family.text_encoders, self.text_encoders, self.tokenize(prompts)):
+                out = te(ids.to(te.device), output_hidden_states=True)
+                layer = spec.hidden_layer - (clip_skip - 1)
+                h = out.hidden_states[layer]
+                if spec.final_layer_norm:
+                    h = _final_layer_norm(te)(h)
+                hidden.append(h.float())
+                if spec.pooled:
+                    pooled = out.text_embeds.float()
+        result = {"prompt_embeds": torch.cat(hidden, dim=-1)}
+        if pooled is not None:
+            result["pooled_prompt_embeds"] = pooled
+        return result
+
+    def add_time_ids(
+        self,
+        original_size: "tuple[int, int] | Sequence[tuple[int, int]]",
+        crop_top_left: "tuple[int, int] | Sequence[tuple[int, int]]" = (0, 0),
+        target_size: "tuple[int, int] | Sequence[tuple[int, int]] | None" = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """SDXL micro-conditioning: ``B x 6`` float32 rows of (orig h, orig w, crop top, crop left, target h, target w).
+
+        Each argument is one ``(height, width)`` / ``(top, left)`` pair for the whole batch or a
+        list with one pair per sample; ``target_size`` defaults to the original size.
+        """
+        if not self.family.uses_time_ids:
+            raise ValueError(f"{self.family.display_name} does not use SDXL time ids")
+        rows = [_pairs(original_size), _pairs(crop_top_left), _pairs(original_size if target_size is None else target_size)]
+        n = max(len(r) for r in rows)
+        if batch_size is not None:
+            if n not in (1, batch_size):
+                raise ValueError(f"got {n} sizes for a batch of {batch_size}")
+            n = batch_size
+        for r in rows:
+            if len(r) not in (1, n):
+                raise ValueError(f"time-id lists must have one entry or one per sample ({n}), got {len(r)}")
+        ids = [[*rows[0][i % len(rows[0])], *rows[1][i % len(rows[1])], *rows[2][i % len(rows[2])]] for i in range(n)]
+        return torch.tensor(ids, dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        dt = ", ".join(f"{k}={DTYPE_NAMES.get(v, v)}" for k, v in self.dtypes.items())
+        return f"ModelBundle({self.family.id}, source={self.source!r}, {dt})"
+
+
+def _pairs(value) -> list[tuple[int, int]]:
+    if len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return [(int(value[0]), int(value[1]))]
+    return [(int(a), int(b)) for a, b in value]
+
+
+def _final_layer_norm(text_encoder):
+    """transformers 5 flattened CLIPTextModel; CLIPTextModelWithProjection still nests text_model."""
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+def freeze(module) -> None:
+    module.requires_grad_(False)
+    module.eval()
+
+
+def warn_fp16_sdxl_vae(family: ModelFamily, dtype: torch.dtype) -> None:
+    if family.id == "sdxl" and dtype == torch.float16:
+        warnings.warn(
+            "The SDXL VAE overflows in fp16 (NaN/black latents) unless it is the fp16-fixed VAE; "
+            "use fp32 or bf16 for the VAE.",
+            stacklevel=3,
+        )

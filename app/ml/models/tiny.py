@@ -1,0 +1,180 @@
+"""Tiny, seeded SD1.5-like and SDXL-like models for tests and demos (``builtin:tiny-sd``, ``builtin:tiny-sdxl``).
+
+They use the real diffusers/transformers classes with the real block types (CrossAttnDownBlock2D,
+DownBlock2D, text_time additional embeddings, CLIP and CLIP-with-projection text encoders) and a
+4-level VAE, so every module and state-dict key has the same name as in the full-size models and
+the VAE downsamples by 8 like the real one; only the widths and depths are small. LoRA injection,
+key conversion and kohya naming can therefore be tested on them and hold for the real thing.
+
+Weights are initialised under a fixed seed inside ``torch.random.fork_rng`` (the caller's RNG
+state is untouched), on CPU in fp32, so the same model is bit-identical in every process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .families import SD15, SDXL, ModelFamily, ModelLoadError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_TOKENIZER_DIR = ASSETS / "tiny_clip_tokenizer"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+_MAX_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    name: str
+    family: ModelFamily
+    seed: int
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoders: tuple[dict[str, Any], ...]  # CLIPTextConfig kwargs, plus "_class"
+
+
+def _vae_config(scaling_factor: float) -> dict[str, Any]:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _te_config(hidden: int, layers: int, heads: int, act: str, pad_token_id: int, cls: str) -> dict[str, Any]:
+    return dict(
+        _class=cls,
+        vocab_size=_tokenizer_vocab_size(),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=_MAX_LENGTH,
+        hidden_act=act,
+        projection_dim=hidden,
+        bos_token_id=_tokenizer_vocab_size() - 2,
+        eos_token_id=_tokenizer_vocab_size() - 1,
+        pad_token_id=pad_token_id,
+    )
+
+
+_VOCAB_SIZE: int | None = None
+
+
+def _tokenizer_vocab_size() -> int:
+    global _VOCAB_SIZE
+    if _VOCAB_SIZE is None:
+        _VOCAB_SIZE = len(json.loads((TINY_TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8")))
+    return _VOCAB_SIZE
+
+
+def _specs() -> dict[str, TinySpec]:
+    eos = _tokenizer_vocab_size() - 1
+    te1_hidden, te2_hidden, time_dim = 32, 48, 8
+    return {
+        "tiny-sd": TinySpec(
+            name="tiny-sd",
+            family=SD15,
+            seed=1234,
+            unet=dict(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=2,
+                block_out_channels=(16, 32),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=te1_hidden,
+                attention_head_dim=4,
+                norm_num_groups=8,
+            ),
+            vae=_vae_config(SD15.vae_scaling_factor),
+            text_encoders=(_te_config(te1_hidden, 3, 4, "quick_gelu", eos, "CLIPTextModel"),),
+        ),
+        "tiny-sdxl": TinySpec(
+            name="tiny-sdxl",
+            family=SDXL,
+            seed=4321,
+            unet=dict(
+                sample_size=8,
+                in_channels=4,
+                out_channels=4,
+                layers_per_block=2,
+                block_out_channels=(16, 32),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2),
+                attention_head_dim=(2, 4),
+                use_linear_projection=True,
+                cross_attention_dim=te1_hidden + te2_hidden,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=te2_hidden + 6 * time_dim,
+                norm_num_groups=8,
+            ),
+            vae=_vae_config(SDXL.vae_scaling_factor),
+            text_encoders=(
+                _te_config(te1_hidden, 3, 4, "quick_gelu", eos, "CLIPTextModel"),
+                _te_config(te2_hidden, 3, 4, "gelu", 0, "CLIPTextModelWithProjection"),
+            ),
+        ),
+    }
+
+
+TINY_NAMES = ("tiny-sd", "tiny-sdxl")
+
+
+def tiny_spec(name: str) -> TinySpec:
+    specs = _specs()
+    if name not in specs:
+        raise ModelLoadError(f"Unknown builtin model 'builtin:{name}'; available: " + ", ".join(f"builtin:{n}" for n in specs))
+    return specs[name]
+
+
+def load_tiny_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The shipped tiny CLIP tokenizer (transformers 5 needs model_max_length passed explicitly)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), model_max_length=_MAX_LENGTH, pad_token=pad_token)
+
+
+def build_tiny_components(name: str) -> dict[str, Any]:
+    """Build a tiny model's components in fp32 on CPU: unet, vae, text_encoders, tokenizers, scheduler_config."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = tiny_spec(name)
+    classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        unet = UNet2DConditionModel(**spec.unet)
+        torch.manual_seed(spec.seed + 1)
+        vae = AutoencoderKL(**spec.vae)
+        text_encoders = []
+        for i, te_kwargs in enumerate(spec.text_encoders):
+            kwargs = dict(te_kwargs)
+            cls = classes[kwargs.pop("_class")]
+            torch.manual_seed(spec.seed + 2 + i)
+            text_encoders.append(cls(CLIPTextConfig(**kwargs)))
+    tokenizers = [load_tiny_tokenizer(te.pad_token) for te in spec.family.text_encoders]
+    scheduler_config = json.loads((CONFIGS / spec.family.config_dir / "scheduler" / "scheduler_config.json").read_text())
+    return {
+        "family": spec.family,
+        "unet": unet,
+        "vae": vae,
+        "text_encoders": text_encoders,
+        "tokenizers": tokenizers,
+        "scheduler_config": scheduler_config,
+    }
