@@ -1,0 +1,120 @@
+"""Generate preview images from a ModelBundle, optionally with adapters attached at a strength.
+
+We drive diffusers' own SD/SDXL pipelines, built around the bundle's components (no copies), so a
+preview is exactly what a diffusers user gets from the same weights; the adapters are attached
+only for the call (``attached``). The pipeline stops at latents and the bundle decodes them, which
+keeps the pipeline from upcasting a shared fp16 VAE in place.
+
+Determinism: every image has its own seed (``seed + i`` for the i-th image, A1111's convention for
+a batch) and its own CPU generator, so an image is reproducible from its recorded seed alone,
+regardless of batch composition or device. ``seed=None`` draws a random seed and records it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from app.ml.adapters import attached
+
+from .samplers import canonical_sampler, make_scheduler
+
+
+@dataclass
+class SampleResult:
+    images: list[Image.Image]
+    params: list[dict[str, Any]]  # one per image: prompt, seed, sampler, ... (what the PNG records)
+    latents: list[torch.Tensor] = field(default_factory=list)  # final latents, float32 (for tests/previews)
+
+
+def build_pipeline(bundle, scheduler):
+    """A diffusers pipeline sharing the bundle's modules (nothing is copied or moved)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if bundle.family.id == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=bundle.vae, text_encoder=bundle.text_encoders[0], text_encoder_2=bundle.text_encoders[1],
+            tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], unet=bundle.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=True, add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] float B x 3 x H x W -> PIL, rounded like diffusers' image processor."""
+    arr = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
+
+
+def sample_images(
+    bundle,
+    prompts: "str | Sequence[str]",
+    *,
+    negative_prompt: str = "",
+    width: int | None = None,
+    height: int | None = None,
+    steps: int = 20,
+    cfg: float = 7.0,
+    seed: int | None = None,
+    sampler: str = "Euler a",
+    images_per_prompt: int = 1,
+    adapters=None,
+    strength: float = 1.0,
+    clip_skip: int = 1,
+    progress=None,
+) -> SampleResult:
+    """Generate ``images_per_prompt`` images per prompt.
+
+    ``clip_skip`` counts like A1111 (1 = last layer). ``adapters``: an AdapterSet, a list of them,
+    or ``(set, strength)`` pairs; ``strength`` applies to bare sets. ``progress(i, total)`` is called
+    after each image so a node can report progress and check for cancellation.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    q = bundle.family.vae_scale_factor
+    width = int(width or bundle.family.default_resolution)
+    height = int(height or bundle.family.default_resolution)
+    if width % q or height % q:
+        raise ValueError(f"width and height must be multiples of {q} for {bundle.family.display_name}, got {width}x{height}")
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    if clip_skip < 1:
+        raise ValueError("clip_skip counts from 1 (1 = no skip)")
+    sampler = canonical_sampler(sampler)
+    base_seed = int(seed) if seed is not None else random.randrange(2**32)
+    jobs = [(p, base_seed + i * len(prompts) + j) for i in range(images_per_prompt) for j, p in enumerate(prompts)]
+    images: list[Image.Image] = []
+    params: list[dict[str, Any]] = []
+    latents_out: list[torch.Tensor] = []
+    with attached(bundle, adapters, strength), torch.no_grad():
+        for n, (prompt, s) in enumerate(jobs):
+            scheduler, impl = make_scheduler(sampler, bundle.scheduler_config, seed=s)
+            pipe = build_pipeline(bundle, scheduler)
+            gen = torch.Generator("cpu").manual_seed(s)
+            kwargs = dict(
+                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_inference_steps=steps,
+                guidance_scale=cfg, generator=gen, output_type="latent",
+                clip_skip=(clip_skip - 1) or None,
+            )
+            latents = pipe(**kwargs).images
+            latents_out.append(latents[0].float().cpu())
+            images.extend(to_pil(bundle.decode_latents(latents)))
+            params.append({
+                "prompt": prompt, "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
+                "cfg": cfg, "seed": s, "sampler": sampler, "sampler_impl": impl, "clip_skip": clip_skip,
+                "strength": strength if adapters is not None else None, "model_family": bundle.family.id,
+                "model_hash": bundle.identity,
+            })
+            if progress is not None:
+                progress(n + 1, len(jobs))
+    return SampleResult(images, params, latents_out)

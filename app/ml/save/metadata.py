@@ -1,0 +1,107 @@
+"""Safetensors metadata for LoRA and checkpoint files (all values strings, as the format requires).
+
+Three audiences: A1111/Forge and Civitai read kohya's ``ss_*`` keys (network dim/alpha, base model
+version, v2, v-parameterization); model browsers read ``modelspec.*`` (Stability's model-spec);
+NodeTrainer itself reads ``nodetrainer_recipe`` to turn a dropped LoRA back into the graph that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Mapping
+
+_ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
+         "sdxl": "stable-diffusion-xl-v1-base"}
+IMPL_SAI = "https://github.com/Stability-AI/generative-models"
+
+
+def _recipe_text(recipe: Any) -> str:
+    if recipe is None:
+        return ""
+    return recipe if isinstance(recipe, str) else json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+
+
+def modelspec(family, *, kind: str, title: str, resolution: int | None = None) -> dict[str, str]:
+    arch = _ARCH.get(family.id, family.id) + (f"/{kind}" if kind else "")
+    res = resolution or family.default_resolution
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": arch,
+        "modelspec.implementation": IMPL_SAI if family.id == "sdxl" else "diffusers",
+        "modelspec.title": title,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": "v" if family.prediction_type == "v_prediction" else "epsilon",
+    }
+
+
+def _network_module_and_args(aset) -> tuple[str, dict[str, str]]:
+    cfg = aset.config
+    if cfg.algorithm in ("lora", "locon"):
+        args = {}
+        if cfg.algorithm == "locon":
+            args = {"conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
+        return "networks.lora", args
+    args = {"algo": "lora" if cfg.algorithm == "dora" else cfg.algorithm,
+            "conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
+    if cfg.algorithm == "dora":
+        args["dora_wd"] = "True"
+    if cfg.algorithm == "lokr":
+        args["factor"] = str(cfg.factor)
+    return "lycoris.kohya", args
+
+
+def lora_metadata(
+    aset,
+    *,
+    layout: str,
+    title: str,
+    recipe: Any = None,
+    base_model_hash: str = "",
+    base_model_name: str = "",
+    step: int | None = None,
+    epoch: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    fam, cfg = aset.family, aset.config
+    module, args = _network_module_and_args(aset)
+    meta: dict[str, str] = {
+        "ss_network_module": module,
+        "ss_network_dim": str(cfg.rank),
+        "ss_network_alpha": str(cfg.alpha),
+        "ss_network_args": json.dumps(args),
+        "ss_output_name": title,
+        "ss_sd_model_name": base_model_name,
+        "ss_training_comment": "trained with NodeTrainer",
+    }
+    meta.update(fam.kohya_metadata)  # ss_base_model_version, ss_v2, ss_v_parameterization
+    if step is not None:
+        meta["ss_steps"] = str(int(step))
+    if epoch is not None:
+        meta["ss_epoch"] = str(int(epoch))
+    meta.update(modelspec(fam, kind="lora" if cfg.algorithm in ("lora", "dora") else "lycoris", title=title))
+    meta.update({
+        "nodetrainer_recipe": _recipe_text(recipe),
+        "nodetrainer_base_family": fam.id,
+        "nodetrainer_base_model_hash": base_model_hash or getattr(aset, "base_identity", ""),
+        "nodetrainer_layout": layout,
+        "nodetrainer_adapter_config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "nodetrainer_step": "" if step is None else str(int(step)),
+        "nodetrainer_epoch": "" if epoch is None else str(int(epoch)),
+    })
+    for k, v in (extra or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    return meta
+
+
+def checkpoint_metadata(bundle, *, title: str, recipe: Any = None, step: int | None = None, epoch: int | None = None) -> dict[str, str]:
+    meta = modelspec(bundle.family, kind="", title=title)
+    meta.update({
+        "nodetrainer_recipe": _recipe_text(recipe),
+        "nodetrainer_base_family": bundle.family.id,
+        "nodetrainer_base_model_hash": bundle.identity,
+        "nodetrainer_step": "" if step is None else str(int(step)),
+        "nodetrainer_epoch": "" if epoch is None else str(int(epoch)),
+    })
+    return meta
