@@ -1,0 +1,113 @@
+"""Param widgets generated from a node spec's Input: the spec's type, range, choices and tooltip
+decide the widget, so adding a node type never needs editor code.
+
+Dear PyGui's integer widget is 32-bit; wider ranges (seeds up to 2**63) use a text field that
+only accepts whole numbers, so no value a recipe may hold is ever clipped by the widget.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import dearpygui.dearpygui as dpg
+
+from app.graph.spec import Input
+
+WIDTH = 110
+INT32 = (-(2**31), 2**31 - 1)
+
+
+def _fits_int32(inp: Input) -> bool:
+    lo = inp.min if inp.min is not None else INT32[0]
+    hi = inp.max if inp.max is not None else INT32[1]
+    return INT32[0] <= lo and hi <= INT32[1]
+
+
+def add_param_widget(inp: Input, value: Any, on_change: Callable[[str, Any], None],
+                     on_browse: Callable[[str, str], None] | None = None, parent: int | str = 0) -> int:
+    """Adds the widget for one param under `parent` and returns the item holding its value.
+    on_change(name, value) receives values already converted to the param's type."""
+    label = inp.name
+    kw = {"label": label, "width": WIDTH, "parent": parent}
+    t = inp.type
+
+    def changed(_sender, app_data, _user=None):
+        on_change(inp.name, convert(inp, app_data))
+
+    if t == "BOOL":
+        item = dpg.add_checkbox(default_value=bool(value), callback=changed, label=label, parent=parent)
+    elif t == "ENUM":
+        choices = list(inp.choices or ())
+        item = dpg.add_combo(choices, default_value=value if value in choices else (choices[0] if choices else ""),
+                             callback=changed, **kw)
+    elif t == "INT" and _fits_int32(inp):
+        item = dpg.add_input_int(default_value=int(value) if isinstance(value, int) else 0, callback=changed,
+                                 step=int(inp.step or 1), step_fast=int((inp.step or 1) * 10),
+                                 min_value=int(inp.min) if inp.min is not None else 0,
+                                 max_value=int(inp.max) if inp.max is not None else 0,
+                                 min_clamped=inp.min is not None, max_clamped=inp.max is not None,
+                                 on_enter=False, **kw)
+    elif t == "INT":
+        item = dpg.add_input_text(default_value=str(value), callback=changed, decimal=True, **kw)
+    elif t == "FLOAT":
+        item = dpg.add_input_double(default_value=float(value) if isinstance(value, (int, float)) else 0.0,
+                                    callback=changed, format="%.6g", step=float(inp.step or 0),
+                                    step_fast=0.0,
+                                    min_value=float(inp.min) if inp.min is not None else 0.0,
+                                    max_value=float(inp.max) if inp.max is not None else 0.0,
+                                    min_clamped=inp.min is not None, max_clamped=inp.max is not None, **kw)
+    elif t == "PATH":
+        with dpg.group(horizontal=True, parent=parent):
+            item = dpg.add_input_text(default_value=str(value or ""), callback=changed, label="", width=WIDTH - 26,
+                                      hint=inp.path_kind)
+            browse = dpg.add_button(label="...", width=20,
+                                    callback=lambda: on_browse(inp.name, inp.path_kind) if on_browse else None)
+            dpg.add_text(label)
+            _tooltip(browse, f"choose a {inp.path_kind.replace('_', ' ')}")
+    else:  # STRING
+        if inp.multiline:
+            item = dpg.add_input_text(default_value=str(value or ""), callback=changed, multiline=True, height=44,
+                                      tab_input=False, **kw)
+        else:
+            item = dpg.add_input_text(default_value=str(value or ""), callback=changed, **kw)
+    tip = f"{inp.name} ({inp.type}{_range(inp)})" + (f": {inp.tooltip}" if inp.tooltip else "")
+    _tooltip(item, tip)
+    return item
+
+
+def convert(inp: Input, raw: Any) -> Any:
+    """A widget's raw value as the param's type (text fields for big ints give strings)."""
+    if inp.type == "INT":
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            return inp.default
+    if inp.type == "FLOAT":
+        return float(raw)
+    if inp.type == "BOOL":
+        return bool(raw)
+    return "" if raw is None else str(raw)
+
+
+def widget_value(inp: Input, value: Any) -> Any:
+    """A param value as its widget shows it (the inverse of convert)."""
+    if inp.type == "INT" and not _fits_int32(inp):
+        return str(value)
+    if inp.type == "FLOAT":
+        return float(value) if isinstance(value, (int, float)) else 0.0
+    if inp.type in ("STRING", "PATH"):
+        return "" if value is None else str(value)
+    return value
+
+
+def _range(inp: Input) -> str:
+    if inp.min is None and inp.max is None:
+        return ""
+    lo = "" if inp.min is None else f"{inp.min:g}"
+    hi = "" if inp.max is None else f"{inp.max:g}"
+    return f", {lo}..{hi}"
+
+
+def _tooltip(item: int, text: str) -> None:
+    with dpg.tooltip(item):
+        dpg.add_text(text, wrap=320)

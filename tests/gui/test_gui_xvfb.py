@@ -1,0 +1,232 @@
+"""The real editor in a subprocess on a virtual display (Xvfb): presets render, a mouse drag makes
+a link, and a run from the editor draws its plots and previews. Skipped where Xvfb is missing."""
+
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.gui.conftest import PREVIEW_NODES, RECIPES, ROOT
+
+PRESETS = sorted((ROOT / "presets").glob("*.json"))
+TITLE_COLOURS = {(62, 72, 96), (190, 40, 40)}  # a node's title bar: idle, or with a problem
+DONE_COLOURS = {(50, 130, 70), (40, 120, 120)}  # after a run: done, cached
+SOCKET_RGB = {(180, 120, 255), (90, 200, 120), (70, 170, 220), (240, 170, 60), (230, 90, 90), (240, 220, 90)}
+
+needs_xvfb = pytest.mark.skipif(shutil.which("Xvfb") is None,
+                                reason="Xvfb is not installed (apt-get install xvfb xdotool); "
+                                       "the GUI is covered headless by the other tests/gui tests")
+
+
+@pytest.fixture(scope="module")
+def display():
+    num = next(n for n in range(90 + os.getpid() % 50, 400) if not Path(f"/tmp/.X11-unix/X{n}").exists()
+               and not Path(f"/tmp/.X{n}-lock").exists())
+    proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not Path(f"/tmp/.X11-unix/X{num}").exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.skip("Xvfb did not start")
+        time.sleep(0.05)
+    disp = f":{num}"
+    if shutil.which("xdotool"):  # keep the pointer off the canvas: no hover highlights in pictures
+        subprocess.run(["xdotool", "mousemove", "1595", "995"], env={**os.environ, "DISPLAY": disp}, check=False)
+    yield disp
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def gui_env(display, tmp_path, **extra):
+    env = dict(os.environ, DISPLAY=display, NODETRAINER_CONFIG=str(tmp_path / "config"),
+               NODETRAINER_WORKSPACE=str(tmp_path / "workspace"), NODETRAINER_GUI_DUMP=str(tmp_path / "state.json"))
+    env.update(extra)
+    return env
+
+
+def launch(args, env, timeout=90):
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def pixels(png):
+    from PIL import Image
+
+    img = Image.open(png).convert("RGB")
+    return img, {rgb: n for n, rgb in img.getcolors(maxcolors=1 << 20)}
+
+
+def assert_shows_nodes(png, n_nodes, titles=TITLE_COLOURS):
+    img, counts = pixels(png)
+    assert img.size == (1600, 1000)
+    assert len(counts) > 50, "the screenshot is blank"
+    title = sum(counts.get(c, 0) for c in titles)
+    assert title > n_nodes * 800, f"node title bars missing ({title} px for {n_nodes} nodes)"
+    assert sum(counts.get(c, 0) for c in SOCKET_RGB) > 40, "no coloured pins or links"
+
+
+@needs_xvfb
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_each_preset_opens_and_renders_its_nodes(display, tmp_path, preset):
+    shot = tmp_path / "shot.png"
+    r = launch(["gui", str(preset), "--screenshot", str(shot), "--frames", "4"], gui_env(display, tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = json.loads((tmp_path / "state.json").read_text())
+    n = len(json.loads(preset.read_text())["nodes"])
+    assert len(state["recipe"]["nodes"]) == n and not state["dirty"]
+    assert state["timing"]["first_frame_s"] < 20
+    assert_shows_nodes(shot, n)
+
+
+@needs_xvfb
+@pytest.mark.skipif(shutil.which("xdotool") is None, reason="xdotool is not installed (apt-get install xdotool)")
+def test_a_mouse_drag_between_pins_makes_a_link_and_a_crash_leaves_an_autosave(display, tmp_path):
+    recipe = json.loads((RECIPES / "stub_run.json").read_text())
+    recipe["links"] = []
+    path = tmp_path / "unlinked.json"
+    path.write_text(json.dumps(recipe))
+    env = gui_env(display, tmp_path)
+    state_file = tmp_path / "state.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--nodes-dir", str(ROOT / "tests/stub_nodes"),
+                             "gui", str(path)], env=env, cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        pins = wait_for(state_file, lambda s: s["pins"] if {"1.out.out", "2.data.in"} <= set(s["pins"]) else None)
+        (x0, y0), (x1, y1) = pins["1.out.out"], pins["2.data.in"]
+        xdo = lambda *a: subprocess.run(["xdotool", *map(str, a)], env=env, check=True)  # noqa: E731
+        xdo("mousemove", int(x0) - 1, int(y0))
+        time.sleep(0.4)
+        xdo("mousedown", 1)
+        for i in range(1, 9):
+            time.sleep(0.1)
+            xdo("mousemove", int(x0 + (x1 - x0) * i / 8), int(y0 + (y1 - y0) * i / 8))
+        time.sleep(0.4)
+        xdo("mouseup", 1)
+        xdo("mousemove", 1595, 995)
+        state = wait_for(state_file, lambda s: s if s["recipe"]["links"] else None)
+        assert [(l["from_node"], l["from_output"], l["to_node"], l["to_input"]) for l in state["recipe"]["links"]] \
+            == [("1", "out", "2", "data")]
+        assert state["dirty"]
+        # a link dropped on empty canvas opens the search, filtered to nodes that take a DATASET;
+        # Enter adds the first one, linked
+        x2, y2 = state["pins"]["2.out.out"]
+        xdo("mousemove", int(x2) + 1, int(y2))
+        time.sleep(0.4)
+        xdo("mousedown", 1)
+        for i in range(1, 6):
+            time.sleep(0.1)
+            xdo("mousemove", int(x2) + 60 * i, int(y2) + 50 * i)
+        time.sleep(0.4)
+        xdo("mouseup", 1)
+        search = wait_for(state_file, lambda s: s["search"] if s["search"]["shown"] else None)
+        assert search["pin_type"] == "DATASET" and search["side"] == "out" and "TestAdd" in search["results"]
+        time.sleep(0.3)
+        xdo("key", "Return")
+        state = wait_for(state_file, lambda s: s if len(s["recipe"]["nodes"]) == 3 else None)
+        new = next(n for n in state["recipe"]["nodes"] if n not in ("1", "2"))
+        assert state["recipe"]["nodes"][new]["type"] == search["results"][0]
+        assert any(l["from_node"] == "2" and l["to_node"] == new for l in state["recipe"]["links"])
+        autosaves = tmp_path / "config" / "autosave"
+        def autosaved(_):
+            for f in autosaves.glob("autosave-*.json"):
+                if len(json.loads(json.loads(f.read_text())["recipe"])["nodes"]) == 3:
+                    return f
+        wait_for(None, autosaved, timeout=15)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # a crash: the autosave stays behind
+        proc.wait(timeout=10)
+    saved = json.loads(next(autosaves.glob("autosave-*.json")).read_text())
+    assert json.loads(saved["recipe"])["links"][0]["to_node"] == "2" and saved["path"] == str(path)
+    assert len(json.loads(saved["recipe"])["nodes"]) == 3
+
+
+def wait_for(state_file, pick, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = json.loads(state_file.read_text()) if state_file else None
+            got = pick(state)
+            if got:
+                return got
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting; last state: {state_file.read_text()[:2000] if state_file else ''}")
+
+
+def _unimplemented(recipe_path):
+    """Node types of a recipe whose function still raises NotImplementedError (training not landed)."""
+    from app.graph.registry import load_registry
+
+    reg = load_registry(include_user=False)
+    types = {n["type"] for n in json.loads(Path(recipe_path).read_text())["nodes"].values()}
+    out = []
+    for t in sorted(types):
+        spec = reg.get(t)
+        try:
+            src = inspect.getsource(spec.fn) if spec and spec.fn else ""
+        except (OSError, TypeError):
+            src = ""
+        if spec is None or "raise NotImplementedError" in src:
+            out.append(t)
+    return out
+
+
+def shortened(preset, tmp_path):
+    """A copy of a preset that trains for a few steps (the GUI test is about drawing the run, not
+    about learning; tests/ml proves that), with its relative input paths made absolute."""
+    data = json.loads(preset.read_text())
+    for node in data["nodes"].values():
+        params = node.setdefault("params", {})
+        if node["type"] == "TrainLoop":
+            params.update(epochs=1, max_steps=min(params.get("max_steps") or 6, 6))
+        if node["type"] == "Sample":
+            params["steps"] = min(params.get("steps", 2), 2)
+        for name, value in params.items():
+            if isinstance(value, str) and value and not value.startswith("builtin:") and not Path(value).is_absolute() \
+                    and (preset.parent / value).exists():
+                params[name] = str((preset.parent / value).resolve())
+    out = tmp_path / preset.name
+    out.write_text(json.dumps(data))
+    return out
+
+
+RUNS = [
+    pytest.param(RECIPES / "stub_run.json", ["--nodes-dir", str(ROOT / "tests/stub_nodes")], "2", id="stub-TestSlow"),
+    pytest.param(RECIPES / "preview_run.json", ["--nodes-dir", str(PREVIEW_NODES)], "3", id="preview-nodes"),
+    pytest.param(ROOT / "presets" / "tiny_demo.json", [], "6", id="tiny_demo"),
+]
+
+
+@needs_xvfb
+@pytest.mark.parametrize("recipe,extra,train_node", RUNS)
+def test_a_run_from_the_editor_completes_with_live_training_plots(display, tmp_path, recipe, extra, train_node):
+    if not recipe.exists():
+        pytest.skip(f"{recipe.name} is not in this build")
+    missing = _unimplemented(recipe) if recipe.parent.name == "presets" else []
+    if missing:
+        pytest.skip(f"{recipe.name} needs nodes that are not implemented yet: {', '.join(missing)}")
+    if recipe.parent.name == "presets":
+        recipe = shortened(recipe, tmp_path)
+    shot = tmp_path / "run.png"
+    env = gui_env(display, tmp_path, NODETRAINER_GUI_AUTORUN="1", NODETRAINER_GUI_TIMEOUT="300")
+    r = launch([*extra, "gui", str(recipe), "--screenshot", str(shot), "--frames", "4"], env, timeout=360)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((tmp_path / "state.json").read_text())
+    run = state["run"]
+    assert run["status"] == "done", (run, state["message"])
+    assert all(n["status"] in ("done", "cached") for n in run["nodes"].values()), run
+    metrics = run["nodes"][train_node]["metrics"]
+    assert metrics.get("loss", 0) > 0, f"the training node drew no loss plot: {metrics}"
+    timing = state["timing"]
+    assert timing["run_frames"] > 0
+    assert timing["max_run_work_ms"] < 1000, timing  # the render loop never waited on the worker
+    assert_shows_nodes(shot, len(run["nodes"]), titles=DONE_COLOURS)
