@@ -7,7 +7,13 @@ DTYPES = ["fp32", "fp16", "bf16"]
 SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras", "unipc"]
 
 
-@node(type="LoadModel", category="model",
+def _model_files(params: dict) -> str:
+    from app.ml.fingerprint import path_fingerprint
+
+    return path_fingerprint(params["source"]) + path_fingerprint(params["vae"])
+
+
+@node(type="LoadModel", category="model", fingerprint=_model_files,
       description="Loads a base model: a diffusers folder, a single-file .safetensors checkpoint "
                   "(A1111/Civitai layout) or a built-in tiny model for demos and tests.",
       inputs=[
@@ -21,8 +27,22 @@ SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sd
           Enum("vae_dtype", DTYPES, "fp32", tooltip="weight precision of the VAE (the SDXL VAE overflows in fp16)"),
       ],
       outputs=[Output("model", "MODEL")])
-def load_model(ctx, **params):
-    raise NotImplementedError(f"LoadModel {PENDING}")
+def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dtype):
+    from app.engine.errors import NodeError
+    from app.ml.models import ModelLoadError
+    from app.ml.models import load_model as load
+
+    ctx.progress(0, 1, "loading")
+    try:
+        bundle = load(source, family=None if family == "auto" else family, vae=vae or None,
+                      dtypes={"unet": unet_dtype, "text_encoder": text_encoder_dtype, "vae": vae_dtype})
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise NodeError(str(e)) from None
+    ctx.log(f"loaded {bundle.family.display_name} from {source}")
+    ctx.progress(1, 1)
+    from app.ml.handle import ModelHandle
+
+    return ModelHandle(bundle)
 
 
 @node(type="LoRAInject", category="model",
@@ -48,8 +68,38 @@ def load_model(ctx, **params):
           Path("init_from", "", optional=True, tooltip="continue training from an existing LoRA file"),
       ],
       outputs=[Output("model", "MODEL")])
-def lora_inject(ctx, **params):
-    raise NotImplementedError(f"LoRAInject {PENDING}")
+def lora_inject(ctx, model, algorithm, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout,
+                lokr_factor, unet_layers, unet_custom, text_encoder_layers, text_encoder_custom, init_from):
+    from app.engine.errors import NodeError
+    from app.ml.adapters import AdapterConfig, AdapterError, create_adapter_set, load_adapter_file
+    from app.ml.handle import as_handle
+
+    handle = as_handle(model)
+    bundle = handle.base
+    try:
+        if init_from:
+            adapter = load_adapter_file(init_from, bundle, trainable=True)
+            ctx.log(f"continuing from {init_from}")
+        else:
+            config = AdapterConfig(
+                algorithm=algorithm, rank=rank, alpha=alpha, conv_rank=conv_rank or None,
+                conv_alpha=conv_alpha if conv_rank else None, dropout=dropout, rank_dropout=rank_dropout,
+                module_dropout=module_dropout, factor=lokr_factor,
+                targets={"unet": unet_layers, "text_encoder": text_encoder_layers,
+                         "text_encoder_2": text_encoder_layers},
+                custom={"unet": _names(unet_custom), "text_encoder": _names(text_encoder_custom),
+                        "text_encoder_2": _names(text_encoder_custom)})
+            adapter = create_adapter_set(bundle, config)
+    except (AdapterError, FileNotFoundError) as e:
+        raise NodeError(str(e)) from None
+    summary = adapter.summary()
+    ctx.log(f"{algorithm}: {summary['trainable_parameters']:,} trainable parameters in {len(adapter)} layers")
+    ctx.preview("table", title="Adapter", rows=[[k, str(v)] for k, v in summary.items()])
+    return handle.with_adapter(adapter)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.replace("\n", ",").split(",") if t.strip())
 
 
 @node(type="Sample", category="sampling", side_effect=True,
@@ -68,15 +118,41 @@ def lora_inject(ctx, **params):
           Float("lora_strength", 1.0, min=-10.0, max=10.0),
       ],
       outputs=[Output("images", "IMAGES")])
-def sample(ctx, **params):
-    raise NotImplementedError(f"Sample {PENDING}")
+def sample(ctx, model, prompt, negative_prompt, width, height, steps, cfg, seed, sampler, lora_strength):
+    from app.engine.errors import NodeError
+    from app.ml.handle import as_handle
+    from app.ml.sampling import sample_images, save_samples
+
+    prompts = [line.strip() for line in prompt.splitlines() if line.strip()]
+    if not prompts:
+        raise NodeError("the prompt is empty: write at least one line")
+    handle = as_handle(model)
+    try:
+        result = sample_images(handle.base, prompts, negative_prompt=negative_prompt, width=width, height=height,
+                               steps=steps, cfg=cfg, seed=None if seed < 0 else seed, sampler=sampler,
+                               adapters=handle.adapter_pairs(lora_strength),
+                               progress=lambda i, n: ctx.progress(i, n, "sampling"))
+    except ValueError as e:
+        raise NodeError(str(e)) from None
+    paths = save_samples(result, ctx.node_dir(), recipe=ctx.recipe)
+    show_images(ctx, result)
+    ctx.log(f"{len(paths)} image(s) in {paths[0].parent}")
+    return {"paths": [str(p) for p in paths], "params": result.params}
+
+
+def show_images(ctx, result) -> None:
+    from app.ml.preview import images_payload
+
+    captions = [f"{p['prompt']} (seed {p['seed']})" for p in result.params]
+    ctx.preview("images", **images_payload(result.images, captions))
 
 
 @node(type="Save", category="output", side_effect=True,
       description="Writes the adapter or full model, atomically, with the recipe in its metadata.",
       inputs=[
           Socket("model", "MODEL"),
-          Path("path", "", kind="file", tooltip="where to write (e.g. output/my_lora.safetensors)"),
+          Path("path", "", kind="output_file",
+               tooltip="where to write; relative paths go into the run's workspace (e.g. my_lora.safetensors)"),
           Enum("what", ["adapter", "full_model"]),
           Enum("layout", ["kohya", "peft", "comfyui", "single_file", "diffusers_folder"],
                tooltip="kohya: what A1111 and ComfyUI read; peft: diffusers load_lora_weights; full models: "
@@ -85,5 +161,39 @@ def sample(ctx, **params):
           Enum("if_exists", ["add_suffix", "overwrite"], tooltip="never overwrite unless chosen"),
       ],
       outputs=[])
-def save(ctx, **params):
-    raise NotImplementedError(f"Save {PENDING}")
+def save(ctx, model, path, what, layout, dtype, if_exists):
+    from app.engine.errors import NodeError
+    from app.ml import dist
+    from app.ml.handle import as_handle
+
+    if not dist.is_main():
+        return None
+    handle = as_handle(model)
+    overwrite = if_exists == "overwrite"
+    info = handle.info
+    try:
+        if what == "adapter":
+            if layout not in ("kohya", "peft", "comfyui"):
+                raise NodeError(f"layout {layout!r} is for full models; an adapter saves as kohya, peft or comfyui")
+            if not handle.adapters:
+                raise NodeError("the model has no adapter to save (connect it after LoRAInject / TrainLoop, or "
+                                "choose what = full_model)")
+            from app.ml.save import save_adapter
+
+            written = save_adapter(handle.adapters[-1], path, layout=layout, dtype=dtype, recipe=ctx.recipe,
+                                   step=info.get("step"), epoch=info.get("epoch"), overwrite=overwrite)
+        else:
+            from app.ml.save import save_diffusers, save_single_file
+
+            if layout not in ("single_file", "diffusers_folder"):
+                raise NodeError(f"layout {layout!r} is for adapters; a full model saves as single_file or "
+                                "diffusers_folder")
+            fn = save_single_file if layout == "single_file" else save_diffusers
+            written = fn(handle.base, path, adapters=handle.adapter_pairs(1.0) or None, dtype=dtype,
+                         recipe=ctx.recipe, overwrite=overwrite)
+    except FileExistsError as e:
+        raise NodeError(f"{e}; choose if_exists = overwrite or another path") from None
+    except OSError as e:
+        raise NodeError(f"cannot write {path}: {e.strerror or e}") from None
+    ctx.log(f"saved {written}")
+    return None

@@ -94,5 +94,145 @@ SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sd
           Path("resume_from", "", kind="folder", optional=True, tooltip="a backup folder to continue from exactly"),
       ],
       outputs=[Output("model", "MODEL", "the trained model"), Output("run", "TRAINED", "losses, backups, outputs")])
-def train_loop(ctx, **params):
-    raise NotImplementedError(f"TrainLoop {PENDING}")
+def train_loop(ctx, model, buckets, optimizer, **p):
+    from app.engine.errors import NodeError
+    from app.ml import dist
+    from app.ml.handle import ModelHandle, as_handle
+    from app.ml.train.data_source import BucketSource
+    from app.ml.train.loop import Hooks, Trainer, TrainingError
+    from app.ml.train.optim import OptimizerError
+    from app.ml.train.trainables import AdapterTrainable, FullFinetune
+
+    handle = as_handle(model)
+    bundle = handle.base
+    rank, world = dist.rank_world()
+    if handle.adapters:
+        trainable = AdapterTrainable(handle)
+    else:
+        trainable = FullFinetune(bundle, p["train_unet"], p["train_text_encoder"])
+        ctx.log("no adapter on the model: full fine-tune of "
+                + " and ".join(n for n, on in (("the UNet", p["train_unet"]), ("the text encoder(s)", p["train_text_encoder"])) if on))
+    # cached text embeddings are only valid while the text encoders do not train
+    if buckets.cache is not None and buckets.cache.text_identity and trainable.trains_text_encoder():
+        import dataclasses
+
+        buckets = dataclasses.replace(buckets, cache=dataclasses.replace(buckets.cache, text_identity=None))
+    source = BucketSource(buckets, p["seed"], bundle=bundle, world=world, masks=p["masked_training"],
+                          log=ctx.log if rank == 0 else None)
+    validation = None
+    if buckets.dataset.validation_concepts:
+        validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True)
+    settings = _train_settings(p, bundle, optimizer, source)
+    workdir = ctx.node_dir()
+    writer = _tensorboard(workdir, ctx) if rank == 0 else None
+    prompts = [line.strip() for line in p["sample_prompts"].splitlines() if line.strip()]
+
+    def metric(**values):
+        if rank != 0:
+            return
+        ctx.metric(**values)
+        if writer is not None and "loss" in values:
+            step = values["step"]
+            writer.add_scalar("loss/train", values["loss"], step)
+            writer.add_scalar("loss/smoothed", values["smooth_loss"], step)
+            for name, lr in values.get("lrs", {}).items():
+                writer.add_scalar(f"lr/{name}", lr, step)
+        if writer is not None and "validation_loss" in values:
+            writer.add_scalar("loss/validation", values["validation_loss"], values.get("step", 0))
+
+    def sample(step, epoch, inside=True):
+        # inside the loop the adapters are already attached; before and after, attach them here
+        adapters = None if inside else trainable.adapter_pairs()
+        _sample_during_training(ctx, trainable.model, adapters, prompts, p, buckets, step, writer)
+
+    def save(step, epoch):
+        from app.ml.save import save_adapter
+
+        if handle.adapters:
+            path = save_adapter(trainable.adapter, workdir / "saves" / f"step_{step:07d}.safetensors",
+                                recipe=ctx.recipe, step=step, epoch=epoch, overwrite=True)
+            ctx.log(f"saved {path}")
+
+    hooks = Hooks(progress=lambda s, t: ctx.progress(s, t), metric=metric, log=ctx.log if rank == 0 else (lambda m: None),
+                  check_cancel=ctx.check_cancel, sample=sample if prompts else None, save=save, validation=validation)
+    trainer = Trainer(bundle, trainable, source, dict(optimizer), settings, workdir, hooks, device=dist.device())
+    if prompts and rank == 0:
+        sample(0, 0, inside=False)  # "before", to compare with
+    try:
+        result = trainer.run(resume_from=p["resume_from"] or None)
+    except (TrainingError, OptimizerError) as e:
+        raise NodeError(str(e)) from None
+    finally:
+        source.close()
+        if writer is not None:
+            writer.close()
+    if prompts and rank == 0:
+        sample(result.steps, result.epochs_done, inside=False)
+    info = {"step": result.steps, "epoch": result.epochs_done}
+    if handle.adapters:
+        trained = trainable.trained_handle()
+        trained = ModelHandle(trained.base, trained.adapters, trained.strengths, {**handle.info, **info})
+    else:
+        trained = ModelHandle(trainable.model, (), (), {**handle.info, **info})
+    ctx.log(f"trained {result.steps} steps in {result.elapsed_s:.1f} s; final loss "
+            f"{result.losses[-1]:.4f}" if result.losses else "no steps were trained")
+    run = {"steps": result.steps, "epochs": result.epochs_done, "losses": result.losses,
+           "validation": result.validation, "backups": result.backups, "workdir": str(workdir),
+           "elapsed_s": result.elapsed_s}
+    return trained, run
+
+
+def _train_settings(p: dict, bundle, optimizer: dict, source):
+    from app.ml.train.loop import TrainSettings
+    from app.ml.train.objective import ObjectiveSettings
+
+    prediction = bundle.prediction_type if p["prediction"] == "auto" else p["prediction"]
+    objective = ObjectiveSettings(
+        prediction=prediction, offset_noise=p["offset_noise"], perturbation_noise=p["perturbation_noise"],
+        timesteps=p["timesteps"], timestep_bias=p["timestep_bias"], timestep_scale=p["timestep_scale"],
+        min_noising=p["min_noising"], max_noising=p["max_noising"], loss=p["loss"], huber_delta=p["huber_delta"],
+        weighting=p["weighting"], min_snr_gamma=p["min_snr_gamma"],
+        unmasked_probability=p["unmasked_probability"] if p["masked_training"] else 1.0,
+        unmasked_weight=p["unmasked_weight"], normalize_masked_area=p["normalize_masked_area"])
+    stop_te = optimizer.get("stop_text_encoder_after", 0)
+    if stop_te and optimizer.get("stop_text_encoder_unit") == "epochs":
+        stop_te = sum(-(-source.iterations(e) // p["grad_accumulation"]) for e in range(stop_te))
+    return TrainSettings(
+        epochs=p["epochs"], max_steps=p["max_steps"], grad_accumulation=p["grad_accumulation"],
+        clip_grad_norm=p["clip_grad_norm"], seed=p["seed"], train_dtype=p["train_dtype"],
+        gradient_checkpointing=p["gradient_checkpointing"], zero_terminal_snr=p["zero_terminal_snr"],
+        objective=objective, ema=p["ema"], ema_decay=p["ema_decay"], ema_every=p["ema_every"],
+        ema_on_cpu=p["ema_on_cpu"], sample_every=p["sample_every"], save_every=p["save_every"],
+        backup_every=p["backup_every"], every_unit=p["every_unit"], backups_kept=p["backups_kept"],
+        stop_text_encoder_after=stop_te, validate_every=p["validate_every"])
+
+
+def _tensorboard(workdir, ctx):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        ctx.warn("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _sample_during_training(ctx, bundle, adapters, prompts, p, buckets, step, writer) -> None:
+    """Samples with the adapter as it is now; written under the node's folder and previewed."""
+    import numpy as np
+
+    from app.ml.data.bucketing import parse_resolution
+    from app.ml.preview import images_payload
+    from app.ml.sampling import sample_images, save_samples
+
+    size = parse_resolution(buckets.settings.resolution).max_target if buckets.settings.resolution else None
+    q = bundle.family.vae_scale_factor
+    size = max(q, (size or bundle.family.default_resolution) // q * q)
+    result = sample_images(bundle, prompts, width=size, height=size, steps=p["sample_steps"], cfg=p["sample_cfg"],
+                           seed=p["sample_seed"], sampler=p["sample_sampler"], adapters=adapters)
+    folder = ctx.node_dir("samples")
+    save_samples(result, folder, prefix=f"step_{step:07d}", recipe=ctx.recipe, overwrite=True)
+    captions = [f"step {step}: {q['prompt']}" for q in result.params]
+    ctx.preview("images", step=step, **images_payload(result.images, captions))
+    if writer is not None:
+        for i, img in enumerate(result.images):
+            writer.add_image(f"samples/{i}", np.asarray(img).transpose(2, 0, 1), step)

@@ -74,12 +74,13 @@ class Executor:
             needed |= nx.ancestors(g, t)
         return list(nx.lexicographical_topological_sort(g.subgraph(needed), key=_id_key))
 
-    def keys(self, graph: Graph, order: list[str], recipe_dir: Path | None = None) -> dict[str, str]:
+    def keys(self, graph: Graph, order: list[str], recipe_dir: Path | None = None,
+             workspace: Path | None = None) -> dict[str, str]:
         keys: dict[str, str] = {}
         for nid in order:
             node = graph.nodes[nid]
             spec = self.registry.get(node.type)
-            params = resolve_paths(effective_params(node, spec), spec, recipe_dir)
+            params = resolve_paths(effective_params(node, spec), spec, recipe_dir, workspace)
             inputs = {}
             for sock in spec.sockets:
                 links = sorted(graph.links_into(nid, sock.name), key=lambda l: l.id)
@@ -124,7 +125,7 @@ class Executor:
             return result
 
         order = self.plan(graph, targets)
-        keys = self.keys(graph, order, recipe_dir)
+        keys = self.keys(graph, order, recipe_dir, workspace)
         recipe_data = to_data(graph)
         emit({"event": "run_start", "nodes": order, "targets": list(targets or graph.sinks()),
               "titles": {nid: graph.label(nid) for nid in order}})
@@ -149,7 +150,7 @@ class Executor:
             ctx = NodeContext(node_id=nid, node_type=node.type, title=node.label(), emit=emit,
                               cancel_event=self.cancel_event, workspace=workspace, recipe=recipe_data,
                               recipe_dir=recipe_dir, run_id=run_id)
-            kwargs = resolve_paths(effective_params(node, spec), spec, recipe_dir)
+            kwargs = resolve_paths(effective_params(node, spec), spec, recipe_dir, workspace)
             for sock in spec.sockets:
                 links = sorted(graph.links_into(nid, sock.name), key=lambda l: l.id)
                 got = [values[l.from_node][self._output_index(graph, l)] for l in links]
@@ -216,16 +217,18 @@ def normalise_outputs(spec: NodeSpec, value: Any) -> tuple:
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # builtin:tiny-sd (two letters at least: not C:)
 
 
-def resolve_paths(params: dict, spec: NodeSpec, recipe_dir: Path | None) -> dict:
-    """PATH params are stored relative to the recipe; nodes get absolute paths."""
+def resolve_paths(params: dict, spec: NodeSpec, recipe_dir: Path | None, workspace: Path | None = None) -> dict:
+    """PATH params are stored relative to the recipe (outputs: to the workspace); nodes get
+    absolute paths."""
     out = dict(params)
     for inp in spec.params:
         value = out.get(inp.name)
         if inp.type != "PATH" or not value or _SCHEME.match(value):
             continue
         p = Path(value).expanduser()
-        if not p.is_absolute() and recipe_dir is not None:
-            p = recipe_dir / p
+        base = workspace if inp.path_kind.startswith("output") else recipe_dir
+        if not p.is_absolute() and base is not None:
+            p = Path(base).resolve() / p
         out[inp.name] = str(p)
     return out
 

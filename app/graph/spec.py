@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from app.graph.types import SOCKET_TYPES, WIDGET_TYPES
 
+PATH_KINDS = ("file", "folder", "file_or_folder", "output_file", "output_folder")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TYPE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
@@ -45,7 +46,8 @@ class Input:
     tooltip: str = ""
     optional: bool = False
     multi: bool = False
-    path_kind: str = "file"  # PATH only: "file", "folder" or "file_or_folder"
+    path_kind: str = "file"  # PATH only: "file", "folder", "file_or_folder"; "output_file" / "output_folder"
+    # are written by the node and resolve against the run's workspace instead of the recipe
     multiline: bool = False  # STRING only: edit in a multi-line box
     advanced: bool = False  # hidden behind "more" in the editor
 
@@ -216,7 +218,7 @@ class NodeSpec:
                 raise SpecError(f"{where}: default of {inp.name!r} is invalid: {problem}")
             if inp.type == "ENUM" and not inp.choices:
                 raise SpecError(f"{where}: enum {inp.name!r} has no choices")
-            if inp.type == "PATH" and inp.path_kind not in ("file", "folder", "file_or_folder"):
+            if inp.type == "PATH" and inp.path_kind not in PATH_KINDS:
                 raise SpecError(f"{where}: path {inp.name!r} has unknown kind {inp.path_kind!r}")
         for out in self.outputs:
             if not _NAME.match(out.name):

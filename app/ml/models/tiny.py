@@ -38,6 +38,13 @@ class TinySpec:
     text_encoders: tuple[dict[str, Any], ...]  # CLIPTextConfig kwargs, plus "_class"
 
 
+# The real SD/SDXL factors (0.18215, 0.13025) were chosen as 1 / std of their VAEs' latents, so the
+# UNet sees unit-variance latents. The random tiny VAEs' latents have a std of about 0.23, so their
+# factor is chosen the same way; with the real factor the latents would be ~0.04 against unit noise
+# and a tiny model could barely learn anything conditional from them.
+TINY_VAE_SCALING_FACTOR = 4.4
+
+
 def _vae_config(scaling_factor: float) -> dict[str, Any]:
     return dict(
         in_channels=3,
@@ -100,7 +107,7 @@ def _specs() -> dict[str, TinySpec]:
                 attention_head_dim=4,
                 norm_num_groups=8,
             ),
-            vae=_vae_config(SD15.vae_scaling_factor),
+            vae=_vae_config(TINY_VAE_SCALING_FACTOR),
             text_encoders=(_te_config(te1_hidden, 3, 4, "quick_gelu", eos, "CLIPTextModel"),),
         ),
         "tiny-sdxl": TinySpec(
@@ -124,7 +131,7 @@ def _specs() -> dict[str, TinySpec]:
                 projection_class_embeddings_input_dim=te2_hidden + 6 * time_dim,
                 norm_num_groups=8,
             ),
-            vae=_vae_config(SDXL.vae_scaling_factor),
+            vae=_vae_config(TINY_VAE_SCALING_FACTOR),
             text_encoders=(
                 _te_config(te1_hidden, 3, 4, "quick_gelu", eos, "CLIPTextModel"),
                 _te_config(te2_hidden, 3, 4, "gelu", 0, "CLIPTextModelWithProjection"),

@@ -179,6 +179,10 @@ class Trainer:
         if total <= 0:
             raise TrainingError("nothing to train: the dataset gives no batches (check the Bucketer's "
                                 "batch size and the leftovers it reported)")
+        for module in (self.bundle.unet, self.bundle.vae, *self.bundle.text_encoders):
+            module.to(self.device)
+        if hasattr(self.trainable, "to"):
+            self.trainable.to(self.device)
         scheduler = self.bundle.make_noise_scheduler()
         if s.zero_terminal_snr:
             rescale_zero_terminal_snr(scheduler)

@@ -42,6 +42,12 @@ class FullFinetune:
     def attached(self):
         return nullcontext()  # nothing to patch: the copies are trained directly
 
+    def adapter_pairs(self) -> list:
+        return []
+
+    def to(self, device) -> None:
+        pass  # the copies live in self.model, which the trainer moves
+
     def trains_text_encoder(self) -> bool:
         return self.train_te
 
@@ -61,3 +67,58 @@ class FullFinetune:
             for i, te in enumerate(self.text_encoders):
                 prefix = f"text_encoder{i}."
                 te.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+class AdapterTrainable:
+    """Trains the newest adapter of a model handle. It trains its own copy of that adapter, so
+    the cached LoRAInject output (and the base model) stay exactly as they were."""
+
+    def __init__(self, handle) -> None:
+        if not handle.adapters:
+            raise ValueError("the model has no adapter to train")
+        self.handle = handle
+        self.model = handle.base
+        self.adapter = copy.deepcopy(handle.adapters[-1])
+        # earlier adapters stay attached but frozen: on copies, so the cached ones keep their flags
+        self.frozen = [(copy.deepcopy(a).requires_grad_(False), s)
+                       for a, s in zip(handle.adapters[:-1], handle._strengths()[:-1])]
+
+    def param_groups(self, optimizer_settings: dict) -> list[dict]:
+        groups = []
+        for component, params in self.adapter.parameter_groups().items():
+            key = "lr" if component == "unet" else "text_encoder_lr"
+            lr = float(optimizer_settings.get(key, optimizer_settings["lr"]))
+            groups.append({"name": component, "params": list(params), "lr": lr})
+        return groups
+
+    def components(self):
+        return self.model.unet, self.model.text_encoders
+
+    def attached(self):
+        from app.ml.adapters import attached
+
+        return attached(self.model, self.adapter_pairs())
+
+    def trains_text_encoder(self) -> bool:
+        return any(c.startswith("text_encoder") for c in self.adapter.parameter_groups())
+
+    def adapter_pairs(self) -> list:
+        return self.frozen + [(self.adapter, 1.0)]
+
+    def to(self, device) -> None:
+        self.adapter.to(device)
+        for a, _ in self.frozen:
+            a.to(device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.adapter.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_state_dict(state)
+
+    def trained_handle(self):
+        """A new handle with the trained adapter in place of the untrained one."""
+        from app.ml.handle import ModelHandle
+
+        h = self.handle
+        return ModelHandle(h.base, h.adapters[:-1] + (self.adapter,), h.strengths, dict(h.info))
