@@ -187,10 +187,19 @@ def cmd_run(args) -> int:
 
     from app.engine.console import ConsoleReporter
     from app.engine.events import Fanout, JsonlWriter
+    from app.ml import dist
 
+    main_process = True
+    if dist.launched_distributed():  # `accelerate launch launch.py run ...`: one process per device
+        if args.worker:
+            print("error: --worker cannot be combined with accelerate launch", file=sys.stderr)
+            return EXIT_INVALID
+        dist.init()
+        main_process = dist.is_main()
     workspace = Path(args.workspace or os.environ.get("NODETRAINER_WORKSPACE") or Path("workspace") / recipe_path.stem)
-    events_file = open(args.events, "w", encoding="utf-8") if args.events else None
-    emit = Fanout(ConsoleReporter(verbose=args.verbose), JsonlWriter(events_file) if events_file else None)
+    events_file = open(args.events, "w", encoding="utf-8") if args.events and main_process else None
+    emit = Fanout(ConsoleReporter(verbose=args.verbose) if main_process else None,
+                  JsonlWriter(events_file) if events_file else None)
     recipe_dir = str(recipe_path.resolve().parent)
     try:
         if args.worker:
@@ -200,7 +209,7 @@ def cmd_run(args) -> int:
     finally:
         if events_file:
             events_file.close()
-    if status == "done" and workspace.exists():
+    if status == "done" and workspace.exists() and main_process:
         print(f"Outputs are in {workspace.resolve()}", file=sys.stderr)
     return {"done": EXIT_OK, "cancelled": EXIT_INTERRUPTED, "invalid": EXIT_INVALID}.get(status, EXIT_FAILED)
 

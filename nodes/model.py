@@ -63,19 +63,26 @@ def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dty
                tooltip="which UNet layers get adapters"),
           String("unet_custom", "", tooltip="layer names or a regex, when unet_layers is custom"),
           Enum("text_encoder_layers", ["none", "attn-only", "attn-mlp", "full", "custom"],
-               tooltip="train adapters in the text encoder(s) too"),
+               tooltip="train adapters in the (first) text encoder too"),
           String("text_encoder_custom", ""),
+          Enum("text_encoder_2_layers", ["same", "none", "attn-only", "attn-mlp", "full", "custom"],
+               tooltip="SDXL's second text encoder; same = as the first"),
+          String("text_encoder_2_custom", ""),
           Path("init_from", "", optional=True, tooltip="continue training from an existing LoRA file"),
       ],
       outputs=[Output("model", "MODEL")])
 def lora_inject(ctx, model, algorithm, rank, alpha, conv_rank, conv_alpha, dropout, rank_dropout, module_dropout,
-                lokr_factor, unet_layers, unet_custom, text_encoder_layers, text_encoder_custom, init_from):
+                lokr_factor, unet_layers, unet_custom, text_encoder_layers, text_encoder_custom, text_encoder_2_layers,
+                text_encoder_2_custom, init_from):
     from app.engine.errors import NodeError
     from app.ml.adapters import AdapterConfig, AdapterError, create_adapter_set, load_adapter_file
     from app.ml.handle import as_handle
 
     handle = as_handle(model)
     bundle = handle.base
+    same = text_encoder_2_layers == "same"
+    te2_layers = text_encoder_layers if same else text_encoder_2_layers
+    te2_custom = text_encoder_custom if same else text_encoder_2_custom
     try:
         if init_from:
             adapter = load_adapter_file(init_from, bundle, trainable=True)
@@ -86,9 +93,9 @@ def lora_inject(ctx, model, algorithm, rank, alpha, conv_rank, conv_alpha, dropo
                 conv_alpha=conv_alpha if conv_rank else None, dropout=dropout, rank_dropout=rank_dropout,
                 module_dropout=module_dropout, factor=lokr_factor,
                 targets={"unet": unet_layers, "text_encoder": text_encoder_layers,
-                         "text_encoder_2": text_encoder_layers},
+                         "text_encoder_2": te2_layers},
                 custom={"unet": _names(unet_custom), "text_encoder": _names(text_encoder_custom),
-                        "text_encoder_2": _names(text_encoder_custom)})
+                        "text_encoder_2": _names(te2_custom)})
             adapter = create_adapter_set(bundle, config)
     except (AdapterError, FileNotFoundError) as e:
         raise NodeError(str(e)) from None
@@ -123,9 +130,13 @@ def sample(ctx, model, prompt, negative_prompt, width, height, steps, cfg, seed,
     from app.ml.handle import as_handle
     from app.ml.sampling import sample_images, save_samples
 
+    from app.ml import dist
+
     prompts = [line.strip() for line in prompt.splitlines() if line.strip()]
     if not prompts:
         raise NodeError("the prompt is empty: write at least one line")
+    if not dist.is_main():
+        return {"paths": [], "params": []}  # data-parallel runs: the main process samples
     handle = as_handle(model)
     try:
         result = sample_images(handle.base, prompts, negative_prompt=negative_prompt, width=width, height=height,

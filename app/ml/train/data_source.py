@@ -52,9 +52,9 @@ class BucketSource:
             else:
                 variations = b.cache.variations if b.cache else None
                 plan = plan_epoch(b.dataset, b.settings, batch, self.seed, epoch, b.leftover, variations=variations)
-                if self.log:
+                if self.log and epoch == 0:  # the same leftovers recur every epoch: say it once
                     for message in plan.report.messages():
-                        self.log(f"epoch {epoch + 1}: {message}")
+                        self.log(f"epoch 1: {message}")
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
             self._plans[epoch] = plan
         return plan

@@ -1,0 +1,82 @@
+"""Optimizers and learning-rate schedules."""
+
+import math
+
+import pytest
+import torch
+
+from app.ml.train.names import OPTIMIZERS
+from app.ml.train.optim import OptimizerError, build_optimizer, build_scheduler, lr_factor
+
+
+def quadratic_groups():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, 8))
+    b = torch.nn.Parameter(torch.randn(8))
+    return [{"name": "unet", "params": [a], "lr": 1e-2}, {"name": "text_encoder", "params": [b], "lr": 5e-3}], a, b
+
+
+@pytest.mark.parametrize("name", [o for o in OPTIMIZERS if "8bit" not in o])
+def test_every_optimizer_reduces_a_loss_and_keeps_group_rates(name):
+    groups, a, b = quadratic_groups()
+    settings = {"optimizer": name, "lr": 1.0 if name in ("prodigy", "dadapt_adam") else 1e-2, "weight_decay": 0.0}
+    if name in ("prodigy", "dadapt_adam"):
+        for g in groups:
+            g["lr"] = 1.0
+    opt = build_optimizer(settings, groups)
+    assert len(opt.param_groups) == 2
+    start = float((a ** 2).sum() + (b ** 2).sum())
+    for _ in range(400 if name in ("prodigy", "dadapt_adam") else 60):  # adaptive: d grows from 1e-6
+        opt.zero_grad()
+        loss = (a ** 2).sum() + (b ** 2).sum()
+        loss.backward()
+        opt.step()
+    if hasattr(opt, "eval"):
+        opt.eval()
+    assert float((a ** 2).sum() + (b ** 2).sum()) < start * 0.9, name
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
+def test_8bit_optimizers_explain_what_they_need(name):
+    groups, _, _ = quadratic_groups()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(OptimizerError, match="CUDA GPU|bitsandbytes"):
+        build_optimizer({"optimizer": name, "lr": 1e-4}, groups)
+
+
+def test_unknown_optimizer_and_nothing_to_train():
+    groups, _, _ = quadratic_groups()
+    with pytest.raises(OptimizerError, match="unknown optimizer"):
+        build_optimizer({"optimizer": "sgd9000", "lr": 1e-4}, groups)
+    with pytest.raises(OptimizerError, match="nothing to train"):
+        build_optimizer({"optimizer": "adamw", "lr": 1e-4}, [{"params": [], "lr": 1e-4}])
+
+
+def test_schedules():
+    total = 100
+    f = lambda step, **s: lr_factor(step, total, s)  # noqa: E731
+    assert f(0, schedule="constant") == 1.0 and f(99, schedule="constant") == 1.0
+    assert f(0, schedule="linear") == 1.0 and f(50, schedule="linear") == pytest.approx(0.5)
+    assert f(50, schedule="cosine") == pytest.approx(0.5) and f(100, schedule="cosine") == pytest.approx(0.0)
+    # restarts: back to the top at each cycle start
+    assert f(50, schedule="cosine_restarts", cycles=2) == pytest.approx(1.0)
+    assert f(25, schedule="cosine_restarts", cycles=2) == pytest.approx(0.5)
+    assert f(50, schedule="polynomial", power=2.0) == pytest.approx(0.25)
+    # warmup as a count and as a fraction, and a floor
+    assert f(0, schedule="constant", warmup=10) == pytest.approx(0.1)
+    assert f(9, schedule="constant", warmup=10) == pytest.approx(1.0)
+    assert f(4, schedule="cosine", warmup=0.1) == pytest.approx(0.5)
+    assert f(100, schedule="cosine", min_factor=0.1) == pytest.approx(0.1)
+    assert all(0.0 <= f(s, schedule="cosine_restarts", cycles=3, warmup=5) <= 1.0 for s in range(total))
+
+
+def test_scheduler_drives_every_group():
+    groups, a, b = quadratic_groups()
+    opt = build_optimizer({"optimizer": "adamw", "lr": 1e-2}, groups)
+    sched = build_scheduler(opt, {"schedule": "linear"}, 10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-3, 2.5e-3])
+    assert math.isclose(sched.get_last_lr()[0], 5e-3)
