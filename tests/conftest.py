@@ -8,6 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STUBS = ROOT / "tests" / "stub_nodes"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny test models are dominated by per-op overhead: one thread each is faster than two fighting over
+# the CPU, and subprocesses started by tests inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def _check_params(node: Node, spec: NodeSpec) -> list[Problem]:
     for inp in spec.params:
         value = node.params.get(inp.name, inp.default)
         if inp.type == "PATH" and value == "" and inp.required:
-            what = "folder" if inp.path_kind == "folder" else "file"
+            what = {"folder": "folder", "file_or_folder": "file or folder"}.get(inp.path_kind, "file")
             hint = f" ({inp.tooltip})" if inp.tooltip else ""
             out.append(Problem(node.id, label, f"choose a {what} for {inp.name!r}{hint}"))
             continue

@@ -313,8 +313,8 @@ class Trainer:
         target = target_for(scheduler, latents, noise, timesteps, prediction)
         train_te = self.trainable.trains_text_encoder() and not te_stopped
         with autocast:
-            cond = self._conditioning(batch, train_te)
             model_dtype = next(unet.parameters()).dtype
+            cond = _cast(self._conditioning(batch, train_te), model_dtype)
             pred = unet(noisy.to(model_dtype), timesteps, **cond).sample
             loss = per_sample_loss(pred, target, s.objective, batch.masks.to(pred.device) if batch.masks is not None else None,
                                    use_mask.to(pred.device))
@@ -354,7 +354,8 @@ class Trainer:
         s = self.s
         last = step >= total
         backup = None
-        if s.sample_every and self.hooks.sample and timer.due("sample", s.sample_every, step, end_of_epoch):
+        # the last step's sample and save come from the caller ("after" samples, the Save node)
+        if s.sample_every and self.hooks.sample and not last and timer.due("sample", s.sample_every, step, end_of_epoch):
             _set_eval(unet, text_encoders)
             self.hooks.sample(step, epoch + 1)
             _set_train(unet, text_encoders, self.trainable.trains_text_encoder())
@@ -378,7 +379,7 @@ class Trainer:
         for index in range(source.iterations(0)):
             batch = source.batch(0, index)
             latents = self._latents(batch)
-            cond = self._conditioning(batch, False)
+            cond = _cast(self._conditioning(batch, False), next(unet.parameters()).dtype)
             for k in range(n_t):
                 t = int((k + 0.5) / n_t * scheduler.config.num_train_timesteps)
                 timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
@@ -484,6 +485,17 @@ class _Periodic:
             self.last[what] = now
             return True
         return False
+
+
+def _cast(cond: dict, dtype: torch.dtype) -> dict:
+    """UNet inputs in the UNet's weight dtype (bf16 weights trained without autocast, say)."""
+    out = {}
+    for k, v in cond.items():
+        if isinstance(v, dict):
+            out[k] = _cast(v, dtype)
+        else:
+            out[k] = v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+    return out
 
 
 def _distributed() -> tuple[int, int]:
