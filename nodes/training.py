@@ -40,6 +40,7 @@ def optimizer(ctx, **params):
     return dict(params)
 
 
+UNITS = ["epochs", "steps", "minutes"]
 SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras", "unipc"]
 
 
@@ -86,11 +87,14 @@ SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sd
           Enum("sample_sampler", SAMPLERS, "dpmpp_2m"),
           Int("sample_seed", 42, min=0, max=2**31 - 1),
           Int("sample_every", 0, min=0, max=1_000_000, tooltip="0 = only before and after training"),
-          Int("save_every", 0, min=0, max=1_000_000, tooltip="0 = only at the end"),
-          Int("backup_every", 0, min=0, max=1_000_000, tooltip="0 = only when stopped"),
-          Enum("every_unit", ["epochs", "steps", "minutes"], tooltip="unit of the periods above"),
+          Enum("sample_unit", UNITS),
+          Int("save_every", 0, min=0, max=1_000_000, tooltip="0 = only at the end (the Save node)"),
+          Enum("save_unit", UNITS),
+          Int("backup_every", 0, min=0, max=1_000_000, tooltip="resumable backups; 0 = only when stopped"),
+          Enum("backup_unit", UNITS),
           Int("backups_kept", 3, min=1, max=1000),
           Int("validate_every", 0, min=0, max=1_000_000, tooltip="validation loss on validation concepts; 0 = at the end"),
+          Enum("validate_unit", UNITS),
           Path("resume_from", "", kind="folder", optional=True, tooltip="a backup folder to continue from exactly"),
       ],
       outputs=[Output("model", "MODEL", "the trained model"), Output("run", "TRAINED", "losses, backups, outputs")])
@@ -202,9 +206,10 @@ def _train_settings(p: dict, bundle, optimizer: dict, source):
         clip_grad_norm=p["clip_grad_norm"], seed=p["seed"], train_dtype=p["train_dtype"],
         gradient_checkpointing=p["gradient_checkpointing"], zero_terminal_snr=p["zero_terminal_snr"],
         objective=objective, ema=p["ema"], ema_decay=p["ema_decay"], ema_every=p["ema_every"],
-        ema_on_cpu=p["ema_on_cpu"], sample_every=p["sample_every"], save_every=p["save_every"],
-        backup_every=p["backup_every"], every_unit=p["every_unit"], backups_kept=p["backups_kept"],
-        stop_text_encoder_after=stop_te, validate_every=p["validate_every"])
+        ema_on_cpu=p["ema_on_cpu"], sample_every=p["sample_every"], sample_unit=p["sample_unit"],
+        save_every=p["save_every"], save_unit=p["save_unit"], backup_every=p["backup_every"],
+        backup_unit=p["backup_unit"], validate_every=p["validate_every"], validate_unit=p["validate_unit"],
+        backups_kept=p["backups_kept"], stop_text_encoder_after=stop_te)
 
 
 def _tensorboard(workdir, ctx):

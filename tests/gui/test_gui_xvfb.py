@@ -1,7 +1,6 @@
 """The real editor in a subprocess on a virtual display (Xvfb): presets render, a mouse drag makes
 a link, and a run from the editor draws its plots and previews. Skipped where Xvfb is missing."""
 
-import inspect
 import json
 import os
 import shutil
@@ -162,24 +161,6 @@ def wait_for(state_file, pick, timeout=30):
     raise AssertionError(f"timed out waiting; last state: {state_file.read_text()[:2000] if state_file else ''}")
 
 
-def _unimplemented(recipe_path):
-    """Node types of a recipe whose function still raises NotImplementedError (training not landed)."""
-    from app.graph.registry import load_registry
-
-    reg = load_registry(include_user=False)
-    types = {n["type"] for n in json.loads(Path(recipe_path).read_text())["nodes"].values()}
-    out = []
-    for t in sorted(types):
-        spec = reg.get(t)
-        try:
-            src = inspect.getsource(spec.fn) if spec and spec.fn else ""
-        except (OSError, TypeError):
-            src = ""
-        if spec is None or "raise NotImplementedError" in src:
-            out.append(t)
-    return out
-
-
 def shortened(preset, tmp_path):
     """A copy of a preset that trains for a few steps (the GUI test is about drawing the run, not
     about learning; tests/ml proves that), with its relative input paths made absolute."""
@@ -202,18 +183,13 @@ def shortened(preset, tmp_path):
 RUNS = [
     pytest.param(RECIPES / "stub_run.json", ["--nodes-dir", str(ROOT / "tests/stub_nodes")], "2", id="stub-TestSlow"),
     pytest.param(RECIPES / "preview_run.json", ["--nodes-dir", str(PREVIEW_NODES)], "3", id="preview-nodes"),
-    pytest.param(ROOT / "presets" / "tiny_demo.json", [], "6", id="tiny_demo"),
+    pytest.param(ROOT / "presets" / "tiny_demo.json", [], "7", id="tiny_demo"),
 ]
 
 
 @needs_xvfb
 @pytest.mark.parametrize("recipe,extra,train_node", RUNS)
 def test_a_run_from_the_editor_completes_with_live_training_plots(display, tmp_path, recipe, extra, train_node):
-    if not recipe.exists():
-        pytest.skip(f"{recipe.name} is not in this build")
-    missing = _unimplemented(recipe) if recipe.parent.name == "presets" else []
-    if missing:
-        pytest.skip(f"{recipe.name} needs nodes that are not implemented yet: {', '.join(missing)}")
     if recipe.parent.name == "presets":
         recipe = shortened(recipe, tmp_path)
     shot = tmp_path / "run.png"

@@ -41,7 +41,7 @@ def weights(trainable):
 
 
 def test_resume_after_stop_equals_uninterrupted(bundle, tmp_path):
-    settings = TrainSettings(epochs=2, grad_accumulation=1, seed=3, backup_every=1, every_unit="steps")
+    settings = TrainSettings(epochs=2, grad_accumulation=1, seed=3, backup_every=1, backup_unit="steps")
     full_t = FullFinetune(bundle)
     full = Trainer(bundle, full_t, Pixels(), OPT, settings, tmp_path / "a").run()
     assert full.steps == 8 and len(full.losses) == 8
@@ -88,7 +88,7 @@ def test_nan_loss_stops_with_a_backup_of_the_last_good_state(bundle, tmp_path):
 
 def test_backups_roll(bundle, tmp_path):
     t = FullFinetune(bundle)
-    s = TrainSettings(epochs=1, backup_every=1, every_unit="steps", backups_kept=2)
+    s = TrainSettings(epochs=1, backup_every=1, backup_unit="steps", backups_kept=2)
     Trainer(bundle, t, Pixels(n=4), OPT, s, tmp_path).run()
     assert sorted(p.name for p in (tmp_path / "backups").iterdir()) == ["step_0000002", "step_0000003"]
 

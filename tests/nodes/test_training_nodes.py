@@ -139,7 +139,7 @@ def test_training_learns_red_from_blue(tmp_path):
 # ---- exact resume after kill -9 -------------------------------------------------------------
 
 def test_resume_after_kill9_equals_an_uninterrupted_run(tmp_path):
-    train = {"max_steps": 8, "backup_every": 2, "every_unit": "steps", "backups_kept": 10}
+    train = {"max_steps": 8, "backup_every": 2, "backup_unit": "steps", "backups_kept": 10}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(lora_recipe(DEMO, train)))
     full = run_cli(["run", path, "--workspace", tmp_path / "full", "--events", tmp_path / "full.jsonl"])
@@ -175,7 +175,8 @@ def test_resume_after_kill9_equals_an_uninterrupted_run(tmp_path):
 def test_periodic_samples_saves_backups_metrics_and_tensorboard(tmp_path):
     reg = load_registry(include_user=False)
     train = {"epochs": 2, "sample_prompts": "red circle", "sample_every": 2, "save_every": 2, "backup_every": 3,
-             "every_unit": "steps", "sample_steps": 2, "backups_kept": 2}
+             "sample_unit": "steps", "save_unit": "steps", "backup_unit": "steps", "sample_steps": 2,
+             "backups_kept": 2}
     graph, problems = loads_recipe(json.dumps(lora_recipe(DEMO, train, batch=4, save=None)), registry=reg)
     assert not problems
     events = []

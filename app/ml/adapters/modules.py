@@ -76,6 +76,7 @@ class AdapterModule(nn.Module):
         self.module_dropout = float(module_dropout)
         # The real alpha, stored so it is saved as ``.alpha`` and restored on load.
         self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=True)
+        self._scale = float(alpha) / self.rank  # a Python float: reading the buffer would sync a GPU per call
         if dora:
             w = base.weight.detach().float()
             norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True)
@@ -85,7 +86,11 @@ class AdapterModule(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank
+        return self._scale
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._scale = float(self.alpha) / self.rank  # a loaded file may carry another alpha
 
     def delta_weight(self) -> torch.Tensor:
         """dW with the base weight's shape (scale included), in the adapter's dtype."""
@@ -231,7 +236,7 @@ class LoKrModule(AdapterModule):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.rank if not self.full_w2 else 1.0
+        return self._scale if not self.full_w2 else 1.0
 
     def delta_weight(self) -> torch.Tensor:
         if self.full_w2:

@@ -134,12 +134,13 @@ class ModelBundle:
         f = self.vae_scale_factor
         if images.shape[-2] % f or images.shape[-1] % f:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the VAE factor {f}")
-        lo, hi = float(images.min()), float(images.max())
+        lo, hi = (float(v) for v in torch.aminmax(images))
         if lo < -1.001 or hi > 1.001:
             raise ValueError(f"encode_images expects pixel values in [-1, 1], got [{lo:.3g}, {hi:.3g}]")
         vae = self.vae
+        weight = next(vae.parameters())  # diffusers' vae.device / .dtype walk every module on each call
         with torch.no_grad():
-            x = images.to(device=vae.device, dtype=vae.dtype)
+            x = images.to(device=weight.device, dtype=weight.dtype)
             dist = vae.encode(x).latent_dist
             z = dist.sample(generator) if sample else dist.mode()
             z = z.float()

@@ -53,13 +53,17 @@ class TrainSettings:
     ema_decay: float = 0.999
     ema_every: int = 1
     ema_on_cpu: bool = True
+    # periodic work: every N of its unit (epochs | steps | minutes); 0 = never (validation: at the end)
     sample_every: int = 0
+    sample_unit: str = "epochs"
     save_every: int = 0
+    save_unit: str = "epochs"
     backup_every: int = 0
-    every_unit: str = "epochs"  # epochs | steps | minutes
+    backup_unit: str = "epochs"
+    validate_every: int = 0
+    validate_unit: str = "epochs"
     backups_kept: int = 3
     stop_text_encoder_after: int = 0  # optimizer steps; 0 = never
-    validate_every: int = 0  # in every_unit; 0 = at the end only (if there is validation data)
 
 
 @dataclass
@@ -195,6 +199,8 @@ class Trainer:
         ema = EMA(params, s.ema_decay, s.ema_on_cpu) if s.ema else None
         prediction = s.objective.prediction
         autocast = _autocast(self.device, s.train_dtype)
+        if s.train_dtype == "fp16" and self.device.type == "cpu":
+            self.hooks.log("fp16 mixed precision needs a GPU; training in fp32 on this CPU (bf16 works on CPUs)")
         scaler = torch.amp.GradScaler(self.device.type) if s.train_dtype == "fp16" and self.device.type == "cuda" else None
 
         step, epoch, batch_index = 0, 0, 0
@@ -208,7 +214,7 @@ class Trainer:
         backups: list[str] = []
         last_backup = None
         smooth = None
-        timer = _Periodic(s.every_unit)
+        timer = _Periodic()
         te_stopped = False
         t_steps, steps_timed = time.monotonic(), 0
         unet, text_encoders = self.trainable.components()
@@ -329,7 +335,7 @@ class Trainer:
     def _latents(self, batch: Batch) -> torch.Tensor:
         if batch.latents is not None:
             return batch.latents.to(self.device, torch.float32)
-        return self.bundle.encode_images(batch.pixels.to(self.device)).to(torch.float32)
+        return self.bundle.encode_images(batch.pixels).to(torch.float32)  # moved once, after the range check
 
     def _conditioning(self, batch: Batch, train_te: bool) -> dict[str, Any]:
         if batch.text is not None and not train_te:
@@ -355,16 +361,16 @@ class Trainer:
         last = step >= total
         backup = None
         # the last step's sample and save come from the caller ("after" samples, the Save node)
-        if s.sample_every and self.hooks.sample and not last and timer.due("sample", s.sample_every, step, end_of_epoch):
+        if s.sample_every and self.hooks.sample and not last and timer.due("sample", s.sample_every, s.sample_unit, step, end_of_epoch):
             _set_eval(unet, text_encoders)
             self.hooks.sample(step, epoch + 1)
             _set_train(unet, text_encoders, self.trainable.trains_text_encoder())
-        if s.save_every and self.hooks.save and not last and timer.due("save", s.save_every, step, end_of_epoch):
+        if s.save_every and self.hooks.save and not last and timer.due("save", s.save_every, s.save_unit, step, end_of_epoch):
             self.hooks.save(step, epoch + 1)
-        if s.backup_every and not last and timer.due("backup", s.backup_every, step, end_of_epoch):
+        if s.backup_every and not last and timer.due("backup", s.backup_every, s.backup_unit, step, end_of_epoch):
             backup = self._backup(step, *position, optimizer, lr_sched, ema, backups)
         if s.validate_every and self.hooks.validation is not None and not last and \
-                timer.due("validate", s.validate_every, step, end_of_epoch):
+                timer.due("validate", s.validate_every, s.validate_unit, step, end_of_epoch):
             validation.append((step, self.validation_loss(scheduler, unet, text_encoders, prediction)))
             _set_train(unet, text_encoders, self.trainable.trains_text_encoder())
         return backup
@@ -467,15 +473,14 @@ class Trainer:
 class _Periodic:
     """Decides when "every N epochs / steps / minutes" work is due."""
 
-    def __init__(self, unit: str) -> None:
-        self.unit = unit
+    def __init__(self) -> None:
         self.start = time.monotonic()
         self.last: dict[str, float] = {}
 
-    def due(self, what: str, every: int, step: int, end_of_epoch: bool) -> bool:
-        if self.unit == "steps":
+    def due(self, what: str, every: int, unit: str, step: int, end_of_epoch: bool) -> bool:
+        if unit == "steps":
             return step % every == 0
-        if self.unit == "epochs":
+        if unit == "epochs":
             if not end_of_epoch:
                 return False
             self.last[what] = self.last.get(what, 0) + 1

@@ -82,6 +82,7 @@ class AdapterTrainable:
         # earlier adapters stay attached but frozen: on copies, so the cached ones keep their flags
         self.frozen = [(copy.deepcopy(a).requires_grad_(False), s)
                        for a, s in zip(handle.adapters[:-1], handle._strengths()[:-1])]
+        self._trains_te = any(c.startswith("text_encoder") for c in self.adapter.parameter_groups())
 
     def param_groups(self, optimizer_settings: dict) -> list[dict]:
         groups = []
@@ -100,7 +101,7 @@ class AdapterTrainable:
         return attached(self.model, self.adapter_pairs())
 
     def trains_text_encoder(self) -> bool:
-        return any(c.startswith("text_encoder") for c in self.adapter.parameter_groups())
+        return self._trains_te
 
     def adapter_pairs(self) -> list:
         return self.frozen + [(self.adapter, 1.0)]
