@@ -32,9 +32,10 @@ def main() -> int:
         launch = [sys.executable, str(ROOT / "launch.py")]
         subprocess.run([*launch, "gui", "presets/tiny_demo.json", "--screenshot", "docs/editor-preset.png"],
                        env=env, cwd=ROOT, check=True)
-        subprocess.run([*launch, "--nodes-dir", "tests/gui/preview_nodes", "gui", "tests/gui/recipes/preview_run.json",
-                        "--screenshot", "docs/editor-run.png"],
-                       env={**env, "NODETRAINER_GUI_AUTORUN": "1", "NODETRAINER_GUI_FOCUS": "3"}, cwd=ROOT, check=True)
+        # the tiny demo after a run, with the TrainLoop node's plots and samples in the inspector
+        subprocess.run([*launch, "gui", "presets/tiny_demo.json", "--screenshot", "docs/editor-run.png"],
+                       env={**env, "NODETRAINER_GUI_AUTORUN": "1", "NODETRAINER_GUI_FOCUS": "7",
+                            "NODETRAINER_GUI_TIMEOUT": "600"}, cwd=ROOT, check=True)
     finally:
         xvfb.terminate()
     print("wrote docs/editor-preset.png and docs/editor-run.png")
