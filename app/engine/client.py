@@ -59,6 +59,9 @@ class WorkerClient:
             args += ["--nodes-dir", d]
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        # leave a core to the editor's render loop: torch threads that spin-wait for a busy core
+        # slow small models down many times over
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
         out = self.log if self.log is not None else None
         self.proc = subprocess.Popen(args, pass_fds=(cmd_r, ev_w), cwd=str(REPO_ROOT), env=env,
                                      stdin=subprocess.DEVNULL, stdout=out if out is not None else sys.stderr,

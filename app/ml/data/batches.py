@@ -79,7 +79,7 @@ class PlanReport:
         for (w, h), names in sorted(by_bucket.items()):
             out.append(
                 f"bucket {w}x{h}: {len(names)} leftover images do not fill a batch and are skipped this "
-                f"epoch: {', '.join(names)} (use leftover='repeat', a smaller batch, or more images)"
+                f"epoch: {', '.join(names)} (set the Bucketer's leftovers to repeat, use a smaller batch, or add images)"
             )
         if self.repeated:
             out.append(f"{len(self.repeated)} images repeated to fill batches: "
