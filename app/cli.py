@@ -269,9 +269,9 @@ def _run_in_worker(args, reg, data, recipe_dir, targets, workspace, emit) -> str
 
 def cmd_gui(args) -> int:
     try:
-        from app.gui.main import run_editor  # noqa: F401  (arrives with the editor issue)
-    except ImportError:
-        print("The editor is not part of this build yet. Use 'launch.py run RECIPE' and "
-              "'launch.py validate RECIPE' (see 'launch.py --help').", file=sys.stderr)
+        from app.gui.main import run_editor
+    except ImportError as e:
+        print(f"The editor cannot start: {e}. Install the dependencies (pip install -e .), or use "
+              "'launch.py run RECIPE' and 'launch.py validate RECIPE'.", file=sys.stderr)
         return EXIT_INVALID
     return run_editor(args)

@@ -25,7 +25,7 @@ def test_every_optimizer_reduces_a_loss_and_keeps_group_rates(name):
             g["lr"] = 1.0
     opt = build_optimizer(settings, groups)
     assert len(opt.param_groups) == 2
-    start = float((a ** 2).sum() + (b ** 2).sum())
+    start = ((a.detach() ** 2).sum() + (b.detach() ** 2).sum()).item()
     for _ in range(400 if name in ("prodigy", "dadapt_adam") else 60):  # adaptive: d grows from 1e-6
         opt.zero_grad()
         loss = (a ** 2).sum() + (b ** 2).sum()

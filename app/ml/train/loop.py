@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from app.ml.dist import rank_world
 from app.ml.train.objective import (ObjectiveSettings, make_noise, noisy_input, per_sample_loss,
                                     rescale_zero_terminal_snr, sample_timesteps, target_for, timestep_weights)
 from app.ml.train.optim import build_optimizer, build_scheduler
@@ -164,7 +165,7 @@ class Trainer:
         self.workdir = Path(workdir)
         self.hooks = hooks or Hooks()
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.rank, self.world = _distributed()
+        self.rank, self.world = rank_world()
         self.is_main = self.rank == 0
 
     # ---- planning --------------------------------------------------------------------------
@@ -501,17 +502,6 @@ def _cast(cond: dict, dtype: torch.dtype) -> dict:
         else:
             out[k] = v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
     return out
-
-
-def _distributed() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except Exception:
-        pass
-    return 0, 1
 
 
 def _autocast(device: torch.device, dtype: str):
