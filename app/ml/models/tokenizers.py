@@ -26,7 +26,8 @@ CLIP_BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 _MAX_LENGTH = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI CLIP's reversible byte -> printable unicode table (the GPT-2 scheme)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -48,7 +49,7 @@ def vocab_from_clip_bpe(path: "str | Path") -> tuple[dict[str, int], list[tuple[
         lines = f.read().split("\n")
     n_merges = min(49152 - 256 - 2, len(lines) - 1)
     merges = [tuple(line.split()) for line in lines[1 : 1 + n_merges] if line.strip()]
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab: dict[str, int] = {}

@@ -14,8 +14,12 @@ deterministic (ties are broken lexicographically), so re-running gives identical
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
+from app.ml.models.tokenizers import bytes_to_unicode  # noqa: E402  (the one table the loader uses too)
 
 OUT_DIR = Path(__file__).resolve().parent / "tiny_clip_tokenizer"
 NUM_MERGES = 320
@@ -33,19 +37,6 @@ one two three four five six seven eight nine ten
 0 1 2 3 4 5 6 7 8 9
 ohwx sks token concept class
 """.split()
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """OpenAI CLIP's reversible byte -> printable unicode table (the GPT-2 scheme)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
