@@ -268,6 +268,11 @@ def _run_in_worker(args, reg, data, recipe_dir, targets, workspace, emit) -> str
 # ---- gui -------------------------------------------------------------------------------------
 
 def cmd_gui(args) -> int:
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        # without a display the windowing library aborts the whole process: say why instead
+        print("The editor needs a display, and DISPLAY is not set. Run recipes with 'launch.py run RECIPE', "
+              "or start the editor under a virtual display: xvfb-run python launch.py gui RECIPE", file=sys.stderr)
+        return EXIT_INVALID
     try:
         from app.gui.main import run_editor
     except ImportError as e:

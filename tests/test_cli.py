@@ -1,6 +1,7 @@
 """launch.py as a user runs it: exit codes, messages, events file, overrides, targets, Ctrl-C."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -164,3 +165,10 @@ def test_run_through_the_worker(tmp_path):
     out = cli("run", path, "--worker")
     assert out.returncode == 0, out.stderr
     assert out_file.read_text() == "8\n"
+
+
+def test_editor_without_a_display_explains_instead_of_aborting():
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "gui"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 2 and "needs a display" in out.stderr
