@@ -1,6 +1,6 @@
 """Model nodes: load a base model, patch adapters in, sample images, save results."""
 
-from app.graph.spec import Bool, Enum, Float, Int, Output, Path, Socket, String, node
+from app.graph.spec import Enum, Float, Int, Output, Path, Socket, String, node
 
 PENDING = "is declared but not implemented yet: it arrives with the model issue"
 DTYPES = ["fp32", "fp16", "bf16"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import IO, Any
 
 
@@ -31,7 +32,7 @@ def jsonable(value: Any) -> Any:
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return None
     return value
 

@@ -4,7 +4,6 @@ import hashlib
 import json
 
 import pytest
-import torch
 
 from app.engine.executor import Executor
 from app.graph.model import Graph

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .adapter_set import AdapterSet, component_modules
 from .config import AdapterConfig, AdapterError
-from .modules import LoHaModule, LoKrModule, LoRAModule, make_module
+from .modules import LoRAModule, make_module
 from .naming import LAYOUTS, alias_table, module_key, te_full_name
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers reads LoraConfig kwargs from here

@@ -60,7 +60,7 @@ def unet_key_to_original(key: str, unet_config: Mapping) -> str:
         kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
         if kind == "resnets":
             return f"middle_block.{2 * j}." + _sub(rest, _UNET_RESNET)
-        return f"middle_block.1." + rest
+        return "middle_block.1." + rest
     if parts[0] == "up_blocks":
         b, kind = int(parts[1]), parts[2]
         block_type = unet_config["up_block_types"][b]
