@@ -168,6 +168,8 @@ def train_loop(ctx, model, buckets, optimizer, **p):
         raise NodeError(str(e)) from None
     finally:
         source.close()
+        if validation is not None:
+            validation.close()
         if writer is not None:
             writer.close()
     if prompts and rank == 0:
