@@ -298,3 +298,26 @@ def test_training_with_a_cache_node_equals_encoding_on_the_fly(tmp_path):
     # can lift to ~1e-6 on near-zero gradients; 1e-5 is 0.2% of the largest possible change (3 x lr)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_validation_concepts_give_a_validation_loss_and_do_not_train(tmp_path):
+    reg = load_registry(include_user=False)
+    data = lora_recipe(DEMO, {"max_steps": 4, "validate_every": 2, "validate_unit": "steps"}, batch=4, save=None)
+    data["nodes"]["9"] = {"type": "Concept", "version": 1,
+                          "params": {"folder": str(DEMO), "name": "held out", "concept_type": "validation"}}
+    data["links"].append({"id": 99, "from_node": "9", "from_output": "dataset", "to_node": "3", "to_input": "datasets"})
+    graph, problems = loads_recipe(json.dumps(data), registry=reg)
+    assert not problems
+    events = []
+    result = Executor(reg).run(graph, targets=["6"], emit=events.append, workspace=tmp_path)
+    assert result.status == "done", result.error
+    run = result.outputs["6"]["run"]
+    assert [step for step, _ in run["validation"]] == [2, 4]
+    assert all(v > 0 for _, v in run["validation"])
+    assert [e["values"]["validation_loss"] for e in events
+            if e["event"] == "metric" and "validation_loss" in e["values"]] == [v for _, v in run["validation"]]
+    # the 24 validation images are not trained on: 24 training images / batch 4 = 6 steps per epoch
+    buckets = Executor(reg).run(graph, targets=["3"], workspace=tmp_path).outputs["3"]["buckets"]
+    from app.ml.data.batches import plan_epoch
+
+    assert len(plan_epoch(buckets.dataset, buckets.settings, 4, 3, 0, "repeat").items) == 24
