@@ -18,24 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-
-
-def generate(folder: Path, n: int, size=(512, 768)) -> None:
-    w, h = size
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(n):
-        c = rng.uniform(0, 255, size=3).astype(np.float32)
-        base = (xx[..., None] / w * c + yy[..., None] / h * (255 - c)) / 2 + 64
-        noise = rng.normal(0, 12, size=(h // 4, w // 4, 3)).repeat(4, 0).repeat(4, 1)
-        arr = np.clip(base + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(folder / f"img_{i:05d}.jpg", quality=90)
-        (folder / f"img_{i:05d}.txt").write_text(f"photo {i}, tag a, tag b\n")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import generate  # noqa: E402  (the same generated images as the library benchmark)
 
 
 def line(label: str, seconds: float, n: int) -> None:
