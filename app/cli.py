@@ -233,7 +233,7 @@ class _InterruptHandler:
 def _run_in_process(reg, graph, recipe_dir, targets, workspace, emit) -> str:
     from app.engine.executor import Executor
 
-    executor = Executor(reg)
+    executor = Executor(reg, keep_outputs=False)  # one run: nothing to keep for a next one
     previous = signal.signal(signal.SIGINT, _InterruptHandler(executor.cancel))
     try:
         result = executor.run(graph, targets or None, emit=emit, recipe_dir=recipe_dir, workspace=workspace)

@@ -110,10 +110,16 @@ def train_loop(ctx, model, buckets, optimizer, **p):
     handle = as_handle(model)
     bundle = handle.base
     rank, world = dist.rank_world()
+    # in a one-shot run nothing reads the untrained weights again: train them in place, no copy
     if handle.adapters:
-        trainable = AdapterTrainable(handle)
+        in_place = ctx.exclusive(handle.adapters[-1])
+        trainable = AdapterTrainable(handle, in_place=in_place)
     else:
-        trainable = FullFinetune(bundle, p["train_unet"], p["train_text_encoder"])
+        trained = ([bundle.unet] if p["train_unet"] else []) + (list(bundle.text_encoders) if p["train_text_encoder"] else [])
+        in_place = bool(trained) and all(ctx.exclusive(m) for m in trained)
+        trainable = FullFinetune(bundle, p["train_unet"], p["train_text_encoder"], in_place=in_place)
+    if in_place:
+        ctx.log("training the incoming weights in place: no later node reads the untrained ones")
         ctx.log("no adapter on the model: full fine-tune of "
                 + " and ".join(n for n, on in (("the UNet", p["train_unet"]), ("the text encoder(s)", p["train_text_encoder"])) if on))
     # cached text embeddings are only valid while the text encoders do not train

@@ -20,7 +20,8 @@ PROGRESS_INTERVAL_S = 0.1
 class NodeContext:
     def __init__(self, *, node_id: str, node_type: str, title: str, emit: Callable[[dict], None],
                  cancel_event: threading.Event, workspace: Path, recipe: dict | None = None,
-                 recipe_dir: Path | None = None, run_id: str = "") -> None:
+                 recipe_dir: Path | None = None, run_id: str = "",
+                 live_values: Callable[[], list] | None = None) -> None:
         self.node_id = node_id
         self.node_type = node_type
         self.title = title
@@ -31,6 +32,7 @@ class NodeContext:
         self.recipe_dir = recipe_dir
         self.run_id = run_id
         self._last_progress = 0.0
+        self._live_values = live_values  # None: the engine keeps outputs (editor sessions)
 
     # ---- reporting -------------------------------------------------------------------------
     def emit(self, event: str, **fields: Any) -> None:
@@ -67,6 +69,18 @@ class NodeContext:
         if self._cancel.is_set():
             raise Cancelled("stopped by the user")
 
+    # ---- ownership -------------------------------------------------------------------------
+    def exclusive(self, obj: Any) -> bool:
+        """May this node change ``obj`` (part of one of its inputs) in place instead of copying it?
+
+        True only in a one-shot run (nothing is cached for a later run) when no value that a later
+        node reads, or that the run returns, holds ``obj``. Editor sessions keep every output for
+        the next run, so there it is always False and a node must copy what it changes.
+        """
+        if self._live_values is None:
+            return False
+        return not any(holds(value, obj) for value in self._live_values())
+
     # ---- files -----------------------------------------------------------------------------
     @property
     def workspace(self) -> Path:
@@ -79,3 +93,22 @@ class NodeContext:
         d = self.workspace.joinpath(f"{self.node_type}_{self.node_id}", *parts)
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+
+def holds(value: Any, obj: Any, _depth: int = 0) -> bool:
+    """Whether ``obj`` is ``value`` or reachable from it: through containers, objects that list
+    their parts with ``__contents__()`` (model handles and bundles), and torch modules' submodules."""
+    if value is obj:
+        return True
+    if value is None or isinstance(value, (str, bytes, int, float, bool)) or _depth > 50:
+        return False
+    if isinstance(value, dict):
+        return any(holds(v, obj, _depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(holds(v, obj, _depth + 1) for v in value)
+    contents = getattr(value, "__contents__", None)
+    if contents is not None and not isinstance(value, type):
+        return any(holds(v, obj, _depth + 1) for v in contents())
+    if hasattr(value, "_modules") and callable(getattr(value, "modules", None)):  # a torch module
+        return any(m is obj for m in value.modules())
+    return False

@@ -4,6 +4,12 @@ Cache key = node type + version + params (+ a fingerprint of the files a node re
 its inputs, recursively. So changing a Sample prompt re-runs Sample only, while changing a LoRA rank
 re-runs LoRAInject and everything downstream of it. Pure nodes are cached; side-effect nodes (they
 write files) always run. Cached outputs are frozen so no consumer can change them.
+
+A one-shot run (``launch.py run``: ``keep_outputs=False``) caches nothing and lets go of each output
+once its last reader has it, so memory holds only what is still needed. There a node may ask
+``ctx.exclusive(obj)``: when no value that a later node reads (or the run returns) holds ``obj``,
+the node may change it in place instead of copying it (TrainLoop trains the LoRAInject adapter or
+the loaded UNet itself, rather than a second copy of it).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,7 +55,8 @@ class RunResult:
 class Executor:
     """Holds the output cache between runs; the worker keeps one Executor for its whole life."""
 
-    def __init__(self, registry) -> None:
+    def __init__(self, registry, *, keep_outputs: bool = True) -> None:
+        self.keep_outputs = keep_outputs  # False: a one-shot run (nothing cached, outputs freed after use)
         self.registry = registry
         self.cache: dict[str, tuple] = {}  # cache key -> frozen outputs
         self.node_keys: dict[str, str] = {}  # node id -> key of its latest outputs
@@ -129,8 +137,19 @@ class Executor:
         recipe_data = to_data(graph)
         emit({"event": "run_start", "nodes": order, "targets": list(targets or graph.sinks()),
               "titles": {nid: graph.label(nid) for nid in order}})
-        values: dict[str, tuple] = {}
+        values: dict[str, list] = {}
         status = "done"
+        # outputs still to be read by a later node of this run, and the ones the run returns
+        pinned = set(targets or graph.sinks())
+        in_run = set(order)
+        reads_left = Counter((l.from_node, l.from_output) for l in graph.links
+                             if l.from_node in in_run and l.to_node in in_run)
+
+        def live_values() -> list:
+            out = [values[n] for n in pinned if n in values]
+            out += [values[n][self._output_index(graph, n, o)] for (n, o), left in reads_left.items()
+                    if left > 0 and n in values]
+            return out
         for index, nid in enumerate(order):
             node = graph.nodes[nid]
             spec: NodeSpec = self.registry.get(node.type)
@@ -139,8 +158,8 @@ class Executor:
             if self.cancel_event.is_set():
                 status = "cancelled"
                 break
-            if spec.pure and key in self.cache:
-                values[nid] = self.cache[key]
+            if self.keep_outputs and spec.pure and key in self.cache:
+                values[nid] = list(self.cache[key])
                 self.node_keys[nid] = key
                 result.cached.append(nid)
                 emit({"event": "node_cached", **base})
@@ -149,12 +168,21 @@ class Executor:
             t0 = time.perf_counter()
             ctx = NodeContext(node_id=nid, node_type=node.type, title=node.label(), emit=emit,
                               cancel_event=self.cancel_event, workspace=workspace, recipe=recipe_data,
-                              recipe_dir=recipe_dir, run_id=run_id)
+                              recipe_dir=recipe_dir, run_id=run_id,
+                              live_values=None if self.keep_outputs else live_values)
             kwargs = resolve_paths(effective_params(node, spec), spec, recipe_dir, workspace)
+            read: list[tuple[str, str]] = []
             for sock in spec.sockets:
                 links = sorted(graph.links_into(nid, sock.name), key=lambda l: l.id)
-                got = [values[l.from_node][self._output_index(graph, l)] for l in links]
+                got = [values[l.from_node][self._output_index(graph, l.from_node, l.from_output)] for l in links]
                 kwargs[sock.name] = got if sock.multi else (got[0] if got else None)
+                read += [(l.from_node, l.from_output) for l in links]
+            for producer, output in read:
+                reads_left[(producer, output)] -= 1
+            if not self.keep_outputs:  # let go of what no later node reads: this node holds the last reference
+                for producer, output in set(read):
+                    if reads_left[(producer, output)] == 0 and producer not in pinned:
+                        values[producer][self._output_index(graph, producer, output)] = None
             try:
                 outputs = freeze(normalise_outputs(spec, spec.fn(ctx, **kwargs)))
             except Cancelled:
@@ -168,9 +196,9 @@ class Executor:
                 result.error_node, result.error = nid, f"node {nid} ({node.label()}): {message}"
                 status = "error"
                 break
-            values[nid] = outputs
+            values[nid] = list(outputs)
             result.executed.append(nid)
-            if spec.pure:
+            if spec.pure and self.keep_outputs:
                 self.cache[key] = outputs
                 self.node_keys[nid] = key
             emit({"event": "node_done", **base, "elapsed_s": time.perf_counter() - t0})
@@ -189,9 +217,9 @@ class Executor:
         emit(done)
         return result
 
-    def _output_index(self, graph: Graph, link) -> int:
-        spec = self.registry.get(graph.nodes[link.from_node].type)
-        return [o.name for o in spec.outputs].index(link.from_output)
+    def _output_index(self, graph: Graph, node_id: str, output: str) -> int:
+        spec = self.registry.get(graph.nodes[node_id].type)
+        return [o.name for o in spec.outputs].index(output)
 
     def _evict(self) -> None:
         """Keep only the latest outputs of each node, so memory holds one model per node, not a history."""

@@ -22,6 +22,10 @@ class ModelHandle:
     def __freeze__(self):
         return self
 
+    def __contents__(self):
+        """What this handle holds (see NodeContext.exclusive)."""
+        return (self.base, *self.adapters)
+
     @property
     def family(self):
         return self.base.family

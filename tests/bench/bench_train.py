@@ -8,7 +8,8 @@ Its LoRA is peft's, added with ``unet.add_adapter(LoraConfig(r, lora_alpha, init
 "gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))``.
 
 Ours is ``Trainer.run`` on a ``ModelHandle(bundle).with_adapter(create_adapter_set(bundle,
-AdapterConfig(rank, alpha, targets={"unet": "attn-only", "text_encoder": "none"})))`` with the same
+AdapterConfig(rank, alpha, targets={"unet": "attn-only", "text_encoder": "none"})))``, trained in
+place as a one-shot ``launch.py run`` does (``AdapterTrainable(handle, in_place=True)``), with the same
 optimizer settings (AdamW lr 1e-4, wd 1e-2, eps 1e-8, clip 1.0, constant schedule). Both get the
 same model weights, the same pre-generated random pixel batches (seeded, in [-1, 1]) and captions,
 the same precision (fp32; or bf16 weights + bf16 autocast with fp32 LoRA weights, as the example's
@@ -350,7 +351,9 @@ def setup_ours(spec: dict, bundle, device, batches, on_step):
     config = AdapterConfig(rank=spec["rank"], alpha=spec["alpha"], targets={"unet": "attn-only", "text_encoder": "none"})
     aset = create_adapter_set(bundle, config)
     handle = ModelHandle(bundle).with_adapter(aset)
-    trainable = AdapterTrainable(handle)
+    # as in `launch.py run`: TrainLoop is the last reader of LoRAInject's output, so the executor
+    # lets it train that adapter in place (an editor session, which keeps outputs, trains a copy)
+    trainable = AdapterTrainable(handle, in_place=True)
     adapted = sorted(e.name for e in trainable.adapter.entries() if e.component == "unet")
     opt = {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-2, "eps": 1e-8, "beta1": 0.9, "beta2": 0.999,
            "schedule": "constant", "warmup": 0}

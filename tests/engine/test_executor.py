@@ -220,3 +220,45 @@ def test_progress_events_are_throttled(registry, build):
     _, ev = events_of(Executor(registry), g)
     progress = [e for e in ev if e["event"] == "progress"]
     assert 1 <= len(progress) < 100 and progress[-1]["value"] == 2000
+
+
+def _own_result(registry, build, *, keep, links, targets=None):
+    kinds = {"1": ("TestConst", {"value": 3}), "2": ("TestPair", {}), "3": ("TestOwn", {}), "4": ("TestAdd", {})}
+    used = sorted({n for src, _, dst, _ in links for n in (src, dst)})
+    g = build(*[(n, *kinds[n]) for n in used], links=links)
+    result = Executor(registry, keep_outputs=keep).run(g, targets)
+    assert result.status == "done", result.problems
+    return result.outputs
+
+
+def test_one_shot_run_lets_the_last_reader_own_its_input(registry, build):
+    # 1 -> 2 (pass-through) -> 3 owns it: nothing after 3 reads 1's or 2's output
+    links = [("1", "out", "2", "a"), ("2", "first", "3", "data")]
+    assert _own_result(registry, build, keep=False, links=links)["3"]["out"]["exclusive"] is True
+    # an editor session keeps every output for the next run: never exclusive
+    assert _own_result(registry, build, keep=True, links=links)["3"]["out"]["exclusive"] is False
+
+
+def test_not_exclusive_while_a_later_node_or_the_result_holds_the_object(registry, build):
+    # 2 passes 1's dict through; node 4 reads 1's output after node 3: the same object is still live
+    later = [("1", "out", "2", "a"), ("2", "first", "3", "data"), ("1", "out", "4", "items")]
+    assert _own_result(registry, build, keep=False, links=later)["3"]["out"]["exclusive"] is False
+    # the run returns node 1's output (a target): not exclusive either
+    direct = [("1", "out", "3", "data")]
+    outputs = _own_result(registry, build, keep=False, links=direct, targets=["1", "3"])
+    assert outputs["3"]["out"]["exclusive"] is False
+    assert _own_result(registry, build, keep=False, links=direct, targets=["3"])["3"]["out"]["exclusive"] is True
+
+
+def test_one_shot_run_frees_outputs_once_read(registry, build):
+    import gc
+
+    seen = registry.get("TestOwn").fn.__globals__["SEEN"]
+    g = build(("1", "TestConst", {"value": 3}), ("3", "TestOwn", {}), links=[("1", "out", "3", "data")])
+    for keep, alive in ((False, False), (True, True)):
+        seen.clear()
+        ex = Executor(registry, keep_outputs=keep)
+        assert ex.run(g).status == "done"
+        gc.collect()
+        assert (seen[0]() is not None) is alive, f"keep_outputs={keep}"
+        assert bool(ex.cache) is keep

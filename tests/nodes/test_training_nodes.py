@@ -218,6 +218,34 @@ def test_trainloop_leaves_the_injected_adapter_untouched(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
 
 
+def test_one_shot_run_trains_in_place_unless_a_later_node_reads_the_untrained_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    reg = load_registry(include_user=False)
+
+    def one_shot(data):
+        graph, problems = loads_recipe(json.dumps(data), registry=reg)
+        assert not problems
+        events = []
+        result = Executor(reg, keep_outputs=False).run(graph, emit=events.append, workspace=tmp_path)
+        assert result.status == "done", result.error
+        return result, [e["message"] for e in events if e["event"] == "log" and e["node"] == "6"]
+
+    _, logs = one_shot(lora_recipe(DEMO, {"max_steps": 3}, save="trained.safetensors"))
+    assert any("in place" in m for m in logs), logs
+    # a Save after the TrainLoop reads LoRAInject's (untrained) output: TrainLoop must train a copy
+    data = lora_recipe(DEMO, {"max_steps": 3}, save="trained.safetensors")
+    data["nodes"]["8"] = {"type": "Save", "version": 1, "params": {"path": "untrained.safetensors", "layout": "kohya",
+                                                                   "dtype": "fp32", "if_exists": "overwrite"}}
+    data["links"].append({"id": 99, "from_node": "5", "from_output": "model", "to_node": "8", "to_input": "model"})
+    _, logs = one_shot(data)
+    assert not any("in place" in m for m in logs), logs
+    untrained, trained = load_file(tmp_path / "untrained.safetensors"), load_file(tmp_path / "trained.safetensors")
+    ups = [k for k in untrained if k.endswith("lora_up.weight")]
+    assert ups and all(not untrained[k].any() for k in ups)  # LoRA starts with zero up-projections
+    assert any(trained[k].any() for k in ups)
+
+
 def test_stop_leaves_a_backup_that_resumes(tmp_path):
     reg = load_registry(include_user=False)
     graph, _ = loads_recipe(json.dumps(lora_recipe(DEMO, {"max_steps": 50}, save=None)), registry=reg)

@@ -113,3 +113,15 @@ def flag(ctx, flag, ratio, mode, folder):
       inputs=[], outputs=[Output("out", "DATASET")])
 def pending(ctx):
     raise NotImplementedError("TestPending is declared but not implemented yet: it arrives with a later issue")
+
+
+SEEN = []  # weak references to the inputs TestOwn saw (tests check what the engine let go of)
+
+
+@node(type="TestOwn", category="test", description="Reports whether it may change its input in place.",
+      inputs=[Socket("data", "DATASET")], outputs=[Output("out", "DATASET")])
+def own(ctx, data):
+    import weakref
+
+    SEEN.append(weakref.ref(data))
+    return {"value": data["value"], "exclusive": ctx.exclusive(data), "trace": [ctx.node_id], "items": []}

@@ -77,6 +77,10 @@ class ModelBundle:
                 f"{len(self.text_encoders)} and {len(self.tokenizers)}"
             )
 
+    def __contents__(self):
+        """The components (see NodeContext.exclusive)."""
+        return (self.unet, self.vae, *self.text_encoders)
+
     # ------------------------------------------------------------------ identity / facts
 
     @property

@@ -11,13 +11,16 @@ import torch
 
 
 class FullFinetune:
-    """Trains a copy of the UNet (and optionally the text encoders)."""
+    """Trains a copy of the UNet (and optionally the text encoders); with ``in_place`` (nothing else
+    will read the loaded model again: a one-shot run) the loaded modules themselves, saving a copy."""
 
-    def __init__(self, bundle, train_unet: bool = True, train_text_encoders: bool = False) -> None:
+    def __init__(self, bundle, train_unet: bool = True, train_text_encoders: bool = False, *,
+                 in_place: bool = False) -> None:
         if not (train_unet or train_text_encoders):
             raise ValueError("a full fine-tune must train the UNet, the text encoder(s), or both")
-        self.unet = copy.deepcopy(bundle.unet) if train_unet else bundle.unet
-        self.text_encoders = tuple(copy.deepcopy(te) if train_text_encoders else te for te in bundle.text_encoders)
+        own = (lambda m: m) if in_place else copy.deepcopy
+        self.unet = own(bundle.unet) if train_unet else bundle.unet
+        self.text_encoders = tuple(own(te) if train_text_encoders else te for te in bundle.text_encoders)
         # a new handle over the copies: the shared base bundle is never touched
         self.model = dataclasses.replace(bundle, unet=self.unet, text_encoders=self.text_encoders)
         self.train_unet = train_unet
@@ -71,14 +74,15 @@ class FullFinetune:
 
 class AdapterTrainable:
     """Trains the newest adapter of a model handle. It trains its own copy of that adapter, so
-    the cached LoRAInject output (and the base model) stay exactly as they were."""
+    the cached LoRAInject output (and the base model) stay exactly as they were; with ``in_place``
+    (nothing else will read that adapter again: a one-shot run) the adapter itself."""
 
-    def __init__(self, handle) -> None:
+    def __init__(self, handle, *, in_place: bool = False) -> None:
         if not handle.adapters:
             raise ValueError("the model has no adapter to train")
         self.handle = handle
         self.model = handle.base
-        self.adapter = copy.deepcopy(handle.adapters[-1])
+        self.adapter = handle.adapters[-1] if in_place else copy.deepcopy(handle.adapters[-1])
         # earlier adapters stay attached but frozen: on copies, so the cached ones keep their flags
         self.frozen = [(copy.deepcopy(a).requires_grad_(False), s)
                        for a, s in zip(handle.adapters[:-1], handle._strengths()[:-1])]
