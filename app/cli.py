@@ -248,7 +248,7 @@ def _run_in_process(reg, graph, recipe_dir, targets, workspace, emit) -> str:
 def _run_in_worker(args, reg, data, recipe_dir, targets, workspace, emit) -> str:
     from app.engine.client import WorkerClient
 
-    client = WorkerClient(nodes_dirs=args.nodes_dir)
+    client = WorkerClient(nodes_dirs=args.nodes_dir, one_shot=True)
     previous = signal.signal(signal.SIGINT, _InterruptHandler(client.cancel))
     try:
         client.start()

@@ -29,8 +29,10 @@ class WorkerError(RuntimeError):
 
 
 class WorkerClient:
-    def __init__(self, nodes_dirs=(), log: IO | int | None = None, env: dict | None = None) -> None:
+    def __init__(self, nodes_dirs=(), log: IO | int | None = None, env: dict | None = None,
+                 one_shot: bool = False) -> None:
         self.nodes_dirs = [str(d) for d in nodes_dirs]
+        self.one_shot = one_shot  # the worker runs one recipe: it caches nothing (see Executor.keep_outputs)
         self.log = log
         self.env = env
         self.proc: subprocess.Popen | None = None
@@ -57,6 +59,8 @@ class WorkerClient:
         args = [sys.executable, "-m", "app.engine.worker", "--in-fd", str(cmd_r), "--out-fd", str(ev_w)]
         for d in self.nodes_dirs:
             args += ["--nodes-dir", d]
+        if self.one_shot:
+            args.append("--one-shot")
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         # leave a core to the editor's render loop: torch threads that spin-wait for a busy core

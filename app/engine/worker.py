@@ -24,10 +24,10 @@ from app.graph.recipe import parse_recipe
 from app.graph.registry import load_registry
 
 
-def serve(cmd_in, events_out, nodes_dirs=()) -> int:
+def serve(cmd_in, events_out, nodes_dirs=(), keep_outputs: bool = True) -> int:
     writer = FrameWriter(events_out)
     registry = load_registry(nodes_dirs)
-    executor = Executor(registry)
+    executor = Executor(registry, keep_outputs=keep_outputs)
     jobs: queue.Queue = queue.Queue()
 
     def emit(event: dict) -> None:
@@ -98,12 +98,13 @@ def main(argv=None) -> int:
     ap.add_argument("--in-fd", type=int, required=True)
     ap.add_argument("--out-fd", type=int, required=True)
     ap.add_argument("--nodes-dir", action="append", default=[])
+    ap.add_argument("--one-shot", action="store_true", help="one recipe run: cache nothing, free outputs after use")
     args = ap.parse_args(argv)
     cmd_in = os.fdopen(args.in_fd, "rb", buffering=0)
     events_out = os.fdopen(args.out_fd, "wb", buffering=0)
     # Node code that prints must not corrupt anything: stdout goes to stderr (the worker log).
     sys.stdout = sys.stderr
-    return serve(cmd_in, events_out, args.nodes_dir)
+    return serve(cmd_in, events_out, args.nodes_dir, keep_outputs=not args.one_shot)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,19 @@ def test_shutdown_is_clean(build):
     client.shutdown()
     assert client.proc.returncode == 0
     assert not [e for e in client.poll() if e["event"] == "worker_died"]
+
+
+def test_one_shot_worker_caches_nothing_and_lets_the_last_reader_own_its_input(worker, build):
+    g = build(("1", "TestConst", {"value": 2}), ("2", "TestOwn", {}), links=[("1", "out", "2", "data")])
+    one_shot = WorkerClient(nodes_dirs=[STUBS], one_shot=True)
+    one_shot.start()
+    try:
+        for client, exclusive, cached in ((one_shot, True, []), (worker, False, ["1", "2"])):
+            done, ev = run(client, g)
+            logs = [e["message"] for e in ev if e["event"] == "log" and e["node"] == "2"]
+            assert done["status"] == "done" and logs == [f"exclusive={exclusive}"], logs
+            done, ev = run(client, g)  # a second run: the editor's worker has it all cached
+            assert done["status"] == "done" and nodes_with(ev, "node_cached") == cached
+    finally:
+        one_shot.shutdown()
+        one_shot.kill()

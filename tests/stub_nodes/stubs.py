@@ -124,4 +124,6 @@ def own(ctx, data):
     import weakref
 
     SEEN.append(weakref.ref(data))
-    return {"value": data["value"], "exclusive": ctx.exclusive(data), "trace": [ctx.node_id], "items": []}
+    exclusive = ctx.exclusive(data)
+    ctx.log(f"exclusive={exclusive}")
+    return {"value": data["value"], "exclusive": exclusive, "trace": [ctx.node_id], "items": []}
