@@ -187,11 +187,15 @@ class ModelBundle:
         hidden, pooled = [], None
         with ctx:
             for spec, te, ids in zip(self.family.text_encoders, self.text_encoders, self.tokenize(prompts)):
-                out = te(ids.to(te.device), output_hidden_states=True)
                 layer = spec.hidden_layer - (clip_skip - 1)
-                h = out.hidden_states[layer]
-                if spec.final_layer_norm:
-                    h = _final_layer_norm(te)(h)
+                if layer == -1 and spec.final_layer_norm:  # the encoder's own output: no hidden states kept
+                    out = te(ids.to(te.device))
+                    h = out.last_hidden_state
+                else:
+                    out = te(ids.to(te.device), output_hidden_states=True)
+                    h = out.hidden_states[layer]
+                    if spec.final_layer_norm:
+                        h = _final_layer_norm(te)(h)
                 hidden.append(h.float())
                 if spec.pooled:
                     pooled = out.text_embeds.float()
