@@ -118,10 +118,10 @@ def train_loop(ctx, model, buckets, optimizer, **p):
         trained = ([bundle.unet] if p["train_unet"] else []) + (list(bundle.text_encoders) if p["train_text_encoder"] else [])
         in_place = bool(trained) and all(ctx.exclusive(m) for m in trained)
         trainable = FullFinetune(bundle, p["train_unet"], p["train_text_encoder"], in_place=in_place)
-    if in_place:
-        ctx.log("training the incoming weights in place: no later node reads the untrained ones")
         ctx.log("no adapter on the model: full fine-tune of "
                 + " and ".join(n for n, on in (("the UNet", p["train_unet"]), ("the text encoder(s)", p["train_text_encoder"])) if on))
+    if in_place:
+        ctx.log("training the incoming weights in place: no later node reads the untrained ones")
     # cached text embeddings are only valid while the text encoders do not train
     if buckets.cache is not None and buckets.cache.text_identity and trainable.trains_text_encoder():
         import dataclasses

@@ -7,8 +7,10 @@ events (see events.py), the one stream that feeds the editor, the CLI progress b
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,8 +76,10 @@ class NodeContext:
         """May this node change ``obj`` (part of one of its inputs) in place instead of copying it?
 
         True only in a one-shot run (nothing is cached for a later run) when no value that a later
-        node reads, or that the run returns, holds ``obj``. Editor sessions keep every output for
-        the next run, so there it is always False and a node must copy what it changes.
+        node reads, or that the run returns, holds ``obj`` (see ``holds``). Editor sessions keep
+        every output for the next run, so there it is always False and a node must copy what it
+        changes. The node's own inputs are not checked: one that has the same object on two
+        sockets must not change it through one of them.
         """
         if self._live_values is None:
             return False
@@ -95,20 +99,81 @@ class NodeContext:
         return d
 
 
-def holds(value: Any, obj: Any, _depth: int = 0) -> bool:
-    """Whether ``obj`` is ``value`` or reachable from it: through containers, objects that list
-    their parts with ``__contents__()`` (model handles and bundles), and torch modules' submodules."""
-    if value is obj:
-        return True
-    if value is None or isinstance(value, (str, bytes, int, float, bool)) or _depth > 50:
-        return False
-    if isinstance(value, dict):
-        return any(holds(v, obj, _depth + 1) for v in value.values())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return any(holds(v, obj, _depth + 1) for v in value)
-    contents = getattr(value, "__contents__", None)
-    if contents is not None and not isinstance(value, type):
-        return any(holds(v, obj, _depth + 1) for v in contents())
-    if hasattr(value, "_modules") and callable(getattr(value, "modules", None)):  # a torch module
-        return any(m is obj for m in value.modules())
+_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), range, Path)
+_WALK_LIMIT = 1_000_000  # objects: past this, assume the value holds it
+
+
+def holds(value: Any, obj: Any) -> bool:
+    """Whether ``obj`` (or, for a torch module, one of its submodules, parameters or their storage)
+    is reachable from ``value``: through containers, objects that list their parts with
+    ``__contents__()`` (model handles and bundles), dataclasses and objects' attributes, and torch
+    modules. It errs towards True: a structure too deep or too large to walk counts as holding ``obj``."""
+    parts, storages = _parts(obj)
+    seen: set[int] = set()
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if id(v) in parts:
+            return True
+        if isinstance(v, _ATOMS) or isinstance(v, type) or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if depth > 200 or len(seen) > _WALK_LIMIT:
+            return True
+        if _is_tensor(v):
+            if storages and _storage(v) in storages:
+                return True
+            continue
+        if _is_module(v):
+            if any(id(m) in parts for m in v.modules()) or any(
+                    id(t) in parts or _storage(t) in storages for t in (*v.parameters(), *v.buffers())):
+                return True
+            continue
+        if type(v).__module__ == "numpy":
+            continue
+        contents = getattr(v, "__contents__", None)
+        if callable(contents):
+            children = contents()
+        elif isinstance(v, Mapping):
+            children = v.values()
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            children = v
+        elif dataclasses.is_dataclass(v):
+            children = [getattr(v, f.name, None) for f in dataclasses.fields(v)]
+        elif hasattr(v, "__dict__") and not callable(v):
+            children = vars(v).values()
+        else:
+            continue
+        stack.extend((c, depth + 1) for c in children)
     return False
+
+
+def _is_tensor(v: Any) -> bool:
+    return type(v).__module__.startswith("torch") and hasattr(v, "untyped_storage")
+
+
+def _is_module(v: Any) -> bool:
+    return hasattr(v, "_modules") and callable(getattr(v, "modules", None)) and callable(getattr(v, "parameters", None))
+
+
+def _storage(t: Any) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:
+        return -1
+
+
+def _parts(obj: Any) -> tuple[set[int], set[int]]:
+    """Ids of ``obj`` and, for a torch module, of its submodules and tensors; their storages."""
+    parts, storages = {id(obj)}, set()
+    if _is_module(obj):
+        parts |= {id(m) for m in obj.modules()}
+        for t in (*obj.parameters(), *obj.buffers()):
+            parts.add(id(t))
+            if t.numel():
+                storages.add(_storage(t))
+    elif _is_tensor(obj) and obj.numel():
+        storages.add(_storage(obj))
+    storages.discard(-1)
+    storages.discard(0)
+    return parts, storages

@@ -197,6 +197,10 @@ class Executor:
                 status = "error"
                 break
             values[nid] = list(outputs)
+            if not self.keep_outputs and nid not in pinned:  # outputs no node of this run reads
+                for i, out in enumerate(spec.outputs):
+                    if reads_left[(nid, out.name)] <= 0:
+                        values[nid][i] = None
             result.executed.append(nid)
             if spec.pure and self.keep_outputs:
                 self.cache[key] = outputs

@@ -108,7 +108,7 @@ def test_one_shot_worker_caches_nothing_and_lets_the_last_reader_own_its_input(w
         for client, exclusive, cached in ((one_shot, True, []), (worker, False, ["1", "2"])):
             done, ev = run(client, g)
             logs = [e["message"] for e in ev if e["event"] == "log" and e["node"] == "2"]
-            assert done["status"] == "done" and logs == [f"exclusive={exclusive}"], logs
+            assert done["status"] == "done" and f"exclusive={exclusive}" in logs, logs
             done, ev = run(client, g)  # a second run: the editor's worker has it all cached
             assert done["status"] == "done" and nodes_with(ev, "node_cached") == cached
     finally:

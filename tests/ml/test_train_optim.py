@@ -105,18 +105,52 @@ def test_adamw_and_sgd_use_fused_kernels_and_match_the_per_tensor_update():
 def test_lion_multi_tensor_step_equals_the_formula():
     from app.ml.train.optim import Lion
 
-    torch.manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
-    expect = [p.detach().clone() for p in params]
-    moms = [torch.zeros_like(p) for p in params]
-    opt = Lion(params, lr=0.1, betas=(0.9, 0.99), weight_decay=0.1)
-    for _ in range(3):
-        grads = [torch.randn(5, 3) for _ in params]
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        for i, g in enumerate(grads):
-            expect[i] = expect[i] * (1 - 0.1 * 0.1) - 0.1 * (moms[i] * 0.9 + g * 0.1).sign()
-            moms[i] = moms[i] * 0.99 + g * 0.01
-    for p, e in zip(params, expect):
-        torch.testing.assert_close(p.detach(), e)
+    for wd in (0.1, 0.0):
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+        idle = torch.nn.Parameter(torch.randn(2))  # never gets a gradient: untouched, no state
+        expect = [p.detach().clone() for p in params]
+        moms = [torch.zeros_like(p) for p in params]
+        opt = Lion([*params, idle], lr=0.1, betas=(0.9, 0.99), weight_decay=wd)
+        idle_before = idle.detach().clone()
+        for _ in range(3):
+            grads = [torch.randn(5, 3) for _ in params]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            for i, g in enumerate(grads):
+                expect[i] = expect[i] * (1 - 0.1 * wd) - 0.1 * (moms[i] * 0.9 + g * 0.1).sign()
+                moms[i] = moms[i] * 0.99 + g * 0.01
+        for p, e in zip(params, expect):
+            torch.testing.assert_close(p.detach(), e)
+        assert torch.equal(idle.detach(), idle_before) and idle not in opt.state
+
+
+def test_a_backup_from_other_kernels_resumes_with_this_optimizers_kernels():
+    from app.ml.train.optim import load_optimizer_state
+
+    torch.manual_seed(2)
+    start = [torch.randn(6, 3) for _ in range(2)]
+    grads = [[torch.randn(6, 3) for _ in range(2)] for _ in range(4)]
+
+    def apply(opt, params, steps):
+        for step_grads in steps:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+
+    # an uninterrupted run with our (fused) AdamW
+    ref = [torch.nn.Parameter(t.clone()) for t in start]
+    ref_opt = build_optimizer({"optimizer": "adamw", "lr": 1e-2}, [{"name": "unet", "params": ref, "lr": 1e-2}])
+    apply(ref_opt, ref, grads)
+    # two steps with per-tensor kernels (a backup from an older version), then resumed fused
+    old = [torch.nn.Parameter(t.clone()) for t in start]
+    old_opt = torch.optim.AdamW(old, lr=1e-2, weight_decay=0.01, foreach=False)
+    apply(old_opt, old, grads[:2])
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in old]
+    opt = build_optimizer({"optimizer": "adamw", "lr": 1e-2}, [{"name": "unet", "params": resumed, "lr": 1e-2}])
+    load_optimizer_state(opt, old_opt.state_dict())
+    assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["foreach"] is None
+    apply(opt, resumed, grads[2:])
+    for p, q in zip(resumed, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -87,13 +87,14 @@ def colour_fields(folder: Path, n: int = 12) -> None:
             (folder / f"{colour}_{i:02d}.txt").write_text(f"{colour} {shape}")
 
 
-def separation(handle, class_means, res, seeds=20) -> dict[str, float]:
-    """Share of seeds whose sampled latent lies nearer its own class's mean latent."""
+def separation(handle, class_means, res, seeds=40) -> dict[str, float]:
+    """Share of seeds whose sampled latent lies nearer its own class's mean latent (sampled at CFG 7,
+    the usual SD setting and the Sample node's default)."""
     from app.ml.sampling import sample_images
 
     out = {}
     for colour, other in (("red", "blue"), ("blue", "red")):
-        result = sample_images(handle.base, [f"{colour} circle"], width=res, height=res, steps=20, cfg=4.0,
+        result = sample_images(handle.base, [f"{colour} circle"], width=res, height=res, steps=20, cfg=7.0,
                                seed=100, sampler="euler", images_per_prompt=seeds)
         near = [float((z.flatten() - class_means[colour]).norm() < (z.flatten() - class_means[other]).norm())
                 for z in result.latents]
@@ -218,7 +219,7 @@ def test_trainloop_leaves_the_injected_adapter_untouched(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
 
 
-def test_one_shot_run_trains_in_place_unless_a_later_node_reads_the_untrained_adapter(tmp_path):
+def test_one_shot_run_trains_in_place_unless_a_later_node_reads_the_untrained_weights(tmp_path):
     from safetensors.torch import load_file
 
     reg = load_registry(include_user=False)
@@ -231,19 +232,35 @@ def test_one_shot_run_trains_in_place_unless_a_later_node_reads_the_untrained_ad
         assert result.status == "done", result.error
         return result, [e["message"] for e in events if e["event"] == "log" and e["node"] == "6"]
 
-    _, logs = one_shot(lora_recipe(DEMO, {"max_steps": 3}, save="trained.safetensors"))
-    assert any("in place" in m for m in logs), logs
+    def add(data, nid, ntype, params, src):
+        data["nodes"][nid] = {"type": ntype, "version": 1, "params": params}
+        data["links"].append({"id": len(data["links"]) + 1, "from_node": src, "from_output": "model",
+                              "to_node": nid, "to_input": "model"})
+        return data
+
+    _, logs = one_shot(lora_recipe(DEMO, {"max_steps": 3}, save="in_place.safetensors"))
+    assert any("in place" in m for m in logs) and not any("full fine-tune" in m for m in logs), logs
+    # the editor's path (outputs kept, so it trains a copy) trains exactly the same weights
+    graph, _ = loads_recipe(json.dumps(lora_recipe(DEMO, {"max_steps": 3}, save="copied.safetensors")), registry=reg)
+    assert Executor(reg).run(graph, workspace=tmp_path).status == "done"
+    in_place, copied = load_file(tmp_path / "in_place.safetensors"), load_file(tmp_path / "copied.safetensors")
+    assert in_place.keys() == copied.keys() and all(torch.equal(in_place[k], copied[k]) for k in in_place)
+
     # a Save after the TrainLoop reads LoRAInject's (untrained) output: TrainLoop must train a copy
-    data = lora_recipe(DEMO, {"max_steps": 3}, save="trained.safetensors")
-    data["nodes"]["8"] = {"type": "Save", "version": 1, "params": {"path": "untrained.safetensors", "layout": "kohya",
-                                                                   "dtype": "fp32", "if_exists": "overwrite"}}
-    data["links"].append({"id": 99, "from_node": "5", "from_output": "model", "to_node": "8", "to_input": "model"})
-    _, logs = one_shot(data)
+    save = {"path": "untrained.safetensors", "layout": "kohya", "dtype": "fp32", "if_exists": "overwrite"}
+    _, logs = one_shot(add(lora_recipe(DEMO, {"max_steps": 3}, save="trained.safetensors"), "8", "Save", save, "5"))
     assert not any("in place" in m for m in logs), logs
     untrained, trained = load_file(tmp_path / "untrained.safetensors"), load_file(tmp_path / "trained.safetensors")
     ups = [k for k in untrained if k.endswith("lora_up.weight")]
     assert ups and all(not untrained[k].any() for k in ups)  # LoRA starts with zero up-projections
     assert any(trained[k].any() for k in ups)
+
+    # a full fine-tune trains the loaded UNet in place, unless a later node samples the base model
+    _, logs = one_shot(lora_recipe(DEMO, {"max_steps": 2}, adapter=False))
+    assert any("in place" in m for m in logs) and any("full fine-tune" in m for m in logs), logs
+    sample = {"prompt": "a red cube", "width": 64, "height": 64, "steps": 2}
+    _, logs = one_shot(add(lora_recipe(DEMO, {"max_steps": 2}, adapter=False), "8", "Sample", sample, "1"))
+    assert not any("in place" in m for m in logs) and any("full fine-tune" in m for m in logs), logs
 
 
 def test_stop_leaves_a_backup_that_resumes(tmp_path):

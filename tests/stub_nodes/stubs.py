@@ -123,7 +123,12 @@ SEEN = []  # weak references to the inputs TestOwn saw (tests check what the eng
 def own(ctx, data):
     import weakref
 
+    import gc
+
+    gc.collect()
+    alive = [ref() is not None for ref in SEEN]  # what the engine still holds of earlier inputs
     SEEN.append(weakref.ref(data))
     exclusive = ctx.exclusive(data)
     ctx.log(f"exclusive={exclusive}")
+    ctx.log(f"earlier inputs alive={alive}")
     return {"value": data["value"], "exclusive": exclusive, "trace": [ctx.node_id], "items": []}

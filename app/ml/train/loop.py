@@ -28,7 +28,7 @@ import torch
 from app.ml.dist import rank_world
 from app.ml.train.objective import (ObjectiveSettings, make_noise, noisy_input, per_sample_loss,
                                     rescale_zero_terminal_snr, sample_timesteps, target_for, timestep_weights)
-from app.ml.train.optim import build_optimizer, build_scheduler
+from app.ml.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 
 class TrainingError(RuntimeError):
@@ -443,7 +443,7 @@ class Trainer:
         except (OSError, ValueError, RuntimeError) as e:
             raise TrainingError(f"{path}: cannot read this backup ({e})") from None
         self.trainable.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         lr_sched.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])

@@ -84,6 +84,20 @@ def _fused(groups: list[dict]) -> dict:
     return {"fused": True} if ok and len({p.device for p in params}) == 1 else {}
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a backup's optimizer state, keeping this optimizer's kernel choice (fused or not): a
+    backup written with other kernels (an older version, another machine) resumes all the same."""
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)
+        if group.get("fused"):  # fused kernels keep the step count as a float32 tensor beside the weights
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+
 def _bitsandbytes(name: str):
     try:
         import bitsandbytes as bnb
