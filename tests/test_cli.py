@@ -108,7 +108,9 @@ def test_run_set_and_target(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out_file.read_text() == "42\n"
     bad = cli("run", path, "--set", "1.value=abc", "--target", "2")
-    assert bad.returncode == 2 and "not a whole number" in bad.stderr
+    assert bad.returncode == 2 and "--set 1.value: 'abc' is not a whole number" in bad.stderr
+    bad = cli("run", path, "--set", "testconst.value=1")
+    assert bad.returncode == 2 and "did you mean TestConst (node 1)?" in bad.stderr and "2 (TestWrite)" in bad.stderr
     bad = cli("run", path, "--set", "1.nope=1")
     assert bad.returncode == 2 and "has no param 'nope'" in bad.stderr
     bad = cli("run", path, "--set", "1.value=5000")

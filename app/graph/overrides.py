@@ -23,7 +23,12 @@ def find_node(graph: Graph, ref: str) -> str:
             return hits[0]
         if len(hits) > 1:
             raise UsageError(f"{ref!r} matches nodes {', '.join(hits)}; use a node id")
-    raise UsageError(f"no node {ref!r} in the recipe (use a node id, title or type)")
+    low = ref.lower()
+    similar = sorted({f"{v} (node {n.id})" for n in graph.nodes.values() for v in (n.id, n.title, n.type)
+                      if v and v.lower() == low})
+    hint = f"; did you mean {' or '.join(similar)}?" if similar else ""
+    nodes = ", ".join(f"{n.id} ({n.label()})" for n in graph.nodes.values())
+    raise UsageError(f"no node {ref!r} in the recipe{hint} (use a node id, title or type; nodes: {nodes})")
 
 
 def parse_value(text: str, type_: str):
@@ -69,7 +74,10 @@ def apply_set(graph: Graph, registry, assignment: str) -> None:
     if inp is None or inp.is_socket:
         names = ", ".join(p.name for p in spec.params)
         raise UsageError(f"--set {lhs}: {node.type} has no param {name!r} (params: {names})")
-    value = parse_value(text, inp.type)
+    try:
+        value = parse_value(text, inp.type)
+    except (UsageError, ValueError) as e:
+        raise UsageError(f"--set {lhs}: {e}") from None
     problem = check_param_value(inp, value)
     if problem:
         raise UsageError(f"--set {lhs}: {problem}")
