@@ -25,6 +25,7 @@ class ConsoleReporter:
         self.titles: dict[str, str] = {}
         self.started: dict[str, float] = {}
         self.metrics: dict[str, dict] = {}
+        self.first_progress: dict[str, tuple[float, float]] = {}  # node -> (time, value) of its first report
         self.last_line_pct: dict[str, int] = {}
 
     def _name(self, e: dict) -> str:
@@ -81,6 +82,18 @@ class ConsoleReporter:
                     where = f"node {p['node']} ({p.get('title')}): " if p.get("node") else "recipe: "
                     self._print(f"  {where}{p['message']}")
 
+    def _eta(self, nid, value: float, total: float, metrics: dict) -> float | None:
+        """Time left: the node's own estimate (TrainLoop's, from its step rate) if it gives one,
+        else the rate since the node's first progress report, so set-up time before the first
+        step (model moves, "before" samples) does not inflate it."""
+        if metrics.get("eta_s") is not None:
+            return float(metrics["eta_s"])
+        now = time.monotonic()
+        t0, v0 = self.first_progress.setdefault(nid, (now, value))
+        if value <= v0 or now <= t0:
+            return None  # no rate yet
+        return (total - value) * (now - t0) / (value - v0)
+
     def _progress(self, e: dict) -> None:
         value, total = e.get("value", 0), e.get("total")
         nid = e.get("node")
@@ -93,11 +106,11 @@ class ConsoleReporter:
         elapsed = time.monotonic() - self.started.get(nid, time.monotonic())
         if total:
             frac = min(1.0, value / total) if total else 0
-            eta = elapsed / frac - elapsed if frac > 0 else 0
+            eta = self._eta(nid, value, total, m)
             width = max(10, min(40, shutil.get_terminal_size((80, 20)).columns - 60))
             filled = int(frac * width)
             line = f"    [{'#' * filled}{'.' * (width - filled)}] {value}/{total} {frac * 100:5.1f}% " \
-                   f"{fmt_duration(elapsed)}<{fmt_duration(eta)} {extra}".rstrip()
+                   f"{fmt_duration(elapsed)}<{'?' if eta is None else fmt_duration(eta)} {extra}".rstrip()
             pct = int(frac * 10)
         else:
             line = f"    {value} {extra}".rstrip()
