@@ -263,6 +263,17 @@ def test_one_shot_run_trains_in_place_unless_a_later_node_reads_the_untrained_we
     assert not any("in place" in m for m in logs) and any("full fine-tune" in m for m in logs), logs
 
 
+def test_leftover_report_is_logged_once_per_run(tmp_path):
+    reg = load_registry(include_user=False)
+    data = lora_recipe(DEMO, {"epochs": 3, "max_steps": 0}, batch=5, save=None)  # 24 images: 1 repeated
+    graph, problems = loads_recipe(json.dumps(data), registry=reg)
+    assert not problems
+    events = []
+    assert Executor(reg).run(graph, emit=events.append, workspace=tmp_path).status == "done"
+    logs = [e["message"] for e in events if e["event"] == "log" and e["node"] == "6"]
+    assert sum("repeated to fill batches" in m for m in logs) == 1, logs
+
+
 def test_stop_leaves_a_backup_that_resumes(tmp_path):
     reg = load_registry(include_user=False)
     graph, _ = loads_recipe(json.dumps(lora_recipe(DEMO, {"max_steps": 50}, save=None)), registry=reg)

@@ -30,6 +30,8 @@ class BucketSource:
         self.masks = masks
         self.log = log
         self._plans: dict[int, EpochPlan] = {}
+        self._counts: dict[int, int] = {}  # batches per epoch, kept after the plan itself is let go
+        self._reported = False
         self._plan_lock = threading.Lock()  # the loader thread plans too
         self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="loader")
         self._next: tuple[tuple[int, int, int], Future] | None = None
@@ -52,7 +54,8 @@ class BucketSource:
             else:
                 variations = b.cache.variations if b.cache else None
                 plan = plan_epoch(b.dataset, b.settings, batch, self.seed, epoch, b.leftover, variations=variations)
-                if self.log and epoch == 0:  # the same leftovers recur every epoch: say it once
+                if self.log and epoch == 0 and not self._reported:  # the same leftovers recur every epoch: say it once
+                    self._reported = True
                     for message in plan.report.messages():
                         self.log(f"epoch 1: {message}")
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
@@ -60,7 +63,10 @@ class BucketSource:
         return plan
 
     def iterations(self, epoch: int) -> int:
-        return self.plan(0 if self.validation else epoch).iterations
+        e = 0 if self.validation else epoch
+        if e not in self._counts:  # counting all epochs up front must not plan each one twice
+            self._counts[e] = self.plan(e).iterations
+        return self._counts[e]
 
     # ---- loading ---------------------------------------------------------------------------
     def batch(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> Batch:
