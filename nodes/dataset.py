@@ -11,6 +11,7 @@ validating recipes never loads them.
 """
 
 from app.graph.spec import Bool, Enum, Float, Int, Output, Path, Socket, String, node
+from app.ml.data.resolution import optional_resolution_problem, resolution_problem
 
 THUMB_SIDE = 96
 THUMBS = 8
@@ -328,7 +329,8 @@ def _describe_draw(p) -> str:
           Float("saturation", 0.0, min=0.0, max=1.0, tooltip="maximum saturation change"),
           Float("hue", 0.0, min=0.0, max=0.5, tooltip="maximum hue shift (fraction of the colour wheel)"),
           Enum("mode", ["random", "fixed"], tooltip="random: a new draw up to the maximum; fixed: always the maximum"),
-          String("resolution", "", tooltip="override the bucketing resolution for this dataset (e.g. 768)"),
+          String("resolution", "", tooltip="override the bucketing resolution for this dataset (e.g. 768)",
+                 check=optional_resolution_problem),
           Int("seed", -1, min=-1, max=2**31 - 1,
               tooltip="seed of the preview draws; -1 = the TrainLoop's seed, so the preview shows exactly what "
                       "epochs 1..N train on. Training draws are a pure function of (TrainLoop seed, epoch, image)"),
@@ -454,7 +456,7 @@ def _fmt(size) -> str:
       inputs=[
           Socket("datasets", "DATASET", multi=True, tooltip="one or more datasets; each keeps its own settings"),
           Socket("model", "MODEL", optional=True, tooltip="used only to pick the quantization of its family"),
-          String("resolution", "512", optional=False,
+          String("resolution", "512", optional=False, check=resolution_problem,
                  tooltip="target resolution: '512', a list '512,768,1024' (multi-resolution) or a fixed 'WxH'"),
           Enum("bucketing", ["on", "off"], tooltip="off: square centre crops at the resolution"),
           Enum("aspects", ["full", "moderate", "square"],

@@ -50,6 +50,8 @@ class Input:
     # are written by the node and resolve against the run's workspace instead of the recipe
     multiline: bool = False  # STRING only: edit in a multi-line box
     advanced: bool = False  # hidden behind "more" in the editor
+    # STRING only: a light function (no torch) returning why a value is unacceptable, or None
+    check: Callable[[str], str | None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_socket(self) -> bool:
@@ -107,8 +109,9 @@ def Float(name: str, default: float, *, min: float | None = None, max: float | N
 
 
 def String(name: str, default: str = "", *, tooltip: str = "", multiline: bool = False,
-           optional: bool = True, advanced: bool = False) -> Input:
-    return Input(name, "STRING", default, tooltip=tooltip, multiline=multiline, optional=optional, advanced=advanced)
+           optional: bool = True, advanced: bool = False, check: Callable[[str], str | None] | None = None) -> Input:
+    return Input(name, "STRING", default, tooltip=tooltip, multiline=multiline, optional=optional, advanced=advanced,
+                 check=check)
 
 
 def Bool(name: str, default: bool, *, tooltip: str = "", advanced: bool = False) -> Input:
@@ -275,6 +278,8 @@ def check_param_value(inp: Input, value: Any) -> str | None:
             return f"must be text, got {describe_value(value)}"
         if "\x00" in value:
             return "must not contain NUL characters"
+        if inp.check is not None:
+            return inp.check(value)
     elif t == "ENUM":
         if not isinstance(value, str) or value not in (inp.choices or ()):
             return f"must be one of {', '.join(inp.choices or ())}; got {describe_value(value)}"

@@ -146,3 +146,16 @@ def test_deep_graph_does_not_recurse(registry, build):
     nodes = [("1", "TestConst", {})] + [(str(i), "TestAdd", {}) for i in range(2, n + 1)]
     links = [(str(i), "out", str(i + 1), "items") for i in range(1, n)]
     assert validate(build(*nodes, links=links), registry) == []
+
+
+@pytest.mark.parametrize("node_type, value, ok", [("Bucketer", "512", True), ("Bucketer", "512,768", True),
+                                                   ("Bucketer", "1024x768", True), ("Bucketer", "abc", False),
+                                                   ("Bucketer", "", False), ("Augment", "", True),
+                                                   ("Augment", "768", True), ("Augment", "7x", False)])
+def test_a_param_check_catches_bad_text_before_anything_runs(registry, build, node_type, value, ok):
+    g = build(("1", node_type, {"resolution": value}))
+    problems = [p for p in validate(g, registry) if "resolution" in str(p)]
+    if ok:
+        assert problems == []
+    else:
+        check(only(problems), "1", node_type, "param 'resolution'", "not understood")

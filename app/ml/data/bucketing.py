@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from app.ml.data.resolution import Resolution, parse_resolution  # noqa: F401  (the bucketing API)
+
 # h:w aspects of OneTrainer; transposes are added by `bucket_sizes`.
 ASPECTS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0)
 
@@ -29,40 +31,6 @@ def quantization_for(model_family: str) -> int:
     if key not in QUANTIZATION:
         raise ValueError(f"unknown model family {model_family!r}; known: {sorted(QUANTIZATION)} (or set quantization)")
     return QUANTIZATION[key]
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """Parsed resolution text: target sizes R (one drawn per sample per epoch) or a fixed W x H."""
-
-    targets: tuple[int, ...] = ()
-    fixed: tuple[int, int] | None = None  # (width, height)
-
-    @property
-    def max_target(self) -> int:
-        if self.fixed:
-            return max(self.fixed)
-        return max(self.targets)
-
-
-def parse_resolution(text: str | int) -> Resolution:
-    """"512" -> R=512; "512,768,1024" -> multi-resolution; "1024x768" -> fixed width 1024, height 768."""
-    s = str(text).strip().lower().replace(" ", "")
-    try:
-        if "x" in s:
-            w, h = s.split("x")
-            res = Resolution(fixed=(int(w), int(h)))
-            if min(res.fixed) < 1:
-                raise ValueError
-            return res
-        targets = tuple(int(p) for p in s.split(",") if p)
-        if not targets or min(targets) < 1:
-            raise ValueError
-        return Resolution(targets=targets)
-    except ValueError:
-        raise ValueError(
-            f"resolution {text!r} not understood; use e.g. '512', '512,768,1024' or '1024x768' (width x height)"
-        ) from None
 
 
 def _round_q(x: float, q: int) -> int:
