@@ -132,6 +132,8 @@ def train_loop(ctx, model, buckets, optimizer, **p):
     validation = None
     if buckets.dataset.validation_concepts:
         validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True)
+    if rank == 0:
+        _warn_long_captions(ctx, bundle, source)
     settings = _train_settings(p, bundle, optimizer, source)
     workdir = ctx.node_dir()
     writer = _tensorboard(workdir, ctx) if rank == 0 else None
@@ -192,6 +194,23 @@ def train_loop(ctx, model, buckets, optimizer, **p):
            "validation": result.validation, "backups": result.backups, "workdir": str(workdir),
            "elapsed_s": result.elapsed_s}
     return trained, run
+
+
+def _warn_long_captions(ctx, bundle, source) -> None:
+    """Captions past the text encoder's token limit are cut there; say which, once, before training."""
+    items = source.plan(0).items
+    captions = sorted({it.caption for it in items})
+    if not captions:
+        return
+    limit = bundle.token_limit()
+    counts = dict(zip(captions, bundle.token_counts(captions)))
+    long = [it for it in items if counts[it.caption] > limit]
+    if long:
+        names = sorted({it.path.name for it in long})
+        worst = max(long, key=lambda it: counts[it.caption])
+        ctx.warn(f"{len(names)} image(s) have captions longer than the text encoder's {limit} tokens; the rest is "
+                 f"cut off in training (longest: {worst.path.name}, {counts[worst.caption]} tokens). Shorten them, "
+                 f"or put the important words first: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
 
 
 def _train_settings(p: dict, bundle, optimizer: dict, source):

@@ -274,6 +274,22 @@ def test_leftover_report_is_logged_once_per_run(tmp_path):
     assert sum("repeated to fill batches" in m for m in logs) == 1, logs
 
 
+def test_captions_past_the_token_limit_are_named_before_training(tmp_path):
+    import shutil
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(DEMO, folder)
+    (folder / "red_circle_000.txt").write_text("a red circle, " + ", ".join(f"detail {i}" for i in range(60)))
+    reg = load_registry(include_user=False)
+    graph, problems = loads_recipe(json.dumps(lora_recipe(folder, {"max_steps": 1}, save=None)), registry=reg)
+    assert not problems
+    events = []
+    assert Executor(reg).run(graph, emit=events.append, workspace=tmp_path / "ws").status == "done"
+    warnings = [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning" and e["node"] == "6"]
+    long = [m for m in warnings if "longer than the text encoder's 75 tokens" in m]
+    assert len(long) == 1 and "1 image(s)" in long[0] and "red_circle_000.png" in long[0], warnings
+
+
 def test_stop_leaves_a_backup_that_resumes(tmp_path):
     reg = load_registry(include_user=False)
     graph, _ = loads_recipe(json.dumps(lora_recipe(DEMO, {"max_steps": 50}, save=None)), registry=reg)

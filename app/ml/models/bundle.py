@@ -172,6 +172,16 @@ class ModelBundle:
             ids.append(out.input_ids)
         return ids
 
+    def token_limit(self) -> int:
+        """Prompt tokens the text encoder(s) read; longer prompts are cut (77 minus BOS and EOS)."""
+        return min(tok.model_max_length for tok in self.tokenizers) - 2
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens per prompt (without BOS/EOS) as the first tokenizer splits it, uncut."""
+        tok = self.tokenizers[0]
+        ids = tok(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
+        return [len(i) for i in ids]
+
     def encode_prompts(self, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False) -> dict[str, torch.Tensor]:
         """Prompt embeddings as the family's UNet consumes them (float32).
 
