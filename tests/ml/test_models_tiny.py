@@ -106,6 +106,26 @@ def test_encode_shapes_per_family(which, width, pooled, request):
     assert not torch.allclose(out["prompt_embeds"][0], out["prompt_embeds"][1])
 
 
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_long_prompts_encode_in_75_token_pieces(which, request):
+    b = request.getfixturevalue(which)
+    long = "a red circle, " + ", ".join(f"detail {i}" for i in range(25))
+    assert 75 < b.token_counts([long])[0] <= 150
+    one, two = b.encode_prompts(["a red circle", long]), b.encode_prompts(["a red circle", long], chunks=2)
+    assert two["prompt_embeds"].shape[1] == 2 * 77
+    # a short prompt's first piece is its usual encoding; the long one's first piece is its cut version
+    torch.testing.assert_close(two["prompt_embeds"][:, :77], one["prompt_embeds"])
+    if "pooled_prompt_embeds" in one:
+        torch.testing.assert_close(two["pooled_prompt_embeds"], one["pooled_prompt_embeds"])
+    # the second piece of the long prompt carries its tail; the short prompt's is an empty piece
+    empty = b.encode_prompts([""])["prompt_embeds"][0]
+    torch.testing.assert_close(two["prompt_embeds"][0, 77:], empty)
+    assert not torch.allclose(two["prompt_embeds"][1, 77:], empty)
+    ids = b.tokenize([long], chunks=2)[0][0]
+    tok = b.tokenizers[0]
+    assert ids[1, 0] == tok.bos_token_id and tok.eos_token_id in ids[1].tolist()
+
+
 def test_sdxl_conditioning_runs_through_the_unet(sdxl):
     lat = sdxl.encode_images(torch.zeros(2, 3, 64, 64))
     emb = sdxl.encode_prompts(["red", "blue"])

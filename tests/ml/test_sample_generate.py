@@ -78,3 +78,32 @@ def test_png_has_recipe_and_parameters(sd, tmp_path):
 def test_bad_size_is_refused(sd):
     with pytest.raises(ValueError, match="multiples of 8"):
         _run(sd, width=60)
+
+
+LONG = "a red cube, " + ", ".join(f"detail {i}" for i in range(40))  # well past 75 tokens
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-sd", "builtin:tiny-sdxl"])
+def test_our_prompt_embeddings_sample_exactly_like_the_pipelines_own(model, monkeypatch):
+    """The long-prompt path hands the pipeline our embeddings; with one piece they must be what
+    the pipeline makes of the text itself, with and without a negative prompt."""
+    from app.ml.models import load_model
+    from app.ml.sampling import generate
+
+    bundle = load_model(model)
+    text = _run(bundle, negative_prompt="").latents[0]
+    with_negative = _run(bundle, negative_prompt="blurry").latents[0]
+    original = generate._long_prompt_embeds
+    monkeypatch.setattr(generate, "_long_prompt_embeds", lambda *a: original(*a, chunks=1))
+    torch.testing.assert_close(_run(bundle, negative_prompt="").latents[0], text)
+    torch.testing.assert_close(_run(bundle, negative_prompt="blurry").latents[0], with_negative)
+
+
+def test_long_prompts_are_read_past_75_tokens(sd):
+    assert sd.token_counts([LONG])[0] > 75
+    cut = sd.tokenizers[0].decode(sd.tokenize([LONG])[0][0, 1:76])  # what one 77-token window keeps
+    full = sample_images(sd, [LONG], width=64, height=64, steps=3, seed=7, sampler="euler").latents[0]
+    truncated = sample_images(sd, [cut], width=64, height=64, steps=3, seed=7, sampler="euler").latents[0]
+    assert not torch.allclose(full, truncated)  # the words after token 75 change the image
+    again = sample_images(sd, [LONG], width=64, height=64, steps=3, seed=7, sampler="euler").latents[0]
+    torch.testing.assert_close(full, again)

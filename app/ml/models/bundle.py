@@ -162,14 +162,30 @@ class ModelBundle:
             x = vae.decode(z.to(device=vae.device, dtype=vae.dtype)).sample
             return x.float().clamp(-1, 1)
 
-    def tokenize(self, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """Token ids per tokenizer, padded/truncated to each tokenizer's max length (77)."""
+    def tokenize(self, prompts: Sequence[str], chunks: int = 1) -> list[torch.Tensor]:
+        """Token ids per tokenizer: ``B x 77``, cut at 75 prompt tokens; with ``chunks`` > 1,
+        ``B x chunks x 77``: the prompt in 75-token pieces, each with its own BOS/EOS and padding
+        (A1111's and kohya's long prompts), empty pieces where a prompt is shorter."""
         if isinstance(prompts, str):
             raise TypeError("encode_prompts/tokenize take a list of prompts, not a single string")
+        if chunks < 1:
+            raise ValueError("chunks must be at least 1")
         ids = []
         for tok in self.tokenizers:
-            out = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-            ids.append(out.input_ids)
+            if chunks == 1:
+                out = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt")
+                ids.append(out.input_ids)
+                continue
+            body = tok.model_max_length - 2
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            rows = torch.full((len(prompts), chunks, body + 2), pad, dtype=torch.long)
+            raw = tok(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
+            for i, tokens in enumerate(raw):
+                for c in range(chunks):
+                    piece = tokens[c * body:(c + 1) * body]
+                    rows[i, c, :len(piece) + 2] = torch.tensor([tok.bos_token_id, *piece, tok.eos_token_id])
+            ids.append(rows)
         return ids
 
     def token_limit(self) -> int:
@@ -182,33 +198,39 @@ class ModelBundle:
         ids = tok(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
         return [len(i) for i in ids]
 
-    def encode_prompts(self, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
+                       chunks: int = 1) -> dict[str, torch.Tensor]:
         """Prompt embeddings as the family's UNet consumes them (float32).
 
         Returns ``{"prompt_embeds": B x 77 x D}``; SDXL adds ``"pooled_prompt_embeds": B x P``.
         SD1.5/SD2: the last hidden state after the final LayerNorm (``clip_skip=2`` takes the
         penultimate layer, still normalised, as A1111 does). SDXL: the penultimate hidden states
         of both encoders, not normalised, concatenated (768 + 1280 = 2048 for the real model),
-        and the projected pooled output of the second encoder.
+        and the projected pooled output of the second encoder. ``chunks`` > 1 reads up to
+        75 x chunks tokens: each 75-token piece is encoded on its own and the pieces are joined
+        (``B x 77·chunks x D``), as A1111/ComfyUI prompt and kohya's ``max_token_length`` trains;
+        the pooled output is the first piece's.
         """
         if clip_skip < 1:
             raise ValueError("clip_skip counts from 1 (1 = no skip)")
         ctx = nullcontext() if with_grad else torch.no_grad()
         hidden, pooled = [], None
+        n = len(prompts)
         with ctx:
-            for spec, te, ids in zip(self.family.text_encoders, self.text_encoders, self.tokenize(prompts)):
+            for spec, te, ids in zip(self.family.text_encoders, self.text_encoders, self.tokenize(prompts, chunks)):
+                ids = ids.reshape(-1, ids.shape[-1]).to(te.device)  # every piece is one encoder input
                 layer = spec.hidden_layer - (clip_skip - 1)
                 if layer == -1 and spec.final_layer_norm:  # the encoder's own output: no hidden states kept
-                    out = te(ids.to(te.device))
+                    out = te(ids)
                     h = out.last_hidden_state
                 else:
-                    out = te(ids.to(te.device), output_hidden_states=True)
+                    out = te(ids, output_hidden_states=True)
                     h = out.hidden_states[layer]
                     if spec.final_layer_norm:
                         h = _final_layer_norm(te)(h)
-                hidden.append(h.float())
+                hidden.append(h.float().reshape(n, -1, h.shape[-1]))
                 if spec.pooled:
-                    pooled = out.text_embeds.float()
+                    pooled = out.text_embeds.float().reshape(n, chunks, -1)[:, 0]
         result = {"prompt_embeds": torch.cat(hidden, dim=-1)}
         if pooled is not None:
             result["pooled_prompt_embeds"] = pooled

@@ -56,6 +56,28 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
 
 
+def _long_prompt_embeds(bundle, prompt: str, negative_prompt: str, clip_skip: int,
+                        chunks: int | None = None) -> dict:
+    """Past 75 tokens, prompts are encoded in 75-token pieces (as A1111 and ComfyUI do, and as
+    TrainLoop's max_tokens trains) and handed to the pipeline as embeddings; shorter prompts go
+    to the pipeline as text (returns {})."""
+    if chunks is None:
+        limit = bundle.token_limit()
+        longest = max(bundle.token_counts([prompt, negative_prompt]))
+        if longest <= limit:
+            return {}
+        chunks = -(-longest // limit)
+    pos = bundle.encode_prompts([prompt], clip_skip=clip_skip, chunks=chunks)
+    neg = bundle.encode_prompts([negative_prompt], clip_skip=clip_skip, chunks=chunks)
+    device = next(bundle.unet.parameters()).device
+    out = {"prompt": None, "negative_prompt": None, "clip_skip": None,
+           "prompt_embeds": pos["prompt_embeds"].to(device), "negative_prompt_embeds": neg["prompt_embeds"].to(device)}
+    if "pooled_prompt_embeds" in pos:
+        out["pooled_prompt_embeds"] = pos["pooled_prompt_embeds"].to(device)
+        out["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"].to(device)
+    return out
+
+
 def sample_images(
     bundle,
     prompts: "str | Sequence[str]",
@@ -106,6 +128,7 @@ def sample_images(
                 guidance_scale=cfg, generator=gen, output_type="latent",
                 clip_skip=(clip_skip - 1) or None,
             )
+            kwargs.update(_long_prompt_embeds(bundle, prompt, negative_prompt, clip_skip))
             latents = pipe(**kwargs).images
             latents_out.append(latents[0].float().cpu())
             images.extend(to_pil(bundle.decode_latents(latents)))
