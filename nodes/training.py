@@ -60,6 +60,9 @@ SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sd
           Bool("gradient_checkpointing", True, tooltip="saves memory at some speed cost"),
           Bool("train_unet", True, tooltip="full fine-tune (no adapter): train the UNet"),
           Bool("train_text_encoder", False, tooltip="full fine-tune (no adapter): train the text encoder(s)"),
+          Enum("max_tokens", ["75", "150", "225"],
+               tooltip="caption tokens read: longer ones are encoded in 75-token pieces, as A1111 and ComfyUI "
+                       "do with long prompts (kohya's max_token_length)"),
           Enum("prediction", ["auto", "epsilon", "v_prediction"], tooltip="auto: from the model"),
           Bool("zero_terminal_snr", False, advanced=True, tooltip="rescale the schedule (use with v-prediction)"),
           Float("offset_noise", 0.0, min=0.0, max=1.0, tooltip="0.05-0.1 helps very dark/bright images"),
@@ -122,10 +125,13 @@ def train_loop(ctx, model, buckets, optimizer, **p):
                 + " and ".join(n for n, on in (("the UNet", p["train_unet"]), ("the text encoder(s)", p["train_text_encoder"])) if on))
     if in_place:
         ctx.log("training the incoming weights in place: no later node reads the untrained ones")
-    # cached text embeddings are only valid while the text encoders do not train
-    if buckets.cache is not None and buckets.cache.text_identity and trainable.trains_text_encoder():
+    # cached text embeddings are only valid while the text encoders do not train, and hold 75 tokens
+    chunks = int(p["max_tokens"]) // 75
+    if buckets.cache is not None and buckets.cache.text_identity and (trainable.trains_text_encoder() or chunks > 1):
         import dataclasses
 
+        if chunks > 1 and not trainable.trains_text_encoder():
+            ctx.log(f"captions are encoded on the fly: the Cache node's text embeddings hold 75 tokens, not {p['max_tokens']}")
         buckets = dataclasses.replace(buckets, cache=dataclasses.replace(buckets.cache, text_identity=None))
     source = BucketSource(buckets, p["seed"], bundle=bundle, world=world, masks=p["masked_training"],
                           log=ctx.log if rank == 0 else None)
@@ -133,7 +139,7 @@ def train_loop(ctx, model, buckets, optimizer, **p):
     if buckets.dataset.validation_concepts:
         validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True)
     if rank == 0:
-        _warn_long_captions(ctx, bundle, source)
+        _warn_long_captions(ctx, bundle, source, chunks)
     settings = _train_settings(p, bundle, optimizer, source)
     workdir = ctx.node_dir()
     writer = _tensorboard(workdir, ctx) if rank == 0 else None
@@ -196,21 +202,21 @@ def train_loop(ctx, model, buckets, optimizer, **p):
     return trained, run
 
 
-def _warn_long_captions(ctx, bundle, source) -> None:
+def _warn_long_captions(ctx, bundle, source, chunks: int) -> None:
     """Captions past the text encoder's token limit are cut there; say which, once, before training."""
     items = source.plan(0).items
     captions = sorted({it.caption for it in items})
     if not captions:
         return
-    limit = bundle.token_limit()
+    limit = bundle.token_limit() * chunks
     counts = dict(zip(captions, bundle.token_counts(captions)))
     long = [it for it in items if counts[it.caption] > limit]
     if long:
         names = sorted({it.path.name for it in long})
         worst = max(long, key=lambda it: counts[it.caption])
-        ctx.warn(f"{len(names)} image(s) have captions longer than the text encoder's {limit} tokens; the rest is "
+        ctx.warn(f"{len(names)} image(s) have captions longer than the {limit} tokens read (max_tokens); the rest is "
                  f"cut off in training (longest: {worst.path.name}, {counts[worst.caption]} tokens). Shorten them, "
-                 f"or put the important words first: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+                 f"raise max_tokens, or put the important words first: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
 
 
 def _train_settings(p: dict, bundle, optimizer: dict, source):
@@ -236,7 +242,7 @@ def _train_settings(p: dict, bundle, optimizer: dict, source):
         ema_on_cpu=p["ema_on_cpu"], sample_every=p["sample_every"], sample_unit=p["sample_unit"],
         save_every=p["save_every"], save_unit=p["save_unit"], backup_every=p["backup_every"],
         backup_unit=p["backup_unit"], validate_every=p["validate_every"], validate_unit=p["validate_unit"],
-        backups_kept=p["backups_kept"], stop_text_encoder_after=stop_te)
+        backups_kept=p["backups_kept"], stop_text_encoder_after=stop_te, prompt_chunks=int(p["max_tokens"]) // 75)
 
 
 def _tensorboard(workdir, ctx):

@@ -99,3 +99,16 @@ def test_grad_accumulation_and_max_steps(bundle, tmp_path):
     assert r.steps == 9  # ceil(5 / 2) per epoch
     r = Trainer(bundle, FullFinetune(bundle), Pixels(n=5), OPT, TrainSettings(epochs=1, max_steps=7), tmp_path).run()
     assert r.steps == 7
+
+
+def test_max_tokens_feeds_the_unet_every_75_token_piece(bundle, tmp_path):
+    lengths = []
+    t = FullFinetune(bundle)
+    hook = t.unet.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]),
+                                            with_kwargs=True)
+    try:
+        for chunks in (1, 3):
+            Trainer(bundle, t, Pixels(n=1), OPT, TrainSettings(epochs=1, prompt_chunks=chunks), tmp_path).run()
+    finally:
+        hook.remove()
+    assert lengths == [77, 3 * 77]

@@ -274,20 +274,27 @@ def test_leftover_report_is_logged_once_per_run(tmp_path):
     assert sum("repeated to fill batches" in m for m in logs) == 1, logs
 
 
-def test_captions_past_the_token_limit_are_named_before_training(tmp_path):
+def test_captions_past_the_token_limit_are_named_unless_max_tokens_reads_them(tmp_path):
     import shutil
 
     folder = tmp_path / "shapes"
     shutil.copytree(DEMO, folder)
-    (folder / "red_circle_000.txt").write_text("a red circle, " + ", ".join(f"detail {i}" for i in range(60)))
+    # 143 tokens for the tiny tokenizer: past 75, within 150
+    (folder / "red_circle_000.txt").write_text("a red circle, " + ", ".join(f"detail {i}" for i in range(25)))
     reg = load_registry(include_user=False)
-    graph, problems = loads_recipe(json.dumps(lora_recipe(folder, {"max_steps": 1}, save=None)), registry=reg)
-    assert not problems
-    events = []
-    assert Executor(reg).run(graph, emit=events.append, workspace=tmp_path / "ws").status == "done"
-    warnings = [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning" and e["node"] == "6"]
-    long = [m for m in warnings if "longer than the text encoder's 75 tokens" in m]
-    assert len(long) == 1 and "1 image(s)" in long[0] and "red_circle_000.png" in long[0], warnings
+
+    def warnings(max_tokens):
+        data = lora_recipe(folder, {"max_steps": 2, "max_tokens": max_tokens}, save=None)
+        graph, problems = loads_recipe(json.dumps(data), registry=reg)
+        assert not problems
+        events = []
+        assert Executor(reg).run(graph, emit=events.append, workspace=tmp_path / max_tokens).status == "done"
+        return [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning" and e["node"] == "6"
+                and "tokens read" in e["message"]]
+
+    cut = warnings("75")
+    assert len(cut) == 1 and "1 image(s)" in cut[0] and "red_circle_000.png" in cut[0] and "143 tokens" in cut[0], cut
+    assert warnings("150") == []  # trained on all of it, in two 75-token pieces
 
 
 def test_stop_leaves_a_backup_that_resumes(tmp_path):

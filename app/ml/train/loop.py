@@ -65,6 +65,7 @@ class TrainSettings:
     validate_unit: str = "epochs"
     backups_kept: int = 3
     stop_text_encoder_after: int = 0  # optimizer steps; 0 = never
+    prompt_chunks: int = 1  # captions read in 75-token pieces: 1, 2 or 3 (75, 150, 225 tokens)
 
 
 @dataclass
@@ -339,10 +340,10 @@ class Trainer:
         return self.bundle.encode_images(batch.pixels).to(torch.float32)  # moved once, after the range check
 
     def _conditioning(self, batch: Batch, train_te: bool) -> dict[str, Any]:
-        if batch.text is not None and not train_te:
+        if batch.text is not None and not train_te and self.s.prompt_chunks == 1:
             text = {k: v.to(self.device) for k, v in batch.text.items()}
         else:
-            text = self.bundle.encode_prompts(batch.captions, with_grad=train_te)
+            text = self.bundle.encode_prompts(batch.captions, with_grad=train_te, chunks=self.s.prompt_chunks)
         cond: dict[str, Any] = {"encoder_hidden_states": text["prompt_embeds"]}
         if self.bundle.family.uses_time_ids:
             if batch.pixels is not None:
