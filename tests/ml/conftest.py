@@ -19,3 +19,18 @@ def shapes(tmp_path):
     folder = tmp_path / "shapes"
     make_shapes_dataset(folder, n_per_class=3, size=64, seed=0)
     return folder
+
+
+@pytest.fixture(scope="module")
+def sd():
+    """The tiny SD 1.5 model (one per test module: tests may train or move it)."""
+    from app.ml.models import load_model
+
+    return load_model("builtin:tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from app.ml.models import load_model
+
+    return load_model("builtin:tiny-sdxl")

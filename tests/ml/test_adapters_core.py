@@ -12,13 +12,6 @@ from app.ml.adapters import AdapterConfig, AdapterError, attached, create_adapte
 from app.ml.adapters.modules import make_module
 
 
-@pytest.fixture(scope="module")
-def sd():
-    from app.ml.models import load_model
-
-    return load_model("builtin:tiny-sd")
-
-
 def _checksum(bundle) -> str:
     h = hashlib.sha256()
     for comp in (bundle.unet, bundle.vae, *bundle.text_encoders):

@@ -66,16 +66,6 @@ def assert_same_weights(a, b):
         assert not bad, bad[:5]
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return load_model("builtin:tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return load_model("builtin:tiny-sdxl")
-
-
 # --------------------------------------------------------------------------------------------- diffusers folders
 
 @pytest.mark.parametrize("which", ["sd", "sdxl"])

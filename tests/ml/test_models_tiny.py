@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.ml.models import load_model
 from app.ml.models.tiny import build_tiny_components, load_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,16 +26,6 @@ for name in ('builtin:tiny-sd', 'builtin:tiny-sdxl'):
     h.update(b.identity.encode())
 print(h.hexdigest())
 """
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return load_model("builtin:tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return load_model("builtin:tiny-sdxl")
 
 
 def test_tiny_models_are_bit_identical_across_processes():

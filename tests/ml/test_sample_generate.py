@@ -10,13 +10,6 @@ from app.ml.adapters import AdapterConfig, create_adapter_set
 from app.ml.sampling import SAMPLERS, make_scheduler, read_png_text, sample_images, save_samples
 
 
-@pytest.fixture(scope="module")
-def sd():
-    from app.ml.models import load_model
-
-    return load_model("builtin:tiny-sd")
-
-
 def _run(bundle, **kw):
     args = dict(width=64, height=64, steps=3, seed=7, sampler="Euler a")
     args.update(kw)

@@ -11,20 +11,6 @@ from app.ml.adapters import AdapterConfig, AdapterError, attached, create_adapte
 from app.ml.save import save_adapter
 
 
-@pytest.fixture(scope="module")
-def sd():
-    from app.ml.models import load_model
-
-    return load_model("builtin:tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    from app.ml.models import load_model
-
-    return load_model("builtin:tiny-sdxl")
-
-
 def _random_set(bundle, algorithm="lora", **kw):
     tes = {spec.name: "attn-mlp" for spec in bundle.family.text_encoders}
     cfg = AdapterConfig(algorithm=algorithm, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0,
