@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from app.atomic import atomic_file
 
 from .batches import PlannedItem, load_item
 from .errors import DataError, check_cancelled
@@ -107,19 +108,8 @@ class _Store:
             return None
 
     def save(self, key: str, value, metadata: dict[str, str]) -> None:
-        path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(_pack(value), tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_file(self.path_for(key), overwrite=True) as target:
+            save_file(_pack(value), str(target.tmp), metadata=metadata)
 
     def run(self, keys: list[str], make_inputs: Callable[[list[int]], list], encode_fn, batch_size: int,
             group_of: Callable[[int], object], metadata_of: Callable[[int], dict], progress, check_cancel, log):

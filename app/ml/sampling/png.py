@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app.ml.save.files import atomic_file
+from app.atomic import atomic_file
 
 
 def a1111_parameters(p: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ Public API:
 * ``available_path(path, overwrite)``, ``atomic_file(path, overwrite)``
 """
 
-from .files import atomic_file, atomic_folder, available_path
+from app.atomic import atomic_file, atomic_folder, available_path
 from .lora import SAVE_DTYPES, save_adapter
 
 __all__ = ["SAVE_DTYPES", "atomic_file", "atomic_folder", "available_path", "save_adapter", "save_diffusers", "save_single_file"]

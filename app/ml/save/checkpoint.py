@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from app.ml.adapters import merged_state_dicts
 from app.ml.models.original_layout import to_original_state_dict
 
-from .files import atomic_file, atomic_folder
+from app.atomic import atomic_file, atomic_folder
 from .lora import parse_save_dtype
 from .metadata import checkpoint_metadata
 

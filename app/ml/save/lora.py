@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from app.ml.adapters import AdapterSet, adapter_tensors, peft_metadata
 from app.ml.adapters.io import PEFT_METADATA_KEY
 
-from .files import atomic_file
+from app.atomic import atomic_file
 from .metadata import lora_metadata
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

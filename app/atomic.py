@@ -1,4 +1,6 @@
-"""Atomic, non-clobbering file writes for everything NodeTrainer outputs.
+"""Atomic, non-clobbering file writes for everything NodeTrainer writes (recipes, caches, models).
+
+Standard library only, so the recipe code (no torch) and the data cache use it too.
 
 A crash or a full disk in the middle of a save must never leave a half-written LoRA where the
 last good one was, and a re-run must not silently replace last night's result: writes go to a
