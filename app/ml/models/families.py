@@ -158,21 +158,14 @@ SD15 = ModelFamily(
     pipeline_class="StableDiffusionPipeline",
     unet_cross_attention_dim=768,
 )
-SD2 = ModelFamily(
+SD2 = replace(  # the SD 1.5 layout with an OpenCLIP-H text encoder
+    SD15,
     id="sd2",
     display_name="Stable Diffusion 2.x (512, epsilon)",
-    latent_channels=4,
-    vae_scale_factor=8,
-    vae_scaling_factor=0.18215,
-    bucket_quantization=8,
-    default_resolution=512,
-    prediction_type="epsilon",
     text_encoders=(_OPENCLIP_H,),
-    uses_time_ids=False,
     kohya_base_model_version="sd_v2",
     kohya_v2=True,
     config_dir="sd2",
-    pipeline_class="StableDiffusionPipeline",
     unet_cross_attention_dim=1024,
     notes="Same weights layout as sd2-v; choose sd2-v for the 768 px v-prediction models.",
 )
