@@ -157,7 +157,21 @@ class _Store:
         return CacheResult(values, hits, misses)
 
 
-class LatentCache:
+class _Counted:
+    """Hit and miss counts of the store behind a cache."""
+
+    _store: "_Store"
+
+    @property
+    def hits(self) -> int:
+        return self._store.hits
+
+    @property
+    def misses(self) -> int:
+        return self._store.misses
+
+
+class LatentCache(_Counted):
     """Latents (e.g. VAE outputs) of planned items.
 
     encoder_identity must change whenever the encoder's output would (model name + weights hash,
@@ -169,14 +183,6 @@ class LatentCache:
     def __init__(self, folder: str | Path, encoder_identity: str, *, resample: str = "lanczos"):
         self._store = _Store(folder, "latents", encoder_identity)
         self.resample = resample
-
-    @property
-    def hits(self) -> int:
-        return self._store.hits
-
-    @property
-    def misses(self) -> int:
-        return self._store.misses
 
     def key_for(self, item: PlannedItem) -> str:
         return _sha(
@@ -210,19 +216,11 @@ class LatentCache:
                                progress, check_cancel, log)
 
 
-class TextCache:
+class TextCache(_Counted):
     """Text-encoder outputs keyed by (caption text, encoder identity); only for frozen encoders."""
 
     def __init__(self, folder: str | Path, encoder_identity: str):
         self._store = _Store(folder, "text", encoder_identity)
-
-    @property
-    def hits(self) -> int:
-        return self._store.hits
-
-    @property
-    def misses(self) -> int:
-        return self._store.misses
 
     def key_for(self, text: str) -> str:
         return _sha("text-v1", text, self._store.encoder_identity)
