@@ -150,6 +150,12 @@ class Executor:
             out += [values[n][self._output_index(graph, n, o)] for (n, o), left in reads_left.items()
                     if left > 0 and n in values]
             return out
+
+        def release(producer: str, output: str) -> None:
+            """A one-shot run lets go of an output no later node reads and the run does not return."""
+            if not self.keep_outputs and reads_left[(producer, output)] <= 0 and producer not in pinned:
+                values[producer][self._output_index(graph, producer, output)] = None
+
         for index, nid in enumerate(order):
             node = graph.nodes[nid]
             spec: NodeSpec = self.registry.get(node.type)
@@ -179,10 +185,8 @@ class Executor:
                 read += [(l.from_node, l.from_output) for l in links]
             for producer, output in read:
                 reads_left[(producer, output)] -= 1
-            if not self.keep_outputs:  # let go of what no later node reads: this node holds the last reference
-                for producer, output in set(read):
-                    if reads_left[(producer, output)] == 0 and producer not in pinned:
-                        values[producer][self._output_index(graph, producer, output)] = None
+            for producer, output in set(read):  # this node may now hold the last reference
+                release(producer, output)
             try:
                 outputs = freeze(normalise_outputs(spec, spec.fn(ctx, **kwargs)))
             except Cancelled:
@@ -197,10 +201,8 @@ class Executor:
                 status = "error"
                 break
             values[nid] = list(outputs)
-            if not self.keep_outputs and nid not in pinned:  # outputs no node of this run reads
-                for i, out in enumerate(spec.outputs):
-                    if reads_left[(nid, out.name)] <= 0:
-                        values[nid][i] = None
+            for out in spec.outputs:  # outputs no node of this run reads
+                release(nid, out.name)
             result.executed.append(nid)
             if spec.pure and self.keep_outputs:
                 self.cache[key] = outputs
