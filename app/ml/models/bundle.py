@@ -180,8 +180,7 @@ class ModelBundle:
             body = tok.model_max_length - 2
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             rows = torch.full((len(prompts), chunks, body + 2), pad, dtype=torch.long)
-            raw = tok(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
-            for i, tokens in enumerate(raw):
+            for i, tokens in enumerate(_prompt_tokens(tok, prompts)):
                 for c in range(chunks):
                     piece = tokens[c * body:(c + 1) * body]
                     rows[i, c, :len(piece) + 2] = torch.tensor([tok.bos_token_id, *piece, tok.eos_token_id])
@@ -194,9 +193,7 @@ class ModelBundle:
 
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         """Tokens per prompt (without BOS/EOS) as the first tokenizer splits it, uncut."""
-        tok = self.tokenizers[0]
-        ids = tok(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
-        return [len(i) for i in ids]
+        return [len(ids) for ids in _prompt_tokens(self.tokenizers[0], prompts)]
 
     def encode_prompts(self, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
                        chunks: int = 1) -> dict[str, torch.Tensor]:
@@ -271,6 +268,11 @@ def _pairs(value) -> list[tuple[int, int]]:
     if len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
         return [(int(value[0]), int(value[1]))]
     return [(int(a), int(b)) for a, b in value]
+
+
+def _prompt_tokens(tok, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, uncut and without BOS/EOS."""
+    return tok(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
 
 
 def _final_layer_norm(text_encoder):
