@@ -166,13 +166,16 @@ class Dataset:
         return "\n".join(c.report.summary() for c in self.concepts)
 
 
-def combine(concepts) -> Dataset:
-    """A dataset from separately scanned concepts, re-indexed by position (names must be unique)."""
-    concepts = list(concepts)
-    names = [c.name for c in concepts]
+def _check_unique_names(names: list[str]) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise DataError(f"concept names must be unique; rename {dupes}")
+
+
+def combine(concepts) -> Dataset:
+    """A dataset from separately scanned concepts, re-indexed by position (names must be unique)."""
+    concepts = list(concepts)
+    _check_unique_names([c.name for c in concepts])
     out = []
     for i, c in enumerate(concepts):
         if c.index != i:
@@ -325,10 +328,7 @@ def scan_dataset(settings_list, *, progress=None, check_cancel=None, log=None) -
     settings_list = list(settings_list)
     if not settings_list:
         raise DataError("the dataset has no concepts; add at least one concept")
-    names = [s.name for s in settings_list]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise DataError(f"concept names must be unique; rename {dupes}")
+    _check_unique_names([s.name for s in settings_list])
     concepts = []
     for i, s in enumerate(settings_list):
         if progress is not None:
