@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from app.atomic import atomic_file
+from app.graph.confine import rename_unsafe_ids
 from app.graph.model import Graph, Link, Node
 from app.graph.problems import Problem, RecipeError
 
 FORMAT_VERSION = 1
-MAX_FILE_BYTES = 64 * 1024 * 1024
+# Size limits: recipes are shared like workflows, so a hostile or broken file must be refused at
+# once, not parsed for minutes. A real recipe is a few KB with tens of nodes; these leave room for
+# thousands of times that. The file size is checked before reading, the node and link counts
+# before parsing (a cheap key count) and again exactly before building the graph.
+MAX_FILE_BYTES = 20 * 1024 * 1024
+MAX_NODES = 10_000
+MAX_LINKS = 10_000
 _NODE_KEYS = ("type", "version", "title", "params")
 _TOP_KEYS = ("format_version", "meta", "nodes", "links", "ui")
 
@@ -42,7 +49,7 @@ def read_recipe_text(path: str | os.PathLike) -> str:
     try:
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise RecipeError(f"{p}: {size // (1024 * 1024)} MB is too large for a recipe")
+            raise RecipeError(_too_big(str(p), size))
         raw = p.read_bytes()
     except OSError as e:
         raise RecipeError(f"{p}: cannot read the file ({e.strerror or e})") from None
@@ -52,9 +59,43 @@ def read_recipe_text(path: str | os.PathLike) -> str:
         raise RecipeError(f"{p}: not a recipe (the file is not UTF-8 text)") from None
 
 
+def _too_big(source: str, size: int) -> str:
+    return (f"{source}: {size / (1024 * 1024):.1f} MB is too large for a recipe (the limit is "
+            f"{MAX_FILE_BYTES // (1024 * 1024)} MB); this is not a NodeTrainer recipe or it holds data "
+            f"that belongs in files beside it")
+
+
+def _too_many(source: str, count: int, what: str, limit: int, about: bool = False) -> str:
+    return (f"{source}: {'about ' if about else ''}{count:,} {what} is too many for a recipe (the limit "
+            f"is {limit:,}); split the graph into several recipes")
+
+
+def _check_size(text: str, source: str) -> None:
+    """Refuse oversized text before json parses it: the byte size, then a key count
+    (each node has a "type" key, each link a "from_node" key; a generous bound, so a
+    string value that happens to equal them cannot refuse a real recipe)."""
+    if len(text) > MAX_FILE_BYTES:
+        raise RecipeError(_too_big(source, len(text.encode("utf-8", "surrogatepass"))))
+    nodes = text.count('"type"')
+    if nodes > 2 * MAX_NODES:
+        raise RecipeError(_too_many(source, nodes, "nodes", MAX_NODES, about=True))
+    links = text.count('"from_node"')
+    if links > 2 * MAX_LINKS:
+        raise RecipeError(_too_many(source, links, "links", MAX_LINKS, about=True))
+
+
+def _check_counts(data: dict, source: str) -> None:
+    nodes, links = data.get("nodes"), data.get("links")
+    if isinstance(nodes, dict) and len(nodes) > MAX_NODES:
+        raise RecipeError(_too_many(source, len(nodes), "nodes", MAX_NODES))
+    if isinstance(links, list) and len(links) > MAX_LINKS:
+        raise RecipeError(_too_many(source, len(links), "links", MAX_LINKS))
+
+
 def parse_json(text: str, source: str = "recipe") -> Any:
     if not text.strip():
         raise RecipeError(f"{source}: the file is empty")
+    _check_size(text, source)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -86,7 +127,9 @@ def parse_recipe(data: Any, source: str = "recipe", registry=None) -> tuple[Grap
     if fv > FORMAT_VERSION:
         raise RecipeError(f"{source}: written by a newer NodeTrainer (format_version {fv}; this program "
                           f"reads up to {FORMAT_VERSION}). Update NodeTrainer to open it.")
+    _check_counts(data, source)
     data = _upgrade_format(data, fv)
+    rename_unsafe_ids(data)  # old recipes: node ids become plain names (they name folders)
     problems: list[Problem] = []
     g = Graph()
     for key in ("meta", "ui"):
