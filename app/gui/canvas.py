@@ -70,6 +70,9 @@ class Canvas:
         """Make the items match the model. `refresh`: nodes whose params/title/position may have
         changed under the canvas (undo/redo, paste); None refreshes every node."""
         g = doc.graph
+        model_links = {l.id: l for l in g.links}
+        for lid in [l for l in self.links if l not in model_links]:  # links first: see remove_node
+            self._remove_link(lid)
         for nid in [n for n in self.nodes if n not in g.nodes or g.nodes[n].type != self.nodes[n].type]:
             self.remove_node(nid)
         for nid in g.nodes:
@@ -77,10 +80,6 @@ class Canvas:
                 self.build_node(doc, nid)
             elif refresh is None or nid in refresh:
                 self.refresh_node(doc, nid)
-        model_links = {l.id: l for l in g.links}
-        for lid in [l for l in self.links if l not in model_links]:
-            dpg.delete_item(self.links.pop(lid))
-            self.link_ids = {k: v for k, v in self.link_ids.items() if v != lid}
         for lid, link in model_links.items():
             if lid in self.links:
                 item = self.links[lid]
@@ -89,8 +88,7 @@ class Canvas:
                         self.pin_items.get((link.to_node, link.to_input, "in")))
                 if (a1, a2) == want:
                     continue
-                dpg.delete_item(self.links.pop(lid))
-                self.link_ids.pop(item, None)
+                self._remove_link(lid)
             self._add_link(link)
 
     def _add_link(self, link) -> None:
@@ -179,20 +177,36 @@ class Canvas:
         return f"{node.title}  ({base})" if node.title and node.title != base else base
 
     def remove_node(self, nid: str) -> None:
+        """Deletes a node's items, its links first.
+
+        Why links first: Dear PyGui (2.3) segfaults when it deletes a node that still has two or
+        more links attached. Deleting the node makes the node editor delete the links touching its
+        attributes, and it does so while walking its own list of links, which that deletion
+        changes under it (a use-after-free in the C++ code, not a timing issue: it crashes without
+        a viewport too). Opening a recipe over another one deleted every node this way, so any
+        recipe with a node that has two links (all the presets) crashed the editor; so did Del on
+        such a node. With its links gone first, a node deletes alone, which is safe."""
         parts = self.nodes.pop(nid)
+        attrs = {item for key, item in self.pin_items.items() if key[0] == nid}
+        for lid, item in list(self.links.items()):
+            if not dpg.does_item_exist(item):
+                self.links.pop(lid)
+                self.link_ids.pop(item, None)
+                continue
+            conf = dpg.get_item_configuration(item)
+            if conf["attr_1"] in attrs or conf["attr_2"] in attrs:
+                self._remove_link(lid)
         for key in [k for k in self.pin_items if k[0] == nid]:
             self.pins.pop(self.pin_items.pop(key), None)
-        for lid, item in list(self.links.items()):
-            if not dpg.does_item_exist(item):
-                self.links.pop(lid)
-                self.link_ids.pop(item, None)
         self.node_ids.pop(parts.node, None)
         if dpg.does_item_exist(parts.node):
-            dpg.delete_item(parts.node)  # Dear PyGui also deletes the links touching it
-        for lid, item in list(self.links.items()):
-            if not dpg.does_item_exist(item):
-                self.links.pop(lid)
-                self.link_ids.pop(item, None)
+            dpg.delete_item(parts.node)
+
+    def _remove_link(self, lid: int) -> None:
+        item = self.links.pop(lid)
+        self.link_ids.pop(item, None)
+        if dpg.does_item_exist(item):
+            dpg.delete_item(item)
 
     def refresh_node(self, doc, nid: str) -> None:
         node = doc.graph.nodes[nid]
