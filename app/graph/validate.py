@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from app.graph.confine import check_graph
 from app.graph.model import Graph, Node
 from app.graph.problems import Problem
 from app.graph.spec import NodeSpec, check_param_value, describe_value
@@ -15,7 +16,9 @@ def effective_params(node: Node, spec: NodeSpec) -> dict:
     return params
 
 
-def validate(graph: Graph, registry) -> list[Problem]:
+def validate(graph: Graph, registry, *, workspace=None, recipe_dir=None, allow_output=()) -> list[Problem]:
+    """``workspace``/``recipe_dir``/``allow_output``: where the run writes, for the check that a
+    shared recipe writes nothing outside it (app/graph/confine.py)."""
     problems: list[Problem] = []
     for node in graph.nodes.values():
         spec = registry.get(node.type)
@@ -29,6 +32,7 @@ def validate(graph: Graph, registry) -> list[Problem]:
         problems.extend(_check_inputs(graph, node, spec))
     problems.extend(_check_links(graph, registry))
     problems.extend(_check_cycles(graph))
+    problems.extend(check_graph(graph, registry, workspace=workspace, recipe_dir=recipe_dir, allow=allow_output))
     return problems
 
 
