@@ -190,10 +190,20 @@ def cmd_run(args) -> int:
     from app.ml import dist
 
     main_process = True
-    if dist.launched_distributed():  # `accelerate launch launch.py run ...`: one process per device
-        if args.worker:
-            print("error: --worker cannot be combined with accelerate launch", file=sys.stderr)
+    if dist.launched_distributed() and args.worker:
+        print("error: --worker cannot be combined with accelerate launch", file=sys.stderr)
+        return EXIT_INVALID
+    if not args.worker:  # the worker applies the same policy itself
+        from app.engine import threads
+
+        try:
+            n_threads, why = threads.apply()
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return EXIT_INVALID
+        if args.verbose:
+            print(f"torch uses {n_threads} CPU thread(s) ({why})", file=sys.stderr)
+    if dist.launched_distributed():  # `accelerate launch launch.py run ...`: one process per device
         dist.init()
         main_process = dist.is_main()
     workspace = Path(args.workspace or os.environ.get("NODETRAINER_WORKSPACE") or Path("workspace") / recipe_path.stem)
@@ -251,7 +261,9 @@ def _run_in_worker(args, reg, data, recipe_dir, targets, workspace, emit) -> str
     client = WorkerClient(nodes_dirs=args.nodes_dir, one_shot=True)
     previous = signal.signal(signal.SIGINT, _InterruptHandler(client.cancel))
     try:
-        client.start()
+        ready = client.start()
+        if args.verbose and ready.get("threads"):
+            print(f"the worker's torch uses {ready['threads']} CPU thread(s) ({ready.get('threads_why')})", file=sys.stderr)
         run_id = client.run(data, source=args.recipe, recipe_dir=recipe_dir, targets=targets,
                             workspace=str(workspace.resolve()))
         done = client.wait_run(run_id, on_event=emit)

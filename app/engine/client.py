@@ -59,13 +59,11 @@ class WorkerClient:
         args = [sys.executable, "-m", "app.engine.worker", "--in-fd", str(cmd_r), "--out-fd", str(ev_w)]
         for d in self.nodes_dirs:
             args += ["--nodes-dir", d]
-        if self.one_shot:
-            args.append("--one-shot")
+        # the worker sets its torch threads by app/engine/threads.py (free cores, or an explicit
+        # NODETRAINER_THREADS / OMP_NUM_THREADS); an editor session keeps a core for its render loop
+        args += ["--one-shot"] if self.one_shot else ["--reserve-cores", "1"]
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        # leave a core to the editor's render loop: torch threads that spin-wait for a busy core
-        # slow small models down many times over
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
         out = self.log if self.log is not None else None
         self.proc = subprocess.Popen(args, pass_fds=(cmd_r, ev_w), cwd=str(REPO_ROOT), env=env,
                                      stdin=subprocess.DEVNULL, stdout=out if out is not None else sys.stderr,

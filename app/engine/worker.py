@@ -24,7 +24,7 @@ from app.graph.recipe import parse_recipe
 from app.graph.registry import load_registry
 
 
-def serve(cmd_in, events_out, nodes_dirs=(), keep_outputs: bool = True) -> int:
+def serve(cmd_in, events_out, nodes_dirs=(), keep_outputs: bool = True, threads: tuple[int, str] | None = None) -> int:
     writer = FrameWriter(events_out)
     registry = load_registry(nodes_dirs)
     executor = Executor(registry, keep_outputs=keep_outputs)
@@ -56,7 +56,8 @@ def serve(cmd_in, events_out, nodes_dirs=(), keep_outputs: bool = True) -> int:
 
     threading.Thread(target=read_commands, name="worker-commands", daemon=True).start()
     emit({"event": "worker_ready", "pid": os.getpid(), "node_types": len(registry),
-          "plugin_problems": [str(p) for p in registry.problems]})
+          "plugin_problems": [str(p) for p in registry.problems],
+          "threads": threads[0] if threads else None, "threads_why": threads[1] if threads else ""})
     while True:
         msg = jobs.get()
         if msg is None:
@@ -99,12 +100,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out-fd", type=int, required=True)
     ap.add_argument("--nodes-dir", action="append", default=[])
     ap.add_argument("--one-shot", action="store_true", help="one recipe run: cache nothing, free outputs after use")
+    ap.add_argument("--reserve-cores", type=int, default=0, help="cores to leave free (the editor's render loop)")
     args = ap.parse_args(argv)
     cmd_in = os.fdopen(args.in_fd, "rb", buffering=0)
     events_out = os.fdopen(args.out_fd, "wb", buffering=0)
     # Node code that prints must not corrupt anything: stdout goes to stderr (the worker log).
     sys.stdout = sys.stderr
-    return serve(cmd_in, events_out, args.nodes_dir, keep_outputs=not args.one_shot)
+    threads = _apply_threads(args.reserve_cores)
+    return serve(cmd_in, events_out, args.nodes_dir, keep_outputs=not args.one_shot, threads=threads)
+
+
+def _apply_threads(reserve: int) -> tuple[int, str]:
+    """The CLI's thread policy (app/engine/threads.py), set before any node makes torch work."""
+    from app.engine import threads
+
+    try:
+        return threads.apply(reserve=reserve)
+    except ValueError as e:  # a malformed override: say so in the worker log, use the free cores
+        print(f"worker: ignoring {e}", file=sys.stderr)
+        return threads.apply(reserve=reserve, environ={})
 
 
 if __name__ == "__main__":
