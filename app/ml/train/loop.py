@@ -431,18 +431,20 @@ class Trainer:
     def _load_backup(self, path: Path, optimizer, lr_sched, ema) -> tuple[int, int, int]:
         from safetensors.torch import load_file
 
-        if path.is_dir() and not (path / "backup.json").exists():
-            candidates = sorted(p for p in (path / "backups" if (path / "backups").is_dir() else path).iterdir()
-                                if p.is_dir() and (p / "backup.json").exists())
-            if not candidates:
-                raise TrainingError(f"{path}: no backup found (expected a folder with backup.json)")
-            path = candidates[-1]
+        import pickle
+
+        path, meta = verify_backup(path)
         try:
-            meta = json.loads((path / "backup.json").read_text())
             weights = load_file(str(path / "trainable.safetensors"))
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise TrainingError(f"{path}: cannot read this backup ({e})") from None
+        except pickle.UnpicklingError:  # torch's text suggests weights_only=False: never for a shared file
+            raise TrainingError(f"resume_from {path}: state.pt holds objects other than tensors and plain "
+                                f"values, so it is not a TrainLoop backup and is not unpickled. {BACKUP_HOLDS}") from None
+        except Exception as e:  # noqa: BLE001 - any unreadable content is the same answer to the user
+            raise TrainingError(f"resume_from {path}: cannot read this backup ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else 'no detail'}). {BACKUP_HOLDS}") from None
+        if not isinstance(state, dict) or not {"optimizer", "scheduler"} <= state.keys():
+            raise TrainingError(f"resume_from {path}: state.pt has no optimizer and scheduler state. {BACKUP_HOLDS}")
         self.trainable.load_state_dict(weights)
         load_optimizer_state(optimizer, state["optimizer"])
         lr_sched.load_state_dict(state["scheduler"])
@@ -556,3 +558,55 @@ def _memory_mb(device: torch.device) -> float | None:
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
+
+
+# ---- resume: finding and checking a backup before anything is unpickled ----------------------
+
+BACKUP_FILES = ("backup.json", "trainable.safetensors", "state.pt")
+BACKUP_HOLDS = ("A backup is a folder written by TrainLoop's backups (…/TrainLoop_N/backups/step_NNNNNNN) "
+                "holding backup.json, trainable.safetensors and state.pt; choose one, or the backups folder "
+                "for the latest. To start from a LoRA file, use LoRAInject's init_from instead.")
+
+
+def verify_backup(path: str | Path) -> tuple[Path, dict]:
+    """The backup folder `path` names (itself, the latest step_* in it or in its backups/) and
+    its backup.json, checked before any torch.load: a LoRA file, an empty folder or a foreign
+    pickle gets a message naming the path and what a backup holds, never torch's own error."""
+    import zipfile
+
+    path = Path(path)
+
+    def refuse(why: str):
+        raise TrainingError(f"resume_from {path}: {why}. {BACKUP_HOLDS}")
+
+    if not path.exists():
+        refuse("no such file or folder")
+    if path.is_file():
+        if path.name in BACKUP_FILES and all((path.parent / f).is_file() for f in BACKUP_FILES):
+            path = path.parent  # a file inside a backup: the backup is meant
+        else:
+            kind = " (a LoRA or model file?)" if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin") else ""
+            refuse(f"is a file{kind}, not a backup folder")
+    if not (path / "backup.json").exists():
+        try:
+            base = path / "backups" if (path / "backups").is_dir() else path
+            candidates = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")
+                                and (p / "backup.json").is_file())
+        except OSError as e:
+            refuse(f"cannot list the folder ({e.strerror or e})")
+        if not candidates:
+            refuse("no backup found in this folder")
+        path = candidates[-1]
+    missing = [f for f in BACKUP_FILES if not (path / f).is_file()]
+    if missing:
+        refuse(f"incomplete backup, {', '.join(missing)} missing")
+    try:
+        meta = json.loads((path / "backup.json").read_text(encoding="utf-8"))
+        step, epoch, batch = (int(meta[k]) for k in ("step", "epoch", "batch_index"))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        refuse(f"backup.json is not a TrainLoop backup record ({type(e).__name__}: {e})")
+    if min(step, epoch, batch) < 0:
+        refuse("backup.json holds a negative position")
+    if not zipfile.is_zipfile(path / "state.pt"):  # torch.save writes a zip; anything else is foreign
+        refuse("state.pt was not written by torch.save (a foreign or damaged file)")
+    return path, meta
