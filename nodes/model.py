@@ -10,7 +10,7 @@ SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sd
 def _model_files(params: dict) -> str:
     from app.ml.fingerprint import path_fingerprint
 
-    return path_fingerprint(params["source"]) + path_fingerprint(params["vae"])
+    return path_fingerprint(params["source"]) + path_fingerprint(params["vae"]) + path_fingerprint(params["tokenizer"])
 
 
 @node(type="LoadModel", category="model", fingerprint=_model_files,
@@ -25,9 +25,13 @@ def _model_files(params: dict) -> str:
           Enum("unet_dtype", DTYPES, "fp32", tooltip="weight precision of the UNet"),
           Enum("text_encoder_dtype", DTYPES, "fp32", tooltip="weight precision of the text encoder(s)"),
           Enum("vae_dtype", DTYPES, "fp32", tooltip="weight precision of the VAE (the SDXL VAE overflows in fp16)"),
+          Path("tokenizer", "", kind="folder", optional=True, advanced=True,
+               tooltip="a tokenizer folder (tokenizer.json or vocab.json + merges.txt; for SDXL one CLIP tokenizer "
+                       "or tokenizer/ and tokenizer_2/ subfolders); wins over one beside the model. Empty: the "
+                       "model's own, one beside the checkpoint, else fetched once from the Hugging Face hub"),
       ],
       outputs=[Output("model", "MODEL")])
-def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dtype):
+def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dtype, tokenizer=""):
     from app.engine.errors import NodeError
     from app.ml.models import ModelLoadError
     from app.ml.models import load_model as load
@@ -35,7 +39,8 @@ def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dty
     ctx.progress(0, 1, "loading")
     try:
         bundle = load(source, family=None if family == "auto" else family, vae=vae or None,
-                      dtypes={"unet": unet_dtype, "text_encoder": text_encoder_dtype, "vae": vae_dtype})
+                      dtypes={"unet": unet_dtype, "text_encoder": text_encoder_dtype, "vae": vae_dtype},
+                      tokenizer=tokenizer or None, log=ctx.log)
     except (ModelLoadError, FileNotFoundError) as e:
         raise NodeError(str(e)) from None
     ctx.log(f"loaded {bundle.family.display_name} from {source}")

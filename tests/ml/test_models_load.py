@@ -191,13 +191,15 @@ def test_pickle_that_runs_code_is_refused_and_not_executed(tmp_path):
     assert not marker.exists()
 
 
-def test_single_file_without_tokenizer_explains_what_to_provide(sd, tmp_path):
+def test_single_file_without_tokenizer_explains_what_to_provide(sd, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, with an empty Hugging Face cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     path, cfg = write_single_file(sd, tmp_path)
     shutil.rmtree(cfg / "tokenizer")
     with pytest.raises(ModelLoadError) as e:
         load_model(path, config=cfg)
     msg = str(e.value)
-    assert "model.safetensors" in msg and "tokenizer" in msg and "open_clip_torch" in msg
+    assert "model.safetensors" in msg and "openai/clip-vit-large-patch14" in msg and "open_clip" not in msg
     # a user-supplied tokenizer folder fixes it
     assert load_model(path, config=cfg, tokenizer=TINY_TOKENIZER_DIR).tokenizers[0]("red").input_ids[1] > 0
 

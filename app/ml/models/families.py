@@ -54,6 +54,7 @@ class TextEncoderSpec:
     pooled: bool = False
     pad_token: str = "<|endoftext|>"
     kohya_prefix: str = "lora_te"  # "lora_te" (single TE), "lora_te1", "lora_te2"
+    hub_tokenizer: str = "clip-l"  # key into HUB_TOKENIZERS: where a missing tokenizer is fetched from
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,37 @@ class ModelFamily:
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
+
+@dataclass(frozen=True)
+class HubTokenizer:
+    """A tokenizer on the Hugging Face hub, fetched once into the user's HF cache when a model lacks one.
+
+    ``files``: the only files downloaded (``allow_patterns``); a tokenizer is a few MB, the repos
+    also hold multi-GB weights we never want. ``essential``: the files a user fetching it by hand needs.
+    """
+
+    repo_id: str
+    files: tuple[str, ...]
+    description: str
+    essential: tuple[str, ...] = ("vocab.json", "merges.txt")
+
+
+_CLIP_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+# The one table of hub tokenizers, as kohya and ComfyUI use them. SD2's OpenCLIP ViT-H tokenizes
+# with the same OpenAI CLIP BPE vocabulary as CLIP-L (only padding differs, and padding comes from
+# the family, never from the downloaded files), so it shares the CLIP-L download.
+HUB_TOKENIZERS: dict[str, HubTokenizer] = {
+    "clip-l": HubTokenizer("openai/clip-vit-large-patch14", _CLIP_TOKENIZER_FILES, "CLIP ViT-L/14"),
+    "clip-bigg": HubTokenizer(
+        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", _CLIP_TOKENIZER_FILES, "OpenCLIP ViT-bigG/14"
+    ),
+    "t5-xxl": HubTokenizer(  # Flux's second text encoder (the Flux family arrives later)
+        "google/t5-v1_1-xxl", ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+        "T5 v1.1 XXL", essential=("spiece.model",),
+    ),
+}
+
 _CLIP_L = TextEncoderSpec(
     name="text_encoder",
     tokenizer="tokenizer",
@@ -139,6 +171,7 @@ _SDXL_TE2 = TextEncoderSpec(
     pooled=True,
     pad_token="!",
     kohya_prefix="lora_te2",
+    hub_tokenizer="clip-bigg",
 )
 
 SD15 = ModelFamily(

@@ -54,6 +54,7 @@ def load_model(
     tokenizer: "str | os.PathLike | None" = None,
     prediction_type: str | None = None,
     config: "str | os.PathLike | None" = None,
+    log: "Callable[[str], None] | None" = None,
 ) -> ModelBundle:
     """Load a base model into a ``ModelBundle`` without touching the network.
 
@@ -64,11 +65,13 @@ def load_model(
     ``dtypes``: per component, keys ``unet``, ``vae``, ``text_encoder`` (all encoders) and optionally
     ``text_encoder_2``; values fp32/fp16/bf16 or torch dtypes; default fp32.
     ``vae``: optional VAE override (diffusers folder, or a single file in original or diffusers layout).
-    ``tokenizer``: where to find tokenizers for single files (see ``tokenizers.py``).
+    ``tokenizer``: a tokenizer folder that wins over the model's own or the one beside it; otherwise
+    one beside the model is used, else it is fetched once from the Hugging Face hub (see ``tokenizers.py``).
     ``prediction_type``: override ("epsilon" / "v_prediction"), e.g. for a v-pred SD1.5 fine-tune.
     ``config``: for single files, a diffusers-layout folder of component configs (``unet/config.json``,
     ``vae/config.json``, ``text_encoder/config.json``, ...; weights not needed) to use instead of the
     shipped full-size configs, for non-standard architectures. Its tokenizer folders are used too.
+    ``log``: progress lines (a tokenizer being fetched from the hub, and where tokenizers came from).
     """
     src = str(source)
     forced = get_family(family) if family is not None else None
@@ -79,9 +82,9 @@ def load_model(
         if not path.exists():
             raise ModelLoadError(f"Model not found: {path}. Give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd.")
         if path.is_dir():
-            parts = _load_diffusers_folder(path, forced)
+            parts = _load_diffusers_folder(path, forced, tokenizer, log)
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            parts = _load_single_file(path, forced, tokenizer, Path(config).expanduser() if config else None)
+            parts = _load_single_file(path, forced, tokenizer, Path(config).expanduser() if config else None, log)
         else:
             raise ModelLoadError(f"{path.name}: not a model file (expected {', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers folder.")
 
@@ -193,9 +196,11 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: invalid JSON ({e}).") from None
 
 
-def _load_diffusers_folder(folder: Path, forced: ModelFamily | None) -> dict:
+def _load_diffusers_folder(folder: Path, forced: ModelFamily | None, tokenizer_path=None, log=None) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tokenizers import find_tokenizers
 
     model_index = _read_json(folder / "model_index.json")
     unet_cfg = _read_json(folder / "unet" / "config.json")
@@ -223,15 +228,15 @@ def _load_diffusers_folder(folder: Path, forced: ModelFamily | None) -> dict:
         return p
 
     kw = {"local_files_only": True}
+    # tokenizers first (the folder's own unless the user chose others): fail before loading weights
+    tokenizers, tok_origins = find_tokenizers(fam, folder, checkpoint=folder, user_path=tokenizer_path, log=log)
     try:
         unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", variant=_variant(sub("unet")), **kw)
         vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", variant=_variant(sub("vae")), **kw)
-        text_encoders, tokenizers = [], []
+        text_encoders = []
         for spec in fam.text_encoders:
             cls = CLIPTextModelWithProjection if spec.model_class == "CLIPTextModelWithProjection" else CLIPTextModel
             text_encoders.append(cls.from_pretrained(str(sub(spec.name)), **kw))
-            tok_kwargs: dict[str, Any] = {"model_max_length": 77}
-            tokenizers.append(CLIPTokenizer.from_pretrained(str(sub(spec.tokenizer)), **tok_kwargs))
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -239,9 +244,9 @@ def _load_diffusers_folder(folder: Path, forced: ModelFamily | None) -> dict:
 
     scheduler_config = _read_json(folder / "scheduler" / "scheduler_config.json") or _family_scheduler_config(fam)
     ids = {"unet": ident.folder_identity(folder / "unet"), "vae": ident.folder_identity(folder / "vae")}
-    for spec in fam.text_encoders:
+    for spec, origin in zip(fam.text_encoders, tok_origins):
         ids[spec.name] = ident.folder_identity(folder / spec.name)
-        ids[spec.tokenizer] = ident.folder_identity(folder / spec.tokenizer)
+        ids[spec.tokenizer] = _origin_identity(Path(origin))
     return {
         "family": fam,
         "unet": unet,
@@ -353,7 +358,12 @@ def _original_config_text(path: Path) -> str | None:
     return None
 
 
-def _load_single_file(path: Path, forced: ModelFamily | None, tokenizer_path, config_override: Path | None) -> dict:
+def _origin_identity(p: Path) -> str:
+    return ident.folder_identity(p) if p.is_dir() else ident.file_identity(p)
+
+
+def _load_single_file(path: Path, forced: ModelFamily | None, tokenizer_path, config_override: Path | None,
+                      log=None) -> dict:
     from .tokenizers import find_tokenizers
 
     with open_checkpoint(path) as ckpt:
@@ -368,7 +378,8 @@ def _load_single_file(path: Path, forced: ModelFamily | None, tokenizer_path, co
             config_dir = config_override
         # tokenizers first: a missing tokenizer should fail before minutes of weight loading
         tokenizers, tok_origins = find_tokenizers(
-            fam, config_dir, checkpoint=path, user_path=tokenizer_path, extra_roots=[config_override] if config_override else []
+            fam, config_dir, checkpoint=path, user_path=tokenizer_path,
+            extra_roots=[config_override] if config_override else [], log=log,
         )
         unet = _single_file_unet(ckpt, config_dir, path)
         vae = _single_file_vae(ckpt.subset("first_stage_model."), _read_json(config_dir / "vae" / "config.json"), path)
@@ -377,8 +388,7 @@ def _load_single_file(path: Path, forced: ModelFamily | None, tokenizer_path, co
     file_id = ident.file_identity(path)
     ids = {name: ident.combine(file_id, name) for name in ("unet", "vae", *(te.name for te in fam.text_encoders))}
     for te, origin in zip(fam.text_encoders, tok_origins):
-        p = Path(origin)
-        ids[te.tokenizer] = ident.folder_identity(p) if p.is_dir() else ident.file_identity(p)
+        ids[te.tokenizer] = _origin_identity(Path(origin))
     return {
         "family": fam,
         "unet": unet,
