@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+ALLOW_OUTPUT_HELP = ("a folder outside the workspace that the recipe may write to (repeatable), e.g. ComfyUI's "
+                     "models/loras; $NODETRAINER_ALLOW_OUTPUT lists more (separated by os.pathsep)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a recipe; exit 0 if valid, 2 with every problem if not")
     v.add_argument("recipe")
     v.add_argument("--json", action="store_true", help="print problems as JSON")
+    v.add_argument("--allow-output", action="append", default=[], metavar="DIR", help=ALLOW_OUTPUT_HELP)
 
     r = sub.add_parser("run", help="run a recipe (only what the targets need)")
     r.add_argument("recipe")
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workspace", metavar="DIR",
                    help="where outputs go (default: ./workspace/<recipe name>)")
     r.add_argument("--worker", action="store_true", help="run in a separate worker process")
+    r.add_argument("--allow-output", action="append", default=[], metavar="DIR", help=ALLOW_OUTPUT_HELP)
     r.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
     return ap
 
@@ -128,13 +132,22 @@ def _describe_input(inp) -> str:
 
 # ---- validate --------------------------------------------------------------------------------
 
-def load_and_check(path: str, registry):
-    """(graph, problems) or raise RecipeError; shared by validate and run."""
+def load_and_check(path: str, registry, **scope):
+    """(graph, problems) or raise RecipeError; shared by validate and run. ``scope``: see write_scope."""
     from app.graph.recipe import load_recipe
     from app.graph.validate import validate
 
     graph, problems = load_recipe(path, registry)
-    return graph, problems + validate(graph, registry)
+    return graph, problems + validate(graph, registry, **scope)
+
+
+def write_scope(args) -> dict:
+    """Where a run of this recipe may write (its workspace and the allowed output folders): validate
+    and run check every path the recipe writes against it."""
+    recipe_path = Path(args.recipe)
+    workspace = Path(getattr(args, "workspace", None) or os.environ.get("NODETRAINER_WORKSPACE")
+                     or Path("workspace") / recipe_path.stem)
+    return {"workspace": workspace, "recipe_dir": recipe_path.resolve().parent, "allow_output": args.allow_output}
 
 
 def cmd_validate(args) -> int:
@@ -142,7 +155,7 @@ def cmd_validate(args) -> int:
 
     reg = _registry(args)
     try:
-        graph, problems = load_and_check(args.recipe, reg)
+        graph, problems = load_and_check(args.recipe, reg, **write_scope(args))
     except RecipeError as e:
         if args.json:
             print(json.dumps({"valid": False, "error": str(e), "problems": []}))
@@ -178,7 +191,7 @@ def cmd_run(args) -> int:
     except (RecipeError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
-    problems += validate(graph, reg)
+    problems += validate(graph, reg, **write_scope(args))
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
@@ -215,7 +228,7 @@ def cmd_run(args) -> int:
         if args.worker:
             status = _run_in_worker(args, reg, to_data(graph), recipe_dir, targets, workspace, emit)
         else:
-            status = _run_in_process(reg, graph, recipe_dir, targets, workspace, emit)
+            status = _run_in_process(reg, graph, recipe_dir, targets, workspace, emit, args.allow_output)
     finally:
         if events_file:
             events_file.close()
@@ -240,10 +253,10 @@ class _InterruptHandler:
             raise KeyboardInterrupt
 
 
-def _run_in_process(reg, graph, recipe_dir, targets, workspace, emit) -> str:
+def _run_in_process(reg, graph, recipe_dir, targets, workspace, emit, allow_output=()) -> str:
     from app.engine.executor import Executor
 
-    executor = Executor(reg, keep_outputs=False)  # one run: nothing to keep for a next one
+    executor = Executor(reg, keep_outputs=False, allow_output=allow_output)  # one run: nothing to keep for a next one
     previous = signal.signal(signal.SIGINT, _InterruptHandler(executor.cancel))
     try:
         result = executor.run(graph, targets or None, emit=emit, recipe_dir=recipe_dir, workspace=workspace)
@@ -258,7 +271,13 @@ def _run_in_process(reg, graph, recipe_dir, targets, workspace, emit) -> str:
 def _run_in_worker(args, reg, data, recipe_dir, targets, workspace, emit) -> str:
     from app.engine.client import WorkerClient
 
-    client = WorkerClient(nodes_dirs=args.nodes_dir, one_shot=True)
+    env = None
+    if args.allow_output:  # the worker checks writes against the same allowed folders
+        from app.graph.confine import ALLOW_ENV
+
+        env = dict(os.environ)
+        env[ALLOW_ENV] = os.pathsep.join([*filter(None, [env.get(ALLOW_ENV)]), *map(os.path.abspath, args.allow_output)])
+    client = WorkerClient(nodes_dirs=args.nodes_dir, one_shot=True, env=env)
     previous = signal.signal(signal.SIGINT, _InterruptHandler(client.cancel))
     try:
         ready = client.start()

@@ -603,7 +603,9 @@ def _captions_to_cache(dataset, items) -> list[str]:
       inputs=[
           Socket("model", "MODEL"),
           Socket("buckets", "BUCKETS"),
-          Path("folder", "", kind="folder", optional=True, tooltip="cache folder (default: the workspace's cache/)"),
+          Path("folder", "", kind="folder", optional=True, writes=True,
+               tooltip="cache folder (default: the workspace's cache/); must lie inside the workspace or an "
+                       "allowed output folder (--allow-output)"),
           Int("variations", 1, min=1, max=64, tooltip="augmented draws cached per image; epoch e uses e mod N"),
           Bool("cache_text", True, tooltip="cache text-encoder outputs (only for encoders not being trained)"),
           Int("seed", -1, min=-1, max=2**31 - 1, advanced=True,

@@ -178,6 +178,7 @@ def show_images(ctx, result) -> None:
       ],
       outputs=[])
 def save(ctx, model, path, what, layout, dtype, if_exists):
+    from app.atomic import WriteError
     from app.engine.errors import NodeError
     from app.ml import dist
     from app.ml.handle import as_handle
@@ -209,7 +210,9 @@ def save(ctx, model, path, what, layout, dtype, if_exists):
                          recipe=ctx.recipe, overwrite=overwrite)
     except FileExistsError as e:
         raise NodeError(f"{e}; choose if_exists = overwrite or another path") from None
+    except WriteError as e:  # names the file and the cause; no partial file is left
+        raise NodeError(str(e)) from None
     except OSError as e:
-        raise NodeError(f"cannot write {path}: {e.strerror or e}") from None
+        raise NodeError(f"cannot write {e.filename or path}: {e.strerror or e}") from None
     ctx.log(f"saved {written}")
     return None

@@ -247,11 +247,13 @@ def _train_settings(p: dict, bundle, optimizer: dict, source):
 
 def _tensorboard(workdir, ctx):
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         ctx.warn("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
         return None
-    return SummaryWriter(str(workdir / "tensorboard"))
+    from app.ml.train.tensorboard import GuardedWriter
+
+    return GuardedWriter(workdir / "tensorboard", ctx.warn)  # a full disk: one warning, training goes on
 
 
 def _sample_during_training(ctx, bundle, adapters, prompts, p, buckets, step, writer) -> None:

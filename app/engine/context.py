@@ -93,8 +93,20 @@ class NodeContext:
         return self._workspace
 
     def node_dir(self, *parts: str) -> Path:
-        """A folder for this node's files inside the workspace."""
+        """A folder for this node's files inside the workspace. Node ids and types are plain names
+        (validation sees to it); checked again here, resolved, because deleting old backups there
+        must never reach outside the workspace."""
+        from app.graph.confine import OutsideWorkspace, id_problem, is_inside
+
+        for name in (self.node_id, self.node_type, *parts):
+            if id_problem(name):
+                raise OutsideWorkspace(f"cannot make a folder named {name!r} for node {self.node_id}: "
+                                       f"{id_problem(name)}")
         d = self.workspace.joinpath(f"{self.node_type}_{self.node_id}", *parts)
+        if not is_inside(d, self.workspace):
+            raise OutsideWorkspace(f"the folder {d} of node {self.node_id} resolves to {d.resolve()}, outside the "
+                                   f"workspace {self.workspace.resolve()} (a symlink?); remove the link or use "
+                                   "another workspace")
         d.mkdir(parents=True, exist_ok=True)
         return d
 

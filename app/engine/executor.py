@@ -30,7 +30,9 @@ import networkx as nx
 
 from app.engine.context import NodeContext
 from app.engine.errors import Cancelled
+from app.engine.workspace import WorkspaceBusy, WorkspaceLock, clean_debris, debris_note
 from app.engine.freeze import freeze
+from app.graph.confine import ensure_inside, writes
 from app.graph.model import Graph
 from app.graph.problems import Problem
 from app.graph.recipe import to_data
@@ -55,8 +57,11 @@ class RunResult:
 class Executor:
     """Holds the output cache between runs; the worker keeps one Executor for its whole life."""
 
-    def __init__(self, registry, *, keep_outputs: bool = True) -> None:
+    def __init__(self, registry, *, keep_outputs: bool = True, allow_output=()) -> None:
         self.keep_outputs = keep_outputs  # False: a one-shot run (nothing cached, outputs freed after use)
+        # folders outside the workspace the user allows writes to (--allow-output; the environment's
+        # NODETRAINER_ALLOW_OUTPUT is read as well): a recipe writes nowhere else
+        self.allow_output = [str(d) for d in allow_output]
         self.registry = registry
         self.cache: dict[str, tuple] = {}  # cache key -> frozen outputs
         self.node_keys: dict[str, str] = {}  # node id -> key of its latest outputs
@@ -113,16 +118,16 @@ class Executor:
 
     def _run(self, graph: Graph, targets, emit_raw: Emit, recipe_dir: Path | None, workspace: Path,
              run_id: str) -> RunResult:
-        self.cancel_event.clear()
-        t_run = time.perf_counter()
-
+        """Validate, then run while holding the workspace (one run per workspace; debris of a killed
+        run removed first, this run's own on every way out)."""
         def emit(event: dict) -> None:
             event.setdefault("run_id", run_id)
             event.setdefault("t", time.time())
             emit_raw(event)
 
         result = RunResult("invalid", run_id)
-        problems = validate(graph, self.registry)
+        problems = validate(graph, self.registry, workspace=workspace, recipe_dir=recipe_dir,
+                            allow_output=self.allow_output)
         for t in targets or []:
             if t not in graph.nodes:
                 problems.append(Problem(None, None, f"target {t!r} is not a node of this recipe"))
@@ -131,7 +136,31 @@ class Executor:
             emit({"event": "run_done", "status": "invalid", "problems": [p.to_dict() for p in problems],
                   "message": "; ".join(map(str, problems))})
             return result
+        if not _main_process():  # accelerate's other processes write nothing of their own here
+            return self._run_nodes(graph, targets, emit, recipe_dir, workspace, run_id, result)
+        recipe = graph.meta.get("title") if isinstance(graph.meta.get("title"), str) else ""
+        lock = WorkspaceLock(workspace, recipe=recipe or str(recipe_dir or ""), run_id=run_id)
+        try:
+            lock.acquire()
+        except (WorkspaceBusy, OSError) as e:
+            result.status, result.error = "error", str(e)
+            emit({"event": "run_done", "status": "error", "message": str(e), "executed": [], "cached": []})
+            return result
+        try:
+            for note in lock.notes:
+                emit({"event": "log", "level": "warning", "message": note})
+            count, freed = clean_debris(workspace)
+            if count:
+                emit({"event": "log", "level": "info", "message": debris_note(count, freed)})
+            return self._run_nodes(graph, targets, emit, recipe_dir, workspace, run_id, result)
+        finally:
+            clean_debris(workspace)  # temp files of this run that an interrupted write left
+            lock.release()
 
+    def _run_nodes(self, graph: Graph, targets, emit: Emit, recipe_dir: Path | None, workspace: Path,
+                   run_id: str, result: RunResult) -> RunResult:
+        self.cancel_event.clear()
+        t_run = time.perf_counter()
         order = self.plan(graph, targets)
         keys = self.keys(graph, order, recipe_dir, workspace)
         recipe_data = to_data(graph)
@@ -188,6 +217,7 @@ class Executor:
             for producer, output in set(read):  # this node may now hold the last reference
                 release(producer, output)
             try:
+                self._confine(spec, kwargs, workspace)
                 outputs = freeze(normalise_outputs(spec, spec.fn(ctx, **kwargs)))
             except Cancelled:
                 emit({"event": "node_cancelled", **base, "elapsed_s": time.perf_counter() - t0})
@@ -222,6 +252,13 @@ class Executor:
             done["message"] = "stopped by the user"
         emit(done)
         return result
+
+    def _confine(self, spec: NodeSpec, kwargs: dict, workspace: Path) -> None:
+        """Checked again as the node starts: a symlink made since validation cannot move a write."""
+        for inp in spec.params:
+            value = kwargs.get(inp.name)
+            if writes(inp) and isinstance(value, str) and value and not _SCHEME.match(value):
+                ensure_inside(value, workspace, self.allow_output, what=f"param {inp.name!r}")
 
     def _output_index(self, graph: Graph, node_id: str, output: str) -> int:
         spec = self.registry.get(graph.nodes[node_id].type)
@@ -268,6 +305,14 @@ def resolve_paths(params: dict, spec: NodeSpec, recipe_dir: Path | None, workspa
 
 
 _PLAIN_ERRORS = (OSError, ValueError, KeyError, NotImplementedError, MemoryError)
+
+
+def _main_process() -> bool:
+    """False in the other processes of ``accelerate launch`` (they share the main one's workspace)."""
+    import os
+
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    return not rank.isdigit() or int(rank) == 0
 
 
 def error_message(e: BaseException) -> str:

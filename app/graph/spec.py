@@ -52,6 +52,9 @@ class Input:
     advanced: bool = False  # hidden behind "more" in the editor
     # STRING only: a light function (no torch) returning why a value is unacceptable, or None
     check: Callable[[str], str | None] | None = field(default=None, compare=False, repr=False)
+    # PATH only: the node writes there although the kind is not an output one (e.g. a cache folder);
+    # written paths must stay inside the workspace (app/graph/confine.py)
+    writes: bool = False
 
     @property
     def is_socket(self) -> bool:
@@ -126,8 +129,9 @@ def Enum(name: str, choices: list[str] | tuple[str, ...], default: str | None = 
 
 
 def Path(name: str, default: str = "", *, kind: str = "file", optional: bool = False, tooltip: str = "",
-         advanced: bool = False) -> Input:
-    return Input(name, "PATH", default, path_kind=kind, optional=optional, tooltip=tooltip, advanced=advanced)
+         advanced: bool = False, writes: bool = False) -> Input:
+    return Input(name, "PATH", default, path_kind=kind, optional=optional, tooltip=tooltip, advanced=advanced,
+                 writes=writes)
 
 
 @dataclass(frozen=True)

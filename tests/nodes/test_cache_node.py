@@ -26,6 +26,12 @@ def counts(r, what="latents"):
     raise AssertionError(f"no {what} row")
 
 
+@pytest.fixture(autouse=True)
+def allow_cache_folder(tmp_path, monkeypatch):
+    """The cache folders here lie outside the workspace: allowed, as a user allows a shared cache."""
+    monkeypatch.setenv("NODETRAINER_ALLOW_OUTPUT", str(tmp_path))
+
+
 @pytest.fixture
 def small(tmp_path):
     folder = tmp_path / "imgs"

@@ -359,7 +359,7 @@ def test_training_with_a_cache_node_equals_encoding_on_the_fly(tmp_path):
         links = [l for l in links if not (l["from_node"] == "2" and l["to_node"] == "3")]
         extra = [("2", "dataset", "8", "dataset"), ("8", "dataset", "3", "datasets")]
         if cached:
-            data["nodes"]["9"] = {"type": "Cache", "version": 1, "params": {"folder": str(tmp_path / "cache")}}
+            data["nodes"]["9"] = {"type": "Cache", "version": 1, "params": {"folder": str(tmp_path / "True" / "cache")}}
             extra += [("1", "model", "9", "model"), ("3", "buckets", "9", "buckets"), ("9", "buckets", "6", "buckets")]
         else:
             extra += [("3", "buckets", "6", "buckets")]

@@ -62,7 +62,7 @@ def save_single_file(
     tes = [sds[spec.name] for spec in bundle.family.text_encoders]
     original = to_original_state_dict(bundle.family.id, sds["unet"], bundle.unet.config, sds["vae"], bundle.vae.config, tes)
     tensors = _prepare(original, dt)
-    with atomic_file(path, overwrite) as target:
+    with atomic_file(path, overwrite, size_hint=sum(t.numel() * t.element_size() for t in tensors.values())) as target:
         meta = checkpoint_metadata(bundle, title=target.final.stem, recipe=recipe, step=step, epoch=epoch)
         save_file(tensors, str(target.tmp), metadata=meta)
     return target.final
@@ -85,7 +85,9 @@ def save_diffusers(
     dt = parse_save_dtype(dtype) if dtype is not None else None
     sds = _state_dicts(bundle, adapters, strength)
     fam = bundle.family
-    with atomic_folder(folder, overwrite) as target:
+    size = sum(t.numel() * (dt.itemsize if dt is not None and t.is_floating_point() else t.element_size())
+               for sd in sds.values() for t in sd.values())
+    with atomic_folder(folder, overwrite, size_hint=size) as target:
         root = target.tmp
         index: dict[str, Any] = {"_class_name": fam.pipeline_class, "_diffusers_version": diffusers.__version__}
         for name, model in (("unet", bundle.unet), ("vae", bundle.vae)):

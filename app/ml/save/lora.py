@@ -60,7 +60,8 @@ def save_adapter(
         path = path.with_name(path.name + ".safetensors")
     dt = parse_save_dtype(dtype)
     tensors = {k: v.to(dt).contiguous() for k, v in adapter_tensors(adapters, layout, unet_naming=unet_naming).items()}
-    with atomic_file(path, overwrite) as target:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_file(path, overwrite, size_hint=size) as target:
         meta = lora_metadata(
             adapters, layout=layout, title=target.final.stem, recipe=recipe, step=step, epoch=epoch,
             base_model_name=base_model_name, extra=extra_metadata,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -403,29 +404,25 @@ class Trainer:
 
     # ---- backups -----------------------------------------------------------------------------
     def _backup(self, step, epoch, batch_index, optimizer, lr_sched, ema, backups) -> str:
-        """A resumable snapshot, written to a temp folder and renamed: a crash never leaves half of one."""
-        root = self.workdir / "backups"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step_{step:07d}"
-        tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        """A resumable snapshot, built in a temp folder and renamed: a crash or a full disk never
+        leaves half of one (the temp folder goes, and the error names the backup and the size)."""
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable.state_dict().items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None}, tmp / "state.pt")
+        from app.atomic import atomic_folder
+
+        root = self.workdir / "backups"
+        final = root / f"step_{step:07d}"
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.trainable.state_dict().items()}
+        state = {"optimizer": optimizer.state_dict(), "scheduler": lr_sched.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else None}
         meta = {"step": step, "epoch": epoch, "batch_index": batch_index, "seed": self.s.seed,
                 "settings": _jsonable(asdict(self.s)), "optimizer": self.opt_settings, "time": time.time()}
-        (tmp / "backup.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_folder(final, overwrite=True, size_hint=tensor_bytes(weights) + tensor_bytes(state)) as target:
+            save_file(weights, str(target.tmp / "trainable.safetensors"))
+            torch.save(state, target.tmp / "state.pt")
+            (target.tmp / "backup.json").write_text(json.dumps(meta, indent=2))
         backups.append(str(final))
-        existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-        for old in existing[: max(0, len(existing) - self.s.backups_kept)]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_backups(root, self.s.backups_kept)
         return str(final)
 
     def _load_backup(self, path: Path, optimizer, lr_sched, ema) -> tuple[int, int, int]:
@@ -558,6 +555,34 @@ def _memory_mb(device: torch.device) -> float | None:
 
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
+
+
+_BACKUP_NAME = re.compile(r"^step_\d{7}$")
+
+
+def prune_backups(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` backups in ``root``. Only folders this loop names
+    (``step_NNNNNNN``), real ones inside ``root``: never a symlink, nor anything a user put there."""
+    try:
+        entries = sorted(p for p in root.iterdir() if _BACKUP_NAME.match(p.name) and not p.is_symlink() and p.is_dir()
+                         and (p / "backup.json").is_file())
+    except OSError:
+        return []
+    gone = entries[: max(0, len(entries) - keep)]
+    for old in gone:
+        shutil.rmtree(old, ignore_errors=True)
+    return gone
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) state dict: what a backup of it takes on disk, about."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 # ---- resume: finding and checking a backup before anything is unpickled ----------------------
