@@ -221,8 +221,9 @@ def cmd_run(args) -> int:
         main_process = dist.is_main()
     workspace = Path(args.workspace or os.environ.get("NODETRAINER_WORKSPACE") or Path("workspace") / recipe_path.stem)
     events_file = open(args.events, "w", encoding="utf-8") if args.events and main_process else None
+    resume = _ResumeHint()
     emit = Fanout(ConsoleReporter(verbose=args.verbose) if main_process else None,
-                  JsonlWriter(events_file) if events_file else None)
+                  JsonlWriter(events_file) if events_file else None, resume)
     recipe_dir = str(recipe_path.resolve().parent)
     try:
         if args.worker:
@@ -232,9 +233,78 @@ def cmd_run(args) -> int:
     finally:
         if events_file:
             events_file.close()
+    if status == "cancelled" and main_process:
+        for command in resume.commands(args, graph):
+            print(f"To resume: {command}", file=sys.stderr)
     if status == "done" and workspace.exists() and main_process:
         print(f"Outputs are in {workspace.resolve()}", file=sys.stderr)
     return {"done": EXIT_OK, "cancelled": EXIT_INTERRUPTED, "invalid": EXIT_INVALID}.get(status, EXIT_FAILED)
+
+
+class _ResumeHint:
+    """Remembers the backups that stopped nodes left (their ``resumable`` events), to print the
+    command that continues from each: the same command line with the node's resume param set."""
+
+    def __init__(self) -> None:
+        self.backups: dict[str, tuple[str, str]] = {}  # node id -> (param, backup path)
+
+    def __call__(self, event: dict) -> None:
+        if event.get("event") == "resumable" and event.get("path"):
+            self.backups[event.get("node")] = (event.get("param") or "resume_from", str(event["path"]))
+
+    def commands(self, args, graph) -> list[str]:
+        return [_resume_command(args, graph, nid, param, path) for nid, (param, path) in self.backups.items()
+                if nid in graph.nodes]
+
+
+def _node_ref(graph, nid: str) -> str:
+    """How --set names this node: its title or type when that finds exactly this node, else its id."""
+    from app.graph.overrides import UsageError, find_node
+
+    node = graph.nodes[nid]
+    for ref in (node.title, node.type):
+        try:
+            if ref and "=" not in ref and find_node(graph, ref) == nid:
+                return ref
+        except UsageError:
+            continue
+    return nid
+
+
+def _resume_command(args, graph, nid: str, param: str, path: str) -> str:
+    import shlex
+    import shutil
+
+    from app.graph.overrides import UsageError, find_node
+
+    def same_param(assignment: str) -> bool:  # an earlier --set of this param gives way to the new one
+        lhs = assignment.split("=", 1)[0]
+        ref, _, name = lhs.rpartition(".")
+        try:
+            return name == param and find_node(graph, ref) == nid
+        except UsageError:
+            return False
+
+    prog = sys.argv[0] if Path(sys.argv[0]).name == "launch.py" else "launch.py"
+    python = "python" if shutil.which("python") and Path(shutil.which("python")).resolve() == Path(sys.executable).resolve() \
+        else sys.executable
+    parts = [python, prog]
+    for d in args.nodes_dir:
+        parts += ["--nodes-dir", d]
+    parts += ["run", args.recipe]
+    for assignment in args.set:
+        if not same_param(assignment):
+            parts += ["--set", assignment]
+    for t in args.target:
+        parts += ["--target", t]
+    if args.workspace:
+        parts += ["--workspace", args.workspace]
+    for d in getattr(args, "allow_output", None) or []:
+        parts += ["--allow-output", d]
+    if args.worker:
+        parts.append("--worker")
+    parts += ["--set", f"{_node_ref(graph, nid)}.{param}={path}"]
+    return shlex.join(parts)
 
 
 class _InterruptHandler:

@@ -40,7 +40,7 @@ def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dty
     try:
         bundle = load(source, family=None if family == "auto" else family, vae=vae or None,
                       dtypes={"unet": unet_dtype, "text_encoder": text_encoder_dtype, "vae": vae_dtype},
-                      tokenizer=tokenizer or None, log=ctx.log)
+                      tokenizer=tokenizer or None, log=ctx.log, check_cancel=ctx.check_cancel)
     except (ModelLoadError, FileNotFoundError) as e:
         raise NodeError(str(e)) from None
     ctx.log(f"loaded {bundle.family.display_name} from {source}")
@@ -147,7 +147,7 @@ def sample(ctx, model, prompt, negative_prompt, width, height, steps, cfg, seed,
         result = sample_images(handle.base, prompts, negative_prompt=negative_prompt, width=width, height=height,
                                steps=steps, cfg=cfg, seed=None if seed < 0 else seed, sampler=sampler,
                                adapters=handle.adapter_pairs(lora_strength),
-                               progress=lambda i, n: ctx.progress(i, n, "sampling"))
+                               progress=lambda i, n: ctx.progress(i, n, "sampling"), check_cancel=ctx.check_cancel)
     except ValueError as e:
         raise NodeError(str(e)) from None
     paths = save_samples(result, ctx.node_dir(), recipe=ctx.recipe)

@@ -54,6 +54,7 @@ def load_model(
     tokenizer: "str | os.PathLike | None" = None,
     prediction_type: str | None = None,
     config: "str | os.PathLike | None" = None,
+    check_cancel: "Callable[[], None] | None" = None,
     log: "Callable[[str], None] | None" = None,
 ) -> ModelBundle:
     """Load a base model into a ``ModelBundle`` without touching the network.
@@ -74,6 +75,8 @@ def load_model(
     ``log``: progress lines (a tokenizer being fetched from the hub, and where tokenizers came from).
     """
     src = str(source)
+    check = check_cancel or (lambda: None)  # raises on a stop request: called between the slow parts
+    _import_libraries(check)
     forced = get_family(family) if family is not None else None
     if src.startswith("builtin:"):
         parts = _load_builtin(src[len("builtin:"):], forced)
@@ -88,6 +91,7 @@ def load_model(
         else:
             raise ModelLoadError(f"{path.name}: not a model file (expected {', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers folder.")
 
+    check()
     fam: ModelFamily = parts["family"]
     if prediction_type is not None:
         fam = fam.with_prediction_type(prediction_type)
@@ -101,6 +105,7 @@ def load_model(
     identities: dict[str, str] = {}
     unet = parts["unet"]
     for name, module in _named_components(fam, parts):
+        check()
         dtype = resolved[name]
         if name == "vae":
             warn_fp16_sdxl_vae(fam, dtype)
@@ -124,6 +129,16 @@ def load_model(
         identities=identities,
         source=src,
     )
+
+
+def _import_libraries(check: "Callable[[], None]") -> None:
+    """transformers and diffusers take seconds to import (far longer on a busy machine), and an import
+    cannot stop half-way: import them one at a time, checking for a stop request in between."""
+    check()
+    from transformers import CLIPTextModel  # noqa: F401
+    check()
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    check()
 
 
 def _named_components(fam: ModelFamily, parts: dict) -> Iterator[tuple[str, Any]]:
