@@ -1,5 +1,9 @@
 """Training nodes: the optimizer recipe and the training loop."""
 
+import time
+
+from app.engine.errors import Cancelled
+
 from app.ml.train.names import LOSSES, OPTIMIZERS, SCHEDULES, TIMESTEP_DISTRIBUTIONS, WEIGHTINGS
 from app.graph.spec import Bool, Enum, Float, Int, Output, Path, Socket, String, node
 
@@ -110,6 +114,7 @@ def train_loop(ctx, model, buckets, optimizer, **p):
     from app.ml.train.optim import OptimizerError
     from app.ml.train.trainables import AdapterTrainable, FullFinetune
 
+    t_started = time.time()
     handle = as_handle(model)
     bundle = handle.base
     rank, world = dist.rank_world()
@@ -143,6 +148,7 @@ def train_loop(ctx, model, buckets, optimizer, **p):
     settings = _train_settings(p, bundle, optimizer, source)
     workdir = ctx.node_dir()
     writer = _tensorboard(workdir, ctx) if rank == 0 else None
+    ctx.check_cancel()  # set-up (data plan, caption check, TensorBoard) can take seconds
     prompts = [line.strip() for line in p["sample_prompts"].splitlines() if line.strip()]
 
     def metric(**values):
@@ -180,6 +186,10 @@ def train_loop(ctx, model, buckets, optimizer, **p):
         result = trainer.run(resume_from=p["resume_from"] or None)
     except (TrainingError, OptimizerError) as e:
         raise NodeError(str(e)) from None
+    except Cancelled:
+        if rank == 0:
+            _announce_backup(ctx, workdir, t_started)
+        raise
     finally:
         source.close()
         if validation is not None:
@@ -200,6 +210,23 @@ def train_loop(ctx, model, buckets, optimizer, **p):
            "validation": result.validation, "backups": result.backups, "workdir": str(workdir),
            "elapsed_s": result.elapsed_s}
     return trained, run
+
+
+def _announce_backup(ctx, workdir, since: float) -> None:
+    """After a stop, tell the front end which backup this run left, so that the command line can print
+    the exact command that continues from it (a ``resumable`` event: param and path)."""
+    import json
+
+    newest = None
+    for meta in (workdir / "backups").glob("*/backup.json"):
+        try:
+            t = float(json.loads(meta.read_text()).get("time", 0))
+        except (OSError, ValueError):
+            continue
+        if t >= since and (newest is None or t > newest[0]):
+            newest = (t, meta.parent)
+    if newest is not None:
+        ctx.emit("resumable", param="resume_from", path=str(newest[1]))
 
 
 def _warn_long_captions(ctx, bundle, source, chunks: int) -> None:
@@ -268,7 +295,8 @@ def _sample_during_training(ctx, bundle, adapters, prompts, p, buckets, step, wr
     q = bundle.family.vae_scale_factor
     size = max(q, (size or bundle.family.default_resolution) // q * q)
     result = sample_images(bundle, prompts, width=size, height=size, steps=p["sample_steps"], cfg=p["sample_cfg"],
-                           seed=p["sample_seed"], sampler=p["sample_sampler"], adapters=adapters)
+                           seed=p["sample_seed"], sampler=p["sample_sampler"], adapters=adapters,
+                           check_cancel=ctx.check_cancel)
     folder = ctx.node_dir("samples")
     save_samples(result, folder, prefix=f"step_{step:07d}", recipe=ctx.recipe, overwrite=True)
     captions = [f"step {step}: {q['prompt']}" for q in result.params]

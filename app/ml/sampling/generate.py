@@ -78,6 +78,15 @@ def _long_prompt_embeds(bundle, prompt: str, negative_prompt: str, clip_skip: in
     return out
 
 
+def _step_check(check_cancel):
+    """diffusers' per-step callback: it must hand the tensors back; raising stops the pipeline."""
+    def on_step_end(pipe, step, timestep, tensors):
+        check_cancel()
+        return tensors
+
+    return on_step_end
+
+
 def sample_images(
     bundle,
     prompts: "str | Sequence[str]",
@@ -94,12 +103,14 @@ def sample_images(
     strength: float = 1.0,
     clip_skip: int = 1,
     progress=None,
+    check_cancel=None,
 ) -> SampleResult:
     """Generate ``images_per_prompt`` images per prompt.
 
     ``clip_skip`` counts like A1111 (1 = last layer). ``adapters``: an AdapterSet, a list of them,
     or ``(set, strength)`` pairs; ``strength`` applies to bare sets. ``progress(i, total)`` is called
-    after each image so a node can report progress and check for cancellation.
+    after each image so a node can report progress; ``check_cancel()`` after every denoising step,
+    so that a stop request (which it raises as an exception) ends a long sample within one step.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -129,6 +140,9 @@ def sample_images(
                 clip_skip=(clip_skip - 1) or None,
             )
             kwargs.update(_long_prompt_embeds(bundle, prompt, negative_prompt, clip_skip))
+            if check_cancel is not None:
+                check_cancel()
+                kwargs["callback_on_step_end"] = _step_check(check_cancel)
             latents = pipe(**kwargs).images
             latents_out.append(latents[0].float().cpu())
             images.extend(to_pil(bundle.decode_latents(latents)))

@@ -1,0 +1,90 @@
+"""The demo run from the command line as a user stops it: Ctrl-C within seconds at any point (model
+loading, the "before" samples, training), the command that resumes, and a clear line when a node
+kills the process."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+DEMO = ROOT / "presets" / "tiny_demo.json"
+BOUND_S = 15.0  # generous: the machine may be busy with other work
+
+
+def _events(path):
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return out
+
+
+def interrupt_when(tmp_path, ready, *extra, timeout=300):
+    """Run the demo, send SIGINT once ``ready(events)`` holds; (seconds from SIGINT to exit, rc, stderr)."""
+    events = tmp_path / "events.jsonl"
+    cmd = [sys.executable, str(ROOT / "launch.py"), "run", str(DEMO), "--events", str(events),
+           "--workspace", str(tmp_path / "ws"), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready(_events(events)):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    latency = time.monotonic() - t0
+    print(f"SIGINT to exit: {latency:.1f} s")
+    return latency, proc.returncode, err
+
+
+def started(node):
+    return lambda evs: any(e.get("event") == "node_start" and e.get("node") == node for e in evs)
+
+
+# long samples (each one far longer than the bound) so that only a check between sampler steps is in time
+LONG_SAMPLES = {"1": [], "2": ["--set", "Sample before.steps=500", "--set", "Sample before.width=192",
+                                "--set", "Sample before.height=192"],
+                "7": ["--set", "TrainLoop.sample_steps=200", "--set", "Bucketer.resolution=192"]}
+
+
+@pytest.mark.parametrize("node", ["1", "2", "7"], ids=["LoadModel", "Sample-before", "TrainLoop-start"])
+def test_ctrl_c_stops_within_seconds(tmp_path, node):
+    """At LoadModel (imports and components), in the "before" Sample node, and as TrainLoop starts
+    (its own "before" samples run first)."""
+    latency, rc, err = interrupt_when(tmp_path, started(node), *LONG_SAMPLES[node])
+    assert rc == 130, err
+    assert latency < BOUND_S, f"{latency:.1f} s from SIGINT to exit"
+    assert "Stopped by the user" in err
+
+
+def test_ctrl_c_in_training_prints_the_command_that_resumes(tmp_path):
+    def training(evs):
+        return any(e.get("event") == "metric" and e.get("node") == "7" and "loss" in e.get("values", {}) for e in evs)
+
+    latency, rc, err = interrupt_when(tmp_path, training, "--set", "TrainLoop.epochs=3")
+    assert rc == 130, err
+    assert latency < BOUND_S, f"{latency:.1f} s from SIGINT to exit"
+    line = next(l for l in err.splitlines() if l.startswith("To resume: "))
+    command = shlex.split(line[len("To resume: "):])
+    assert command[-2] == "--set" and command[-1].startswith("TrainLoop.resume_from=")
+    backup = command[-1].split("=", 1)[1]
+    assert os.path.isfile(os.path.join(backup, "backup.json"))
+    assert "TrainLoop.epochs=3" in command  # the user's own settings come along
+    # the printed command runs as it is and continues from the backup
+    if command[0] == "python":
+        command[0] = sys.executable
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    assert out.returncode == 0, out.stderr
+    assert f"resumed from {backup}" in out.stderr
