@@ -245,6 +245,9 @@ def concept(ctx, folder, name, prompt_source, caption_file, missing_caption, bal
         lines.append(f"skipped {len(skipped)} unusable files: {_names([p.path for p in skipped], 50)}")
     for line in lines:
         ctx.log(line)
+    entry_warnings = rep.entry_warnings()  # loops, broken links, orphan captions: one line per kind
+    for w in entry_warnings:
+        ctx.warn(w)
     for p in skipped[:WARN_LIMIT] + warnings[:WARN_LIMIT]:
         ctx.warn(_problem_text(p))
     extra = max(0, len(skipped) - WARN_LIMIT) + max(0, len(warnings) - WARN_LIMIT)
@@ -260,7 +263,7 @@ def concept(ctx, folder, name, prompt_source, caption_file, missing_caption, bal
         ["iterations / epoch (batch 1)", iters],
     ]
     ctx.preview("table", title=f"concept '{name}'", columns=["", "value"], rows=rows)
-    detail = lines + [f"  {_problem_text(p)}" for p in (skipped + warnings)[:200]]
+    detail = lines + entry_warnings + [f"  {_problem_text(p)}" for p in (skipped + warnings)[:200]]
     if len(skipped) + len(warnings) > 200:
         detail.append(f"  ... and {len(skipped) + len(warnings) - 200} more")
     ctx.preview("text", text="\n".join(detail))

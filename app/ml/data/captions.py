@@ -7,6 +7,7 @@ because silently training on the folder name surprises users.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,22 +26,56 @@ def caption_path_for(image_path: str | Path) -> Path:
     return p.with_name(p.stem + ".txt")
 
 
-def read_caption_lines(path: str | Path) -> list[str]:
-    """Non-empty, stripped lines of a caption file (UTF-8, BOM tolerated).
+MAX_CAPTION_BYTES = 64 * 1024  # far above any prompt a text encoder reads (75-225 tokens)
+MAX_CONCEPT_FILE_BYTES = 1024 * 1024  # one line per variant, for a whole concept
+
+
+@dataclass(frozen=True)
+class CaptionText:
+    """A caption file's usable lines; `size` is set (the file's bytes) when only its start was read."""
+
+    lines: list[str]
+    size: int | None = None
+
+    @property
+    def cut(self) -> bool:
+        return self.size is not None
+
+
+def read_caption(path: str | Path, limit: int = MAX_CAPTION_BYTES) -> CaptionText:
+    """Non-empty, stripped lines of a caption file (UTF-8, BOM tolerated), reading at most
+    `limit` bytes: a huge file is cut at the last whitespace (or whole character) before the
+    limit, so it never costs more than that in memory or in every training step.
 
     An empty list means the file exists but is empty: the caller reports that as a problem.
     """
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+            size = None
+            if len(raw) > limit:
+                size = os.fstat(f.fileno()).st_size
+                raw = raw[:limit]
     except OSError as exc:
         raise DataError(f"cannot read caption file ({exc.strerror or exc})", path) from exc
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise DataError(
-            f"caption file is not UTF-8 text (byte {exc.start}); re-save it as UTF-8", path
-        ) from exc
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        if size is None or exc.start < len(raw) - 3:
+            raise DataError(
+                f"caption file is not UTF-8 text (byte {exc.start}); re-save it as UTF-8", path
+            ) from exc
+        text = raw[: exc.start].decode("utf-8-sig")  # the cut split a character: drop its start
+    if size is not None:
+        cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+        if cut > len(text) - 1024:  # a word boundary near the end; else keep whole characters
+            text = text[:cut]
+    return CaptionText([line.strip() for line in text.splitlines() if line.strip()], size)
+
+
+def read_caption_lines(path: str | Path, limit: int = MAX_CAPTION_BYTES) -> list[str]:
+    """The lines of `read_caption` (use that to learn whether the file was cut)."""
+    return read_caption(path, limit).lines
 
 
 def caption_from_filename(path: str | Path) -> str:

@@ -12,18 +12,21 @@ from pathlib import Path
 
 from .augment import AugmentSettings
 from .captions import (
+    MAX_CAPTION_BYTES,
+    MAX_CONCEPT_FILE_BYTES,
     MISSING_CAPTION_POLICIES,
     PROMPT_SOURCES,
     TextAugment,
     caption_from_filename,
     caption_path_for,
-    read_caption_lines,
+    read_caption,
 )
 from .errors import DataError, Problem, check_cancelled
-from .images import read_image_size, scan_images, verify_image
+from .images import SKIP_KINDS, SkippedEntry, read_image_size, scan_folder, verify_image
 from .rng import permutation, stable_key
 
 CONCEPT_TYPES = ("standard", "validation", "prior")
+ENTRY_NAMES_SHOWN = 5  # names listed per kind of skipped folder entry; the rest are counted
 BALANCING = ("repeats", "samples")
 BAD_IMAGE_POLICIES = ("skip", "error")
 VERIFY_MODES = ("full", "header")
@@ -109,6 +112,32 @@ class ScanReport:
     masks_missing: int = 0
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    skipped_entries: list[SkippedEntry] = field(default_factory=list)  # loops, broken links, ...
+    orphan_captions: list[str] = field(default_factory=list)  # rel paths of .txt with no image
+    outside_links: list[tuple[str, str]] = field(default_factory=list)  # (rel, target) followed
+
+    def entry_warnings(self, shown: int = ENTRY_NAMES_SHOWN) -> list[str]:
+        """One line per kind of folder entry left out (a count and the first names), one for
+        orphan captions and one for links followed out of the folder: a dataset with ten
+        thousand broken links gives three lines, not ten thousand."""
+
+        def names(items: list[str]) -> str:
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            return ", ".join(items[:shown]) + more
+
+        out = []
+        for kind, what in SKIP_KINDS.items():
+            group = [e for e in self.skipped_entries if e.kind == kind]
+            if group:
+                out.append(f"skipped {len(group)} {what}: "
+                           + names([f"{e.rel} ({e.detail})" if e.detail else e.rel for e in group]))
+        if self.orphan_captions:
+            out.append(f"{len(self.orphan_captions)} caption files have no image of the same name beside them "
+                       f"and are not used: {names(self.orphan_captions)}")
+        if self.outside_links:
+            out.append(f"followed {len(self.outside_links)} symlinks out of the dataset folder: "
+                       + names([f"{rel} -> {target}" for rel, target in self.outside_links]))
+        return out
 
     @property
     def skipped(self) -> list[Problem]:
@@ -125,6 +154,7 @@ class ScanReport:
             f"masks {self.masks_found} found / {self.masks_missing} missing"
         ]
         lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  warning: {w}" for w in self.entry_warnings()]
         lines += [f"  {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -196,6 +226,11 @@ def _too_many(problems: list[Problem], concept: str, what: str) -> DataError:
     return DataError(f"{len(problems)} {what}{more}: {shown}", first, concept)
 
 
+def _cut_message(size: int, limit: int) -> str:
+    return (f"caption file is {size / 1024:,.0f} KB; only its first {limit // 1024} KB are used (cut at a word "
+            "boundary) — a caption longer than that is never read by a text encoder; shorten it")
+
+
 def scan_concept(settings: ConceptSettings, index: int = 0, *, progress=None, check_cancel=None, log=None) -> Concept:
     """Scan a concept folder: verify images, pair captions and masks, count everything.
 
@@ -205,24 +240,32 @@ def scan_concept(settings: ConceptSettings, index: int = 0, *, progress=None, ch
     name = settings.name
     folder = Path(settings.folder)
     try:
-        files = scan_images(folder, recursive=settings.recursive, check_cancel=check_cancel)
+        found = scan_folder(folder, recursive=settings.recursive, check_cancel=check_cancel)
     except DataError as exc:
         raise DataError(exc.reason, exc.path, name) from exc
+    files = found.images
     if not files:
+        left_out = ScanReport(name, str(folder), skipped_entries=found.skipped).entry_warnings()
         raise DataError(
             "folder contains no images (looked for .png .jpg .jpeg .webp .bmp, including subfolders); "
-            "choose a folder with images",
+            "choose a folder with images" + "".join(f"; {w}" for w in left_out),
             folder,
             name,
         )
-    report = ScanReport(concept=name, folder=str(folder), files=len(files))
+    report = ScanReport(concept=name, folder=str(folder), files=len(files), skipped_entries=found.skipped,
+                        outside_links=found.outside_links)
+    if settings.prompt_source == "per_image":
+        report.orphan_captions = found.orphan_captions
 
     concept_lines: tuple[str, ...] = ()
     if settings.prompt_source == "concept_file":
         cfile = _resolve(folder, settings.caption_file)
         if not cfile.is_file():
             raise DataError("concept caption file not found; choose an existing text file", cfile, name)
-        concept_lines = tuple(read_caption_lines(cfile))
+        text = read_caption(cfile, MAX_CONCEPT_FILE_BYTES)
+        if text.cut:
+            report.problems.append(Problem(str(cfile), _cut_message(text.size, MAX_CONCEPT_FILE_BYTES), name, "warning"))
+        concept_lines = tuple(text.lines)
         if not concept_lines:
             raise DataError("concept caption file is empty; write at least one caption line", cfile, name)
 
@@ -250,11 +293,15 @@ def scan_concept(settings: ConceptSettings, index: int = 0, *, progress=None, ch
             reason = None
             if cpath.is_file():
                 try:
-                    lines = tuple(read_caption_lines(cpath))
+                    text = read_caption(cpath, MAX_CAPTION_BYTES)
                 except DataError as exc:
                     report.problems.append(Problem(str(cpath), exc.reason, name, "warning"))
                     reason = "unreadable"
                 else:
+                    lines = tuple(text.lines)
+                    if text.cut:
+                        report.problems.append(Problem(str(cpath), _cut_message(text.size, MAX_CAPTION_BYTES),
+                                                       name, "warning"))
                     if lines:
                         report.captions_found += 1
                     else:

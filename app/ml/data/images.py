@@ -8,8 +8,10 @@ surfaces as a bare PIL traceback in the middle of training.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,49 +60,153 @@ def parse_kohya_folder(name: str) -> tuple[int, str] | None:
     return int(m.group(1)), m.group(2).strip()
 
 
+@dataclass(frozen=True)
+class SkippedEntry:
+    """A folder entry the scan could not use (a symlink loop, a broken link, a folder it cannot
+    list, a pipe named like an image): skipped and reported, never a reason to fail the scan."""
+
+    path: Path
+    rel: str
+    kind: str  # one of SKIP_KINDS
+    detail: str = ""
+
+
+SKIP_KINDS = {
+    "symlink loop": "symlink loops (a link to a folder above it, or to itself)",
+    "broken link": "broken symlinks (the target does not exist)",
+    "already scanned": "links to folders already scanned (each folder is read once)",
+    "permission denied": "entries that cannot be read (permission denied)",
+    "not a file": "entries that are not regular files (pipes, sockets, devices)",
+    "unreadable": "entries that cannot be read",
+}
+
+
+@dataclass
+class FolderScan:
+    """What `scan_folder` found: images in order, plus everything it left out or should mention."""
+
+    images: list[ImageFile]
+    skipped: list[SkippedEntry]
+    orphan_captions: list[str]  # rel paths of `.txt` files with no image of that stem beside them
+    outside_links: list[tuple[str, str]]  # (rel, resolved target) of links leading out of the folder
+
+
 def scan_images(folder: str | Path, *, recursive: bool = True, check_cancel=None) -> list[ImageFile]:
-    """List training images under `folder` in sorted order; masks are paired, never listed.
+    """List training images under `folder` in sorted order (see `scan_folder`)."""
+    return scan_folder(folder, recursive=recursive, check_cancel=check_cancel).images
+
+
+def _entry_error(exc: OSError, is_link: bool) -> tuple[str, str]:
+    if exc.errno == errno.ELOOP:
+        return "symlink loop", ""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and is_link:
+        return "broken link", ""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied", ""
+    return "unreadable", exc.strerror or str(exc)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def scan_folder(folder: str | Path, *, recursive: bool = True, check_cancel=None) -> FolderScan:
+    """Walk `folder` once: training images in sorted order (masks are paired, never listed),
+    entries that cannot be used, orphan caption files, and links leading out of the folder.
 
     The folder itself may be a kohya `N_name` folder; the nearest such ancestor of an image
     (up to and including `folder`) gives its repeats and name.
+
+    Symlinks: a user may link an images folder in on purpose, so links are followed, also out of
+    the dataset folder (listed in `outside_links` so the report names them). Every real folder is
+    read at most once, so a link back to a folder above it (a loop) or to a folder already read
+    is skipped, and the walk always ends. Only the dataset folder itself must be listable; any
+    entry below it that cannot be read is skipped and listed, never fatal.
     """
     root = Path(folder)
     if not root.exists():
         raise DataError("folder does not exist; choose an existing dataset folder", root)
     if not root.is_dir():
         raise DataError("is not a folder; choose the folder that holds the images", root)
+    root_real = os.path.realpath(root)
     root_kohya = parse_kohya_folder(root.name)
-    found: list[ImageFile] = []
+    out = FolderScan([], [], [], [])
+    seen: dict[str, str] = {root_real: ""}  # real folder -> its rel, once read
 
-    def walk(directory: Path, rel_parts: tuple[str, ...], kohya):
+    def walk(directory: Path, rel_parts: tuple[str, ...], kohya, chain: tuple[str, ...]):
         check_cancelled(check_cancel)
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            raise DataError(f"cannot list folder ({exc.strerror or exc}); check permissions", directory) from exc
+            if not rel_parts:
+                raise DataError(f"cannot list folder ({exc.strerror or exc}); check permissions", directory) from exc
+            kind, detail = _entry_error(exc, False)
+            out.skipped.append(SkippedEntry(directory, "/".join(rel_parts), kind, detail))
+            return
         names = {e.name for e in entries}
+        stems = {os.path.splitext(n)[0] for n in names if is_image_name(n)}
         for entry in entries:
-            if entry.is_dir(follow_symlinks=True):
-                if recursive and not entry.name.startswith("."):
-                    sub = parse_kohya_folder(entry.name) or kohya
-                    walk(Path(entry.path), rel_parts + (entry.name,), sub)
+            if entry.name.startswith("."):
                 continue
-            if entry.name.startswith(".") or not is_image_name(entry.name) or is_mask_name(entry.name):
-                continue
+            rel = "/".join(rel_parts + (entry.name,))
             path = Path(entry.path)
+            try:
+                is_link = entry.is_symlink()
+                if is_link:
+                    st = os.stat(entry.path)  # follows the link: ELOOP / ENOENT say loop / broken
+                    is_dir, is_file = stat.S_ISDIR(st.st_mode), stat.S_ISREG(st.st_mode)
+                else:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    is_file = not is_dir and entry.is_file(follow_symlinks=False)
+            except OSError as exc:
+                if is_image_name(entry.name) or is_link:
+                    kind, detail = _entry_error(exc, is_link)
+                    out.skipped.append(SkippedEntry(path, rel, kind, detail))
+                continue
+            real = os.path.realpath(entry.path) if is_link else None
+            if is_dir:
+                if not recursive:
+                    continue
+                real = real or os.path.realpath(entry.path)
+                if real in chain:
+                    out.skipped.append(SkippedEntry(path, rel, "symlink loop", f"back to {seen[real] or '.'}"))
+                    continue
+                if _inside(root_real, real):  # a folder holding the dataset folder: it leads back in
+                    out.skipped.append(SkippedEntry(path, rel, "symlink loop", f"to {real}, which holds the dataset"))
+                    continue
+                if real in seen:
+                    out.skipped.append(SkippedEntry(path, rel, "already scanned", f"as {seen[real] or '.'}"))
+                    continue
+                seen[real] = rel
+                if is_link and not _inside(real, root_real):
+                    out.outside_links.append((rel, real))
+                sub = parse_kohya_folder(entry.name) or kohya
+                walk(path, rel_parts + (entry.name,), sub, chain + (real,))
+                continue
+            if entry.name.lower().endswith(".txt"):
+                if is_file and os.path.splitext(entry.name)[0] not in stems:
+                    out.orphan_captions.append(rel)
+                continue
+            if not is_image_name(entry.name) or is_mask_name(entry.name):
+                continue
+            if not is_file:
+                out.skipped.append(SkippedEntry(path, rel, "not a file"))
+                continue
+            if is_link and not _inside(real, root_real):
+                out.outside_links.append((rel, real))
             mask = mask_path_for(path)
-            found.append(
+            out.images.append(
                 ImageFile(
                     path=path,
-                    rel="/".join(rel_parts + (entry.name,)),
+                    rel=rel,
                     repeats=kohya[0] if kohya else None,
                     folder_name=kohya[1] if kohya else None,
                     mask_path=mask if mask.name in names else None,
                 )
             )
 
-    walk(root, (), root_kohya)
-    return found
+    walk(root, (), root_kohya, (root_real,))
+    return out
 
 
 def _orientation(img: Image.Image) -> int:
