@@ -144,6 +144,7 @@ class Executor:
             lock.acquire()
         except (WorkspaceBusy, OSError) as e:
             result.status, result.error = "error", str(e)
+            emit({"event": "log", "level": "error", "message": str(e)})
             emit({"event": "run_done", "status": "error", "message": str(e), "executed": [], "cached": []})
             return result
         try:

@@ -20,7 +20,7 @@ from app.graph.problems import Problem
 ALLOW_ENV = "NODETRAINER_ALLOW_OUTPUT"  # os.pathsep-separated folders outside workspaces we may write to
 MAX_ID_LENGTH = 64
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+_RENAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")  # dots go too: "../x" becomes "x", not ".._x"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # builtin:tiny-sd (two letters at least: not C:)
 
 
@@ -42,9 +42,9 @@ def id_problem(node_id: Any) -> str | None:
 
 
 def safe_id(node_id: str, taken: set[str]) -> str:
-    """A safe id for an old recipe's ``node_id``: unsafe runs of characters become ``_``; a clash
-    with an id in ``taken`` gets ``_2``, ``_3``..."""
-    base = _UNSAFE_CHARS.sub("_", str(node_id)).strip(".")[:MAX_ID_LENGTH - 8] or "node"
+    """A safe id for an old recipe's ``node_id``: runs of other characters (dots included) become
+    ``_``; a clash with an id in ``taken`` gets ``_2``, ``_3``..."""
+    base = _RENAME_CHARS.sub("_", str(node_id)).strip("_")[:MAX_ID_LENGTH - 8] or "node"
     candidate, n = base, 1
     while candidate in taken or id_problem(candidate):
         n += 1
