@@ -197,8 +197,11 @@ def save(ctx, model, path, what, layout, dtype, if_exists):
                                 "choose what = full_model)")
             from app.ml.save import save_adapter
 
+            from app.ml.save.metadata import training_metadata
+
             written = save_adapter(handle.adapters[-1], path, layout=layout, dtype=dtype, recipe=ctx.recipe,
-                                   step=info.get("step"), epoch=info.get("epoch"), overwrite=overwrite)
+                                   step=info.get("step"), epoch=info.get("epoch"), overwrite=overwrite,
+                                   extra_metadata=training_metadata(info))
         else:
             from app.ml.save import save_diffusers, save_single_file
 

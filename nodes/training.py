@@ -112,6 +112,7 @@ def train_loop(ctx, model, buckets, optimizer, **p):
     from app.ml.train.data_source import BucketSource
     from app.ml.train.loop import Hooks, Trainer, TrainingError
     from app.ml.train.optim import OptimizerError
+    from app.ml.save.metadata import training_metadata
     from app.ml.train.trainables import AdapterTrainable, FullFinetune
 
     t_started = time.time()
@@ -138,8 +139,10 @@ def train_loop(ctx, model, buckets, optimizer, **p):
         if chunks > 1 and not trainable.trains_text_encoder():
             ctx.log(f"captions are encoded on the fly: the Cache node's text embeddings hold 75 tokens, not {p['max_tokens']}")
         buckets = dataclasses.replace(buckets, cache=dataclasses.replace(buckets.cache, text_identity=None))
+    # the epoch-1 leftovers are the Bucketer's to report; say them here only when this plan differs
+    report = rank == 0 and not _bucketer_reported(ctx, p["seed"], world)
     source = BucketSource(buckets, p["seed"], bundle=bundle, world=world, masks=p["masked_training"],
-                          log=ctx.log if rank == 0 else None)
+                          log=ctx.log if report else None)
     validation = None
     if buckets.dataset.validation_concepts:
         validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True)
@@ -147,6 +150,7 @@ def train_loop(ctx, model, buckets, optimizer, **p):
         _warn_long_captions(ctx, bundle, source, chunks)
     settings = _train_settings(p, bundle, optimizer, source)
     workdir = ctx.node_dir()
+    resolution = _trained_resolution(buckets, source)
     writer = _tensorboard(workdir, ctx) if rank == 0 else None
     ctx.check_cancel()  # set-up (data plan, caption check, TensorBoard) can take seconds
     prompts = [line.strip() for line in p["sample_prompts"].splitlines() if line.strip()]
@@ -174,7 +178,8 @@ def train_loop(ctx, model, buckets, optimizer, **p):
 
         if handle.adapters:
             path = save_adapter(trainable.adapter, workdir / "saves" / f"step_{step:07d}.safetensors",
-                                recipe=ctx.recipe, step=step, epoch=epoch, overwrite=True)
+                                recipe=ctx.recipe, step=step, epoch=epoch, overwrite=True,
+                                extra_metadata=training_metadata({"resolution": resolution}))
             ctx.log(f"saved {path}")
 
     hooks = Hooks(progress=lambda s, t: ctx.progress(s, t), metric=metric, log=ctx.log if rank == 0 else (lambda m: None),
@@ -198,7 +203,7 @@ def train_loop(ctx, model, buckets, optimizer, **p):
             writer.close()
     if prompts and rank == 0:
         sample(result.steps, result.epochs_done, inside=False)
-    info = {"step": result.steps, "epoch": result.epochs_done}
+    info = {"step": result.steps, "epoch": result.epochs_done, "resolution": resolution}
     if handle.adapters:
         trained = trainable.trained_handle()
         trained = ModelHandle(trained.base, trained.adapters, trained.strengths, {**handle.info, **info})
@@ -210,6 +215,47 @@ def train_loop(ctx, model, buckets, optimizer, **p):
            "validation": result.validation, "backups": result.backups, "workdir": str(workdir),
            "elapsed_s": result.elapsed_s}
     return trained, run
+
+
+def _trained_resolution(buckets, source) -> tuple[int, int] | None:
+    """(width, height) this run trains at, for the saved files' metadata: the Bucketer's fixed size or
+    target resolution (the largest of several), else the largest bucket of the first epoch."""
+    from app.ml.data.resolution import parse_resolution
+
+    if buckets.settings.resolution:
+        try:
+            res = parse_resolution(buckets.settings.resolution)
+        except ValueError:
+            res = None
+        if res is not None:
+            return res.fixed or (res.max_target, res.max_target)
+    sizes = [it.bucket for it in source.plan(0).items]
+    return max(sizes, key=lambda wh: (wh[0] * wh[1], wh)) if sizes else None
+
+
+def _bucketer_reported(ctx, seed: int, world: int) -> bool:
+    """Whether the Bucketer that feeds this node (directly or through a Cache) has already reported the
+    leftovers of the very epoch-1 plan this node trains: it plans with this TrainLoop's seed, so in a
+    one-process run its list is this one and a second copy would only repeat it in the log."""
+    if world != 1:
+        return False  # data-parallel runs plan a global batch of batch_size x processes
+    recipe = ctx.recipe or {}
+    nodes, links = recipe.get("nodes") or {}, recipe.get("links") or []
+    nid, seen = ctx.node_id, set()
+    while nid not in seen:
+        seen.add(nid)
+        src = next((l.get("from_node") for l in links if l.get("to_node") == nid and l.get("to_input") == "buckets"), None)
+        if src is None:
+            return False
+        if (nodes.get(src) or {}).get("type") == "Bucketer":
+            from types import SimpleNamespace
+
+            from nodes.dataset import _train_seed
+
+            bucketer = SimpleNamespace(node_id=src, recipe=recipe, warn=lambda message: None)
+            return _train_seed(bucketer, -1)[0] == seed
+        nid = src
+    return False
 
 
 def _announce_backup(ctx, workdir, since: float) -> None:

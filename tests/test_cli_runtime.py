@@ -88,3 +88,23 @@ def test_ctrl_c_in_training_prints_the_command_that_resumes(tmp_path):
     out = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
     assert out.returncode == 0, out.stderr
     assert f"resumed from {backup}" in out.stderr
+
+
+def test_demo_says_its_leftovers_once_and_its_lora_names_the_trained_resolution(tmp_path):
+    from safetensors import safe_open
+
+    events = tmp_path / "events.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "run", str(DEMO), "--target", "Save",
+                          "--set", "TrainLoop.epochs=1", "--set", "TrainLoop.sample_prompts=",
+                          "--events", str(events), "--workspace", str(tmp_path / "ws")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    logs = [e for e in _events(events) if e.get("event") == "log"]
+    repeated = [e for e in logs if "repeated to fill batches" in e.get("message", "")]
+    assert len(repeated) == 1, [(e["node"], e["message"][:60]) for e in repeated]
+    assert out.stderr.count("repeated to fill batches") == 1
+    lora = next((tmp_path / "ws").rglob("*.safetensors"))
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.resolution"] == "64x64"  # the demo trains at 64 px, not SD 1.5's 512
+    assert meta["ss_resolution"] == "(64, 64)"

@@ -22,18 +22,36 @@ def _recipe_text(recipe: Any) -> str:
     return recipe if isinstance(recipe, str) else json.dumps(recipe, sort_keys=True, separators=(",", ":"))
 
 
-def modelspec(family, *, kind: str, title: str, resolution: int | None = None) -> dict[str, str]:
+def modelspec(family, *, kind: str, title: str, resolution: "int | tuple[int, int] | None" = None) -> dict[str, str]:
+    """``resolution``: what was trained (see ``training_metadata``); the family's default only when unknown."""
     arch = _ARCH.get(family.id, family.id) + (f"/{kind}" if kind else "")
-    res = resolution or family.default_resolution
+    width, height = _size(resolution or family.default_resolution)
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": arch,
         "modelspec.implementation": IMPL_SAI if family.id == "sdxl" else "diffusers",
         "modelspec.title": title,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "v" if family.prediction_type == "v_prediction" else "epsilon",
     }
+
+
+def _size(resolution: "int | tuple[int, int]") -> tuple[int, int]:
+    if isinstance(resolution, (tuple, list)):
+        return int(resolution[0]), int(resolution[1])
+    return int(resolution), int(resolution)
+
+
+def training_metadata(info: Mapping[str, Any] | None) -> dict[str, str]:
+    """Keys that describe the training itself, from what TrainLoop records on the model it returns
+    (``resolution``: the width and height trained at). A 64-px run must not read as 512x512 in a model
+    browser, nor in A1111's ``ss_resolution``. Empty when nothing is known (an untrained model)."""
+    resolution = (info or {}).get("resolution")
+    if not resolution:
+        return {}
+    width, height = _size(resolution)
+    return {"modelspec.resolution": f"{width}x{height}", "ss_resolution": f"({width}, {height})"}
 
 
 def _network_module_and_args(aset) -> tuple[str, dict[str, str]]:
