@@ -602,7 +602,7 @@ def verify_backup(path: str | Path) -> tuple[Path, dict]:
     path = Path(path)
 
     def refuse(why: str):
-        raise TrainingError(f"resume_from {path}: {why}. {BACKUP_HOLDS}")
+        raise TrainingError(f"resume_from {path}: {why}. {BACKUP_HOLDS}") from None
 
     if not path.exists():
         refuse("no such file or folder")
