@@ -7,7 +7,7 @@ last good one was, and a re-run must not silently replace last night's result: w
 temporary file in the same folder and are moved into place with ``os.replace`` (atomic on one file
 system); an existing target is kept unless ``overwrite=True``, the new file getting ``_1``, ``_2``...
 
-Temporary files and folders are named ``.nodetrainer-tmp-...`` (``TMP_PREFIX``), so what a killed
+Temporary files and folders are named ``.nodetrainer-tmp-<name>.XXXXXXXX.tmp`` (``TMP_PREFIX``), so what a killed
 run leaves behind is recognisable and the next run in that workspace removes it (see
 ``app/engine/workspace.py``). They get the user's umask before they are moved into place:
 ``mkstemp`` creates them 0600, which would keep a LoRA unreadable by a ComfyUI service running as
@@ -67,7 +67,7 @@ def atomic_file(path: "str | os.PathLike", overwrite: bool = False, *, size_hint
     target = available_path(path, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(target.name), dir=str(target.parent))
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(target.name), suffix=".tmp", dir=str(target.parent))
         os.close(fd)
     except OSError as e:
         raise write_error(e, target, size_hint) from None
@@ -90,7 +90,7 @@ def atomic_folder(path: "str | os.PathLike", overwrite: bool = False, *, size_hi
     target = available_path(path, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(target.name), dir=str(target.parent)))
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(target.name), suffix=".tmp", dir=str(target.parent)))
     except OSError as e:
         raise write_error(e, target, size_hint) from None
     try:
