@@ -218,3 +218,24 @@ def test_rolling_backups_delete_only_their_own_folders(tmp_path):
                                                       "step_0000040", "step_notes"]
     assert (victim / "step_0000001" / "backup.json").is_file()
     shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("value", [".", "sub/..", "{ws}", "{allowed}"])
+def test_a_save_path_naming_the_workspace_itself_is_refused(tmp_path, value, no_env_allow):
+    """Save adds ".safetensors" to the last name (ws -> ../ws.safetensors) and replaces a folder it
+    writes: the workspace or an allowed folder itself is no place to save."""
+    from app.engine.executor import Executor
+    from app.graph.model import Graph
+    from app.graph.registry import load_registry
+
+    ws, allowed = tmp_path / "ws", tmp_path / "loras"
+    allowed.mkdir()
+    reg = load_registry(include_user=False)
+    g = Graph()
+    g.add_node("LoadModel", 1, {"source": "builtin:tiny-sd"}, node_id="1")
+    g.add_node("Save", 1, {"path": value.format(ws=ws, allowed=allowed), "what": "full_model",
+                           "layout": "single_file"}, node_id="2")
+    g.add_link("1", "model", "2", "model")
+    r = Executor(reg, allow_output=[allowed]).run(g, workspace=ws)
+    assert r.status == "invalid" and "itself; name a file or folder inside it" in r.problems[0].message, r.problems
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loras"]

@@ -32,7 +32,7 @@ from app.engine.context import NodeContext
 from app.engine.errors import Cancelled
 from app.engine.workspace import WorkspaceBusy, WorkspaceLock, clean_debris, debris_note
 from app.engine.freeze import freeze
-from app.graph.confine import ensure_inside, writes
+from app.graph.confine import ensure_inside, strict_for, writes
 from app.graph.model import Graph
 from app.graph.problems import Problem
 from app.graph.recipe import to_data
@@ -259,7 +259,7 @@ class Executor:
         for inp in spec.params:
             value = kwargs.get(inp.name)
             if writes(inp) and isinstance(value, str) and value and not _SCHEME.match(value):
-                ensure_inside(value, workspace, self.allow_output, what=f"param {inp.name!r}")
+                ensure_inside(value, workspace, self.allow_output, what=f"param {inp.name!r}", strict=strict_for(inp))
 
     def _output_index(self, graph: Graph, node_id: str, output: str) -> int:
         spec = self.registry.get(graph.nodes[node_id].type)

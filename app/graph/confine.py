@@ -96,11 +96,18 @@ def allowed_roots(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
     return out
 
 
-def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
-    """Whether ``path`` is ``root`` or below it, both fully resolved (``~``, ``..``, symlinks)."""
+def is_inside(path: str | os.PathLike, root: str | os.PathLike, strict: bool = False) -> bool:
+    """Whether ``path`` is ``root`` (unless ``strict``) or below it, both fully resolved (``~``,
+    ``..``, symlinks)."""
     p = Path(os.path.realpath(os.path.expanduser(str(path))))
     r = Path(os.path.realpath(os.path.expanduser(str(root))))
-    return p == r or r in p.parents
+    return (p == r and not strict) or r in p.parents
+
+
+def strict_for(inp) -> bool:
+    """An output file or folder must lie *below* the root: Save turns ``x`` into ``x.safetensors``
+    beside it, and replaces a folder it writes, so the root itself would mean writing beside it."""
+    return inp.path_kind.startswith("output")
 
 
 def writes(inp) -> bool:
@@ -124,15 +131,16 @@ def resolve_write_path(value: str, inp, recipe_dir: str | os.PathLike | None,
     return Path(os.path.realpath(p))
 
 
-def outside(path: str | os.PathLike, workspace: str | os.PathLike, allow: Iterable[str | os.PathLike] = ()) -> bool:
+def outside(path: str | os.PathLike, workspace: str | os.PathLike, allow: Iterable[str | os.PathLike] = (),
+            strict: bool = False) -> bool:
     """True when ``path`` is neither inside ``workspace`` nor inside an allowed output root."""
-    return not is_inside(path, workspace) and not any(is_inside(path, r) for r in allowed_roots(allow))
+    return not is_inside(path, workspace, strict) and not any(is_inside(path, r, strict) for r in allowed_roots(allow))
 
 
 def ensure_inside(path: str | os.PathLike, workspace: str | os.PathLike, allow: Iterable[str | os.PathLike] = (),
-                  what: str = "this path") -> Path:
+                  what: str = "this path", strict: bool = False) -> Path:
     """``path`` resolved, or OutsideWorkspace saying what to do."""
-    if outside(path, workspace, allow):
+    if outside(path, workspace, allow, strict):
         raise OutsideWorkspace(f"{what} resolves to {os.path.realpath(os.path.expanduser(str(path)))}, outside the "
                                f"workspace {os.path.realpath(workspace)}; a recipe writes only inside its workspace. "
                                f"Use a relative path, or allow the folder with --allow-output DIR or "
@@ -167,11 +175,15 @@ def check_graph(graph, registry, *, workspace: str | os.PathLike | None = None,
                 resolved = _lexical_escape(value, inp, recipe_dir)
             else:
                 resolved = resolve_write_path(value, inp, recipe_dir, workspace)
-                if resolved is not None and is_inside(resolved, workspace):
+                if resolved is not None and is_inside(resolved, workspace, strict_for(inp)):
                     resolved = None
-            if resolved is None or any(is_inside(resolved, r) for r in roots):
+            if resolved is None or any(is_inside(resolved, r, strict_for(inp)) for r in roots):
                 continue
             where = f"the workspace {os.path.realpath(workspace)}" if workspace is not None else "the workspace"
+            if workspace is not None and resolved in (Path(os.path.realpath(workspace)), *roots):
+                problems.append(Problem(node.id, node.label(), f"param {inp.name!r} names the folder {resolved} "
+                                        "itself; name a file or folder inside it (e.g. my_lora.safetensors)"))
+                continue
             problems.append(Problem(node.id, node.label(),
                                     f"param {inp.name!r} writes to {resolved}, outside {where}; a recipe writes "
                                     f"only inside its workspace. Use a relative path without '..', or allow "
