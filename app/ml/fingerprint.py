@@ -18,7 +18,14 @@ def path_fingerprint(path: str) -> str:
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     elif os.path.isdir(path):
         count = 0
-        for root, dirs, files in os.walk(path):
+        top = os.path.realpath(path)
+        seen: set[str] = set()
+        for root, dirs, files in os.walk(path, followlinks=True):  # as Concept scans: linked folders count
+            real = os.path.realpath(root)
+            if real in seen or (real != top and top.startswith(real.rstrip(os.sep) + os.sep)):
+                dirs[:] = []  # a folder read already, or one holding this one: a symlink loop
+                continue
+            seen.add(real)
             dirs.sort()
             for name in sorted(files):
                 try:

@@ -318,3 +318,21 @@ def test_orphan_captions_are_listed_once(tmp_path):
         "sub/photo.png.txt"]
     by_name = scan_concept(ConceptSettings("orphans", data, prompt_source="filename"))
     assert by_name.report.orphan_captions == []  # captions are not read from files then
+
+
+def test_the_folder_fingerprint_sees_linked_folders_and_ends_on_loops(tmp_path):
+    """The editor re-runs Concept when its files change: also those in a folder linked in."""
+    from app.ml.fingerprint import path_fingerprint
+
+    outside = tmp_path / "elsewhere"
+    img = _pair(outside, "x")
+    data = tmp_path / "data"
+    _pair(data, "a")
+    os.symlink(str(outside), data / "linked")
+    os.symlink(".", data / "loop")
+    os.symlink(str(tmp_path), data / "up")  # holds the dataset folder: a loop too
+    before = path_fingerprint(str(data))
+    write_image(img, (40, 40))
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert path_fingerprint(str(data)) != before
