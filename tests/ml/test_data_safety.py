@@ -336,3 +336,16 @@ def test_the_folder_fingerprint_sees_linked_folders_and_ends_on_loops(tmp_path):
     st = img.stat()
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     assert path_fingerprint(str(data)) != before
+
+
+def test_a_huge_concept_caption_file_keeps_its_first_megabyte_of_lines(tmp_path):
+    from app.ml.data.captions import MAX_CONCEPT_FILE_BYTES
+
+    data = tmp_path / "data"
+    write_image(data / "a.png", (32, 32))
+    (tmp_path / "variants.txt").write_text("".join(f"variant {i:07d}\n" for i in range(200_000)))  # 3.2 MB
+    c = scan_concept(ConceptSettings("many", data, prompt_source="concept_file", caption_file=tmp_path / "variants.txt"))
+    lines = c.samples[0].caption_lines
+    assert lines[0] == "variant 0000000" and len(lines) == MAX_CONCEPT_FILE_BYTES // 16
+    (warn,) = c.report.warnings
+    assert warn.path.endswith("variants.txt") and f"({len(lines)} lines) are used" in warn.message

@@ -226,7 +226,10 @@ def _too_many(problems: list[Problem], concept: str, what: str) -> DataError:
     return DataError(f"{len(problems)} {what}{more}: {shown}", first, concept)
 
 
-def _cut_message(size: int, limit: int) -> str:
+def _cut_message(size: int, limit: int, lines: int | None = None) -> str:
+    if lines is not None:  # the concept's one caption file: many variants, one line each
+        return (f"concept caption file is {size / 1024:,.0f} KB; only its first {limit // 1024} KB "
+                f"({lines} lines) are used; shorten it or split the concept")
     return (f"caption file is {size / 1024:,.0f} KB; only its first {limit // 1024} KB are used (cut at a word "
             "boundary) — a caption longer than that is never read by a text encoder; shorten it")
 
@@ -264,7 +267,8 @@ def scan_concept(settings: ConceptSettings, index: int = 0, *, progress=None, ch
             raise DataError("concept caption file not found; choose an existing text file", cfile, name)
         text = read_caption(cfile, MAX_CONCEPT_FILE_BYTES)
         if text.cut:
-            report.problems.append(Problem(str(cfile), _cut_message(text.size, MAX_CONCEPT_FILE_BYTES), name, "warning"))
+            report.problems.append(Problem(str(cfile), _cut_message(text.size, MAX_CONCEPT_FILE_BYTES, len(text.lines)),
+                                           name, "warning"))
         concept_lines = tuple(text.lines)
         if not concept_lines:
             raise DataError("concept caption file is empty; write at least one caption line", cfile, name)
