@@ -16,7 +16,8 @@ from app.gui import commands as C
 from app.gui.previews import MetricsView, Textures, draw_preview
 from app.gui.runstate import NodeRun
 from app.gui.theme import ERROR_TEXT, MUTED_TEXT, PIN_SHAPES, Themes
-from app.gui.widgets import add_param_widget, widget_value
+from app.gui.view import DEFAULT_NODE_SIZE, FONT_SIZE, View, font_file, font_size_for
+from app.gui.widgets import add_param_widget, set_widget_value, widget_value
 
 NODE_WIDTH = 260  # wrap width for messages inside a node
 # Recipes place nodes about 300 x 220 grid units apart, so a node shows its first few params and
@@ -45,6 +46,7 @@ class NodeItems:
     preview_version: int = -1
     look: tuple = ("", False)
     params: dict[str, int] = field(default_factory=dict)
+    widths: list[tuple[int, int]] = field(default_factory=list)  # (item, width at zoom 1) to scale
 
 
 class Canvas:
@@ -64,6 +66,10 @@ class Canvas:
         self.pin_items: dict[tuple[str, str, str], int] = {}
         self.links: dict[int, int] = {}  # model link id -> dpg link
         self.link_ids: dict[int, int] = {}  # dpg link -> model link id
+        self.view = View()
+        self.grid: dict[str, tuple[float, float]] = {}  # node id -> grid position it is drawn at
+        self._fonts: dict[int, int] = {}
+        self._font_size = FONT_SIZE
 
     # ---- building -----------------------------------------------------------------------------
     def sync(self, doc, refresh: set[str] | None = None) -> None:
@@ -107,7 +113,8 @@ class Canvas:
         node = doc.graph.nodes[nid]
         spec = doc.registry.get(node.type)
         pos = C.node_pos(doc.graph, nid)
-        item = dpg.add_node(label=self._title(node, spec), pos=list(pos), parent=self.editor)
+        self.grid[nid] = pos
+        item = dpg.add_node(label=self._title(node, spec), pos=list(self.view.to_editor(pos)), parent=self.editor)
         parts = NodeItems(node=item, type=node.type)
         self.nodes[nid] = parts
         self.node_ids[item] = nid
@@ -155,6 +162,9 @@ class Canvas:
             parts.metrics_parent = dpg.add_group()
             parts.preview = dpg.add_group()
         dpg.bind_item_theme(item, self.themes.node("", False))
+        parts.widths = [(i, w) for i in _descendants(item) if (w := dpg.get_item_configuration(i).get("width", 0)) > 0]
+        if self.view.zoom != 1.0:
+            self._scale_widths(parts)
 
     def _param(self, doc, nid, inp, parent) -> None:
         node = doc.graph.nodes[nid]
@@ -199,6 +209,7 @@ class Canvas:
         for key in [k for k in self.pin_items if k[0] == nid]:
             self.pins.pop(self.pin_items.pop(key), None)
         self.node_ids.pop(parts.node, None)
+        self.grid.pop(nid, None)
         if dpg.does_item_exist(parts.node):
             dpg.delete_item(parts.node)
 
@@ -214,22 +225,81 @@ class Canvas:
         parts = self.nodes[nid]
         dpg.set_item_label(parts.node, self._title(node, spec))
         pos = C.node_pos(doc.graph, nid)
-        if tuple(round(v) for v in dpg.get_item_pos(parts.node)) != tuple(round(v) for v in pos):
-            dpg.set_item_pos(parts.node, list(pos))
+        self.grid[nid] = pos
+        want = self.view.to_editor(pos)
+        if tuple(round(v) for v in dpg.get_item_pos(parts.node)) != tuple(round(v) for v in want):
+            dpg.set_item_pos(parts.node, list(want))
         if spec is None:
             return
         for name, item in parts.params.items():
             inp = spec.input(name)
             value = widget_value(inp, node.params.get(name, inp.default))
             if dpg.get_value(item) != value:
-                dpg.set_value(item, value)
+                set_widget_value(item, value)
+
+    # ---- zoom ---------------------------------------------------------------------------------
+    def set_view(self, view: View) -> None:
+        """Redraw every node at `view` (positions, font, widget widths); the recipe is untouched."""
+        old, self.view = self.view, view
+        for nid, parts in self.nodes.items():
+            grid = self.grid.get(nid) or old.to_grid(dpg.get_item_pos(parts.node))
+            dpg.set_item_pos(parts.node, list(view.to_editor(grid)))
+            if view.zoom != old.zoom:
+                self._scale_widths(parts)
+        if view.zoom != old.zoom:
+            self._bind_font(font_size_for(view.zoom))
+
+    def _scale_widths(self, parts: NodeItems) -> None:
+        for item, width in parts.widths:
+            if dpg.does_item_exist(item):
+                dpg.configure_item(item, width=max(1, round(width * self.view.zoom)))
+
+    def _bind_font(self, size: int) -> None:
+        """The canvas' font at the zoomed size, loaded the first time that size is needed."""
+        if size == self._font_size:
+            return
+        path = font_file()
+        if path is None:
+            return  # no scalable font on this system: positions and widths still zoom
+        if size not in self._fonts:
+            try:
+                with dpg.font_registry():
+                    self._fonts[size] = dpg.add_font(path, size)
+            except Exception:
+                return
+        self._font_size = size
+        # bound to the window holding the node editor: a font bound to the editor itself does not
+        # reach its nodes
+        dpg.bind_item_font(dpg.get_item_parent(self.editor), self._fonts[size])
+
+    def boxes(self) -> list[tuple[float, float, float, float]]:
+        """Each node as a grid-space box (x, y, w, h at zoom 1), from its drawn size once it has one."""
+        out = []
+        for nid, parts in self.nodes.items():
+            x, y = self.grid.get(nid, (0.0, 0.0))
+            w, h = dpg.get_item_rect_size(parts.node)
+            w, h = (w / self.view.zoom, h / self.view.zoom) if w > 0 and h > 0 else DEFAULT_NODE_SIZE
+            out.append((x, y, w, h))
+        return out
 
     # ---- reading the view back ----------------------------------------------------------------
     def positions(self) -> dict[str, tuple[float, float]]:
-        return {nid: tuple(dpg.get_item_pos(p.node)) for nid, p in self.nodes.items()}
+        """Grid-space positions as the user left them (moves at another zoom are scaled back)."""
+        out = {}
+        for nid, p in self.nodes.items():
+            pos = dpg.get_item_pos(p.node)
+            drawn = self.grid.get(nid)
+            if drawn is not None and all(abs(a - b) < 0.5 for a, b in zip(pos, self.view.to_editor(drawn))):
+                out[nid] = drawn  # not moved: no rounding drift at zooms other than 1
+            else:
+                out[nid] = self.view.to_grid(pos)
+        return out
 
     def sizes(self) -> dict[str, tuple[float, float]]:
-        return {nid: tuple(dpg.get_item_rect_size(p.node)) for nid, p in self.nodes.items()}
+        """Node sizes in grid units."""
+        z = self.view.zoom
+        return {nid: (w / z, h / z) for nid, (w, h) in
+                ((nid, dpg.get_item_rect_size(p.node)) for nid, p in self.nodes.items())}
 
     def selected_nodes(self) -> list[str]:
         return [self.node_ids[i] for i in dpg.get_selected_nodes(self.editor) if i in self.node_ids]
@@ -250,13 +320,26 @@ class Canvas:
         return None
 
     def grid_offset(self) -> tuple[float, float] | None:
-        """Screen position of grid (0, 0), from any drawn node (the editor's panning is not exposed)."""
-        for p in self.nodes.values():
+        """Screen position of editor-space (0, 0), from the drawn nodes (the editor's panning is not
+        exposed). Taken from where each node should be, not from Dear PyGui's position of it, and
+        the median over the nodes, so a node being dragged does not move the result."""
+        xs, ys = [], []
+        for nid, p in self.nodes.items():
             rmin = dpg.get_item_rect_min(p.node)
-            if dpg.is_item_visible(p.node) and rmin != [0, 0]:
-                pos = dpg.get_item_pos(p.node)
-                return rmin[0] - pos[0], rmin[1] - pos[1]
-        return None
+            if nid in self.grid and dpg.is_item_visible(p.node) and rmin != [0, 0]:
+                ex, ey = self.view.to_editor(self.grid[nid])
+                xs.append(rmin[0] - ex)
+                ys.append(rmin[1] - ey)
+        if not xs:
+            return None
+        return sorted(xs)[len(xs) // 2], sorted(ys)[len(ys) // 2]
+
+    def screen_of_grid(self, grid, offset) -> tuple[float, float]:
+        e = self.view.to_editor(grid)
+        return e[0] + offset[0], e[1] + offset[1]
+
+    def grid_of_screen(self, screen, offset) -> tuple[float, float]:
+        return self.view.to_grid((screen[0] - offset[0], screen[1] - offset[1]))
 
     def text_widget_active(self) -> bool:
         """Whether the user is typing in a node's field (then Del, Space and Ctrl-keys are the field's)."""
@@ -314,3 +397,12 @@ class Canvas:
             x = nmin[0] if side == "in" else nmin[0] + nsize[0]
             out[f"{nid}.{name}.{side}"] = [x, tmin[1] + tsize[1] / 2]
         return out
+
+
+def _descendants(item: int) -> list[int]:
+    out = []
+    for slot in dpg.get_item_children(item).values():
+        for child in slot:
+            out.append(child)
+            out.extend(_descendants(child))
+    return out

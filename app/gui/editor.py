@@ -16,6 +16,7 @@ from pathlib import Path
 import dearpygui.dearpygui as dpg
 
 from app.graph.problems import RecipeError
+from app.gui import commands as C
 from app.gui import dialogs, settings
 from app.gui.canvas import Canvas, Pin
 from app.gui.document import Document
@@ -24,9 +25,11 @@ from app.gui.previews import Textures
 from app.gui.runner import Runner
 from app.gui.runstate import RunState
 from app.gui.theme import Themes
+from app.gui.view import ZOOM_STEP, View, fit
 
 AUTOSAVE_EVERY_S = 5.0
 LEFT_W, RIGHT_W, STATUS_H = 220, 330, 30
+EDITOR_INSET = (8.0, 8.0)  # where an unpanned node editor puts (0, 0), from its canvas' corner
 
 
 class Editor:
@@ -49,6 +52,8 @@ class Editor:
         self._pending_pin: Pin | None = None
         self._search_pos = (0.0, 0.0)
         self._looks: dict[str, tuple] = {}
+        self.script = None  # a test's scripted menu actions (app/gui/script.py)
+        self._fit_pending = 0  # frames left in which to fit the view (node sizes are known after a frame)
         self.frame_times: list[float] = []
         self.build()
 
@@ -62,7 +67,7 @@ class Editor:
                 with dpg.child_window(width=LEFT_W, height=-STATUS_H) as left:
                     self.library = Library(left, self.registry, self.add_node_at_centre)
                 with dpg.child_window(width=-RIGHT_W, height=-STATUS_H, border=False,
-                                      no_scrollbar=True):
+                                      no_scrollbar=True) as self.canvas_box:
                     self.node_editor = dpg.add_node_editor(callback=self.on_link, delink_callback=self.on_delink,
                                                            minimap=True,
                                                            minimap_location=dpg.mvNodeMiniMap_Location_BottomRight,
@@ -75,20 +80,24 @@ class Editor:
         self.canvas = Canvas(self.node_editor, self.themes, self.textures, on_param=self.on_param,
                              on_browse=self.on_browse, on_preview_click=self.enlarge)
         self.search = SearchPopup(self.registry, self.on_search_pick)
+        # Groups are drawn in a viewport layer over the canvas: Dear PyGui's node editor has no
+        # layer of its own, and what a window draws lies under the editor's child window.
         self.groups_layer = dpg.add_viewport_drawlist(front=True)
         with dpg.handler_registry():
             for key in ("Z", "Y", "C", "V", "D", "S", "O", "N", "G", "Q"):
                 dpg.add_key_press_handler(getattr(dpg, f"mvKey_{key}"), callback=self.on_key, user_data=key)
-            for key in ("Delete", "Spacebar", "F5", "Escape", "Return", "Back"):
+            for key in ("Delete", "Spacebar", "F5", "Escape", "Return", "Back", "F", "Home", "0", "Plus", "Minus",
+                        "Add", "Subtract", "NumPadEqual"):
                 if hasattr(dpg, f"mvKey_{key}"):
                     dpg.add_key_press_handler(getattr(dpg, f"mvKey_{key}"), callback=self.on_key, user_data=key)
             dpg.add_mouse_double_click_handler(button=dpg.mvMouseButton_Left, callback=self.on_double_click)
             dpg.add_mouse_click_handler(button=dpg.mvMouseButton_Left, callback=self.on_click)
             dpg.add_mouse_click_handler(button=dpg.mvMouseButton_Right, callback=self.on_right_click)
+            dpg.add_mouse_wheel_handler(callback=self.on_wheel)
         self.update_title()
 
     def _menus(self) -> None:
-        with dpg.menu_bar():
+        with dpg.menu_bar() as bar:
             with dpg.menu(label="File"):
                 dpg.add_menu_item(label="New", shortcut="Ctrl+N", callback=lambda: self.guard(self.new))
                 dpg.add_menu_item(label="Open...", shortcut="Ctrl+O", callback=lambda: self.guard(self.open_dialog))
@@ -113,6 +122,12 @@ class Editor:
                 dpg.add_menu_item(label="Group selected...", shortcut="Ctrl+G", callback=lambda: self.group_selected())
                 dpg.add_menu_item(label="Rename focused node...", callback=lambda: self.rename_focused())
                 self.groups_menu = dpg.add_menu(label="Groups")
+            with dpg.menu(label="View"):
+                dpg.add_menu_item(label="Fit all", shortcut="F / Home", callback=lambda: self.fit_all())
+                dpg.add_menu_item(label="Zoom in", shortcut="Ctrl +  or wheel", callback=lambda: self.zoom_by(ZOOM_STEP))
+                dpg.add_menu_item(label="Zoom out", shortcut="Ctrl -  or wheel",
+                                  callback=lambda: self.zoom_by(1 / ZOOM_STEP))
+                dpg.add_menu_item(label="Actual size", shortcut="Ctrl 0", callback=lambda: self.zoom_by(None))
             self.presets_menu = dpg.add_menu(label="Presets")
             with dpg.menu(label="Run"):
                 dpg.add_menu_item(label="Run", shortcut="F5", callback=lambda: self.run_graph())
@@ -124,6 +139,7 @@ class Editor:
             dpg.add_spacer(width=30)
             dpg.add_button(label=" Run ", callback=lambda: self.run_graph())
             dpg.add_button(label=" Stop ", callback=lambda: self.stop())
+        self._menus_top = [m for m in dpg.get_item_children(bar, 1) if dpg.get_item_type(m).endswith("mvMenu")]
         self._fill_presets()
         self._fill_recent()
 
@@ -159,6 +175,8 @@ class Editor:
         for nid in list(self.canvas.nodes):
             self.canvas.remove_node(nid)
         self.canvas.sync(doc)
+        # a recipe opens framed: once drawn (sizes known), then again at the new zoom until it settles
+        self._fit_pending = 4
         self.run = RunState()
         self.focus = None
         self._looks.clear()
@@ -370,6 +388,8 @@ class Editor:
     def record_moves(self) -> None:
         before = self.doc.history.version
         self.doc.move(self.canvas.positions())
+        for nid in self.canvas.grid:
+            self.canvas.grid[nid] = C.node_pos(self.doc.graph, nid)
         if self.doc.history.version != before:
             self.update_title()
 
@@ -424,10 +444,53 @@ class Editor:
 
     def _canvas_centre(self):
         try:
-            rmin, size = dpg.get_item_rect_min(self.node_editor), dpg.get_item_rect_size(self.node_editor)
+            rmin, size = self._canvas_rect()
             return rmin[0] + size[0] / 2 - 100, rmin[1] + size[1] / 2 - 60
         except Exception:
             return 400, 300
+
+    def _canvas_rect(self):
+        """Screen rect of the canvas. The node editor reports no position and a child window no
+        rect_min; the child window's position is in the main window, which fills the viewport."""
+        return dpg.get_item_pos(self.canvas_box), dpg.get_item_rect_size(self.canvas_box)
+
+    def _origin(self) -> tuple[float, float]:
+        """Screen position of the node editor's (0, 0): measured from a drawn node, else where an
+        unpanned editor puts it."""
+        off = self.canvas.grid_offset()
+        if off is None:
+            rmin = self._canvas_rect()[0]
+            off = (rmin[0] + EDITOR_INSET[0], rmin[1] + EDITOR_INSET[1])
+        return off
+
+    # ---- zoom and fit -------------------------------------------------------------------------------
+    def fit_all(self) -> bool:
+        """Frame the whole graph in the canvas (View > Fit all, F or Home; done when a recipe opens)."""
+        rmin, size = self._canvas_rect()
+        if size[0] <= 0 or size[1] <= 0:
+            return False  # not drawn yet (or no viewport)
+        off = self._origin()
+        area = (rmin[0] - off[0], rmin[1] - off[1], size[0], size[1])
+        self.canvas.set_view(fit(self.canvas.boxes(), area))
+        return True
+
+    def zoom_by(self, factor: float | None, anchor_screen=None) -> None:
+        """Zoom around the mouse (or the canvas centre); None goes back to 1:1."""
+        off = self._origin()
+        if anchor_screen is None:
+            rmin, size = self._canvas_rect()
+            anchor_screen = (rmin[0] + size[0] / 2, rmin[1] + size[1] / 2)
+        view = self.canvas.view
+        anchor = (anchor_screen[0] - off[0], anchor_screen[1] - off[1])
+        self.canvas.set_view(view.zoomed(1 / view.zoom if factor is None else factor, anchor))
+        self._fit_pending = 0
+
+    def on_wheel(self, sender, app_data) -> None:
+        if not app_data or self.search.shown or not dpg.is_item_hovered(self.canvas_box):
+            return
+        if self.canvas.text_widget_active():
+            return
+        self.zoom_by(ZOOM_STEP if app_data > 0 else 1 / ZOOM_STEP, tuple(dpg.get_mouse_pos(local=False)))
 
     def _mouse_or_centre(self):
         if dpg.is_item_hovered(self.node_editor):
@@ -435,11 +498,8 @@ class Editor:
         return self._canvas_centre()
 
     def _grid_at(self, screen_pos) -> tuple[float, float]:
-        off = self.canvas.grid_offset()
-        if off is None:
-            rmin = dpg.get_item_rect_min(self.node_editor)
-            off = (rmin[0] + 8, rmin[1] + 8)
-        return round(screen_pos[0] - off[0]), round(screen_pos[1] - off[1])
+        g = self.canvas.grid_of_screen(screen_pos, self._origin())
+        return round(g[0]), round(g[1])
 
     # ---- input ------------------------------------------------------------------------------------------
     def _typing(self) -> bool:
@@ -466,9 +526,14 @@ class Editor:
         if self._typing():
             return
         if ctrl:
+            zoom_in, zoom_out = lambda: self.zoom_by(ZOOM_STEP), lambda: self.zoom_by(1 / ZOOM_STEP)  # noqa: E731
             {"Z": self.undo, "Y": self.redo, "C": self.copy_selected, "V": self.paste, "D": self.duplicate_selected,
              "O": lambda: self.guard(self.open_dialog), "N": lambda: self.guard(self.new),
-             "G": self.group_selected, "Q": self.request_quit}.get(key, lambda: None)()
+             "G": self.group_selected, "Q": self.request_quit, "Plus": zoom_in, "Add": zoom_in,
+             "NumPadEqual": zoom_in, "Minus": zoom_out, "Subtract": zoom_out,
+             "0": lambda: self.zoom_by(None)}.get(key, lambda: None)()
+        elif key in ("F", "Home") and not self.search.shown:
+            self.fit_all()
         elif key in ("Delete", "Back") and not self.search.shown:
             self.delete_selected()
         elif key == "Spacebar" and not self.search.shown:
@@ -621,6 +686,15 @@ class Editor:
             if nid in self.canvas.nodes and (r.metric_version or r.preview_version):
                 self.canvas.update_run(nid, r)
         self.validate()
+        if self._fit_pending and dpg.is_mouse_button_down(dpg.mvMouseButton_Left):
+            self._fit_pending = 0  # the user is already working on the view
+        if self._fit_pending:
+            before = self.canvas.view
+            if self.fit_all():
+                after = self.canvas.view
+                same = abs(after.zoom - before.zoom) < 0.005 * before.zoom and all(
+                    abs(a - b) < 1 for a, b in zip(after.shift, before.shift))
+                self._fit_pending = 0 if same else self._fit_pending - 1
         self._track_mouse()
         if self.focus and self.focus not in self.doc.graph.nodes:
             self.focus = None
@@ -633,23 +707,25 @@ class Editor:
         self.update_title()
 
     def _draw_groups(self) -> None:
-        """Groups are drawn over the canvas (imnodes has no groups): a titled outline per group,
-        clipped to the canvas. A group is a grid-space rect, or (older files) a list of nodes."""
+        """Groups are drawn over the canvas (imnodes has no groups): a titled frame per group,
+        clipped to the canvas, and not drawn while a menu, popup or dialog is open (the layer is
+        above every window). Placed each frame from where the nodes are drawn, so they follow
+        panning and zoom. A group is a grid-space rect, or (older files) a list of nodes."""
         dpg.delete_item(self.groups_layer, children_only=True)
         groups = self.doc.graph.ui.get("groups") or []
-        if not groups or self.search.shown:
+        if not groups or self._overlay_open():
             return
-        box_min = dpg.get_item_rect_min(self.node_editor)
-        box_size = dpg.get_item_rect_size(self.node_editor)
+        box_min, box_size = self._canvas_rect()
         box_max = (box_min[0] + box_size[0], box_min[1] + box_size[1])
         off = self.canvas.grid_offset()
+        z = self.canvas.view.zoom
         for g in groups:
             if not isinstance(g, dict):
                 continue
             rect = g.get("rect") or g.get("bounding")
             if isinstance(rect, list) and len(rect) == 4 and off is not None:
-                x0, y0 = rect[0] + off[0], rect[1] + off[1]
-                x1, y1 = x0 + rect[2], y0 + rect[3]
+                x0, y0 = self.canvas.screen_of_grid(rect[:2], off)
+                x1, y1 = x0 + rect[2] * z, y0 + rect[3] * z
             else:
                 rects = []
                 for nid in g.get("nodes", []) if isinstance(g.get("nodes"), list) else []:
@@ -659,17 +735,35 @@ class Editor:
                         rects.append((mn[0], mn[1], mn[0] + sz[0], mn[1] + sz[1]))
                 if not rects:
                     continue
-                x0, y0 = min(r[0] for r in rects) - 12, min(r[1] for r in rects) - 30
-                x1, y1 = max(r[2] for r in rects) + 12, max(r[3] for r in rects) + 12
+                x0, y0 = min(r[0] for r in rects) - 12 * z, min(r[1] for r in rects) - 30 * z
+                x1, y1 = max(r[2] for r in rects) + 12 * z, max(r[3] for r in rects) + 12 * z
             if x1 <= box_min[0] or y1 <= box_min[1] or x0 >= box_max[0] or y0 >= box_max[1]:
                 continue
             cx0, cy0 = max(x0, box_min[0]), max(y0, box_min[1])
             cx1, cy1 = min(x1, box_max[0]), min(y1, box_max[1])
             dpg.draw_rectangle((cx0, cy0), (cx1, cy1), color=(220, 200, 110, 220), thickness=2, rounding=6,
                                parent=self.groups_layer)
-            if y0 >= box_min[1] and x0 >= box_min[0]:
-                dpg.draw_text((x0 + 8, y0 + 3), str(g.get("title", "Group")), size=16, color=(240, 220, 130, 255),
+            size = max(8, round(16 * z))
+            title = str(g.get("title", "Group"))
+            if y0 >= box_min[1] and x0 >= box_min[0] and x0 + 8 * z + size * 0.6 * len(title) < box_max[0]:
+                dpg.draw_text((x0 + 8 * z, y0 + 3 * z), title, size=size, color=(240, 220, 130, 255),
                               parent=self.groups_layer)
+
+    def _overlay_open(self) -> bool:
+        """Whether anything is drawn over the canvas: a menu of the menu bar (its state is
+        'focused' while open), the search, a popup or a dialog (any other shown window)."""
+        if self.search.shown:
+            return True
+        for menu in self._menus_top:
+            if dpg.get_item_state(menu).get("focused"):
+                return True
+        main = self.window if isinstance(self.window, int) else dpg.get_alias_id(self.window)
+        for w in dpg.get_windows():
+            kind = dpg.get_item_type(w)
+            if w != main and (kind.endswith("mvWindowAppItem") or kind.endswith("mvFileDialog")) \
+                    and dpg.is_item_shown(w):
+                return True
+        return False
 
     def _autosave(self) -> None:
         if not self.autosave_enabled:
@@ -716,6 +810,33 @@ class Editor:
                                     "previews": sorted(r.previews), "message": r.message}
                               for nid, r in self.run.nodes.items()}},
         }
+
+    def canvas_report(self) -> dict:
+        """What the canvas really holds (Dear PyGui's items, not our maps) and what is on screen."""
+        kinds = [dpg.get_item_type(i).rsplit("::", 1)[-1]
+                 for slot in dpg.get_item_children(self.node_editor).values() for i in slot]
+        rmin, size = self._canvas_rect()
+        on_screen = []
+        for nid, parts in self.canvas.nodes.items():
+            mn, sz = dpg.get_item_rect_min(parts.node), dpg.get_item_rect_size(parts.node)
+            if (sz[0] > 0 and mn[0] >= rmin[0] and mn[1] >= rmin[1] and mn[0] + sz[0] <= rmin[0] + size[0]
+                    and mn[1] + sz[1] <= rmin[1] + size[1]):
+                on_screen.append(nid)
+        return {"nodes": sorted(self.canvas.nodes), "recipe": sorted(self.doc.graph.nodes),
+                "dpg_nodes": kinds.count("mvNode"), "dpg_links": kinds.count("mvNodeLink"),
+                "links": len(self.doc.graph.links), "on_screen": sorted(on_screen),
+                "zoom": round(self.canvas.view.zoom, 4), "shift": [round(v, 1) for v in self.canvas.view.shift],
+                "origin": self.canvas.grid_offset(), "path": str(self.doc.path) if self.doc.path else None}
+
+    @property
+    def fitting(self) -> bool:
+        """Whether the view is still being fitted to a recipe just opened."""
+        return bool(self._fit_pending)
+
+    def busy(self) -> bool:
+        """Whether something will change without input (the render loop must keep drawing)."""
+        return bool(self.run.running or self.runner.starting or self._fit_pending
+                    or (self.autosave_enabled and self.doc.history.version != self._autosaved))
 
     def shutdown(self) -> None:
         self.runner.shutdown()

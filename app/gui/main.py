@@ -11,6 +11,10 @@ Environment hooks for tests and docs (ignored otherwise):
                                is taken once the run has finished
   NODETRAINER_GUI_TIMEOUT=S    with AUTORUN and --screenshot: give up waiting after S seconds
   NODETRAINER_GUI_FOCUS=ID     show this node in the inspector from the start (for screenshots)
+  NODETRAINER_GUI_SCRIPT=STEPS play menu actions ('File/New;Presets/tiny_demo;File/Open...=PATH',
+                               see app/gui/script.py), record the canvas after each, then exit
+
+An idle editor draws nothing until the next input (app/gui/pacing.py).
 """
 
 from __future__ import annotations
@@ -20,12 +24,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-FONT_CANDIDATES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-                   "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-                   "/System/Library/Fonts/Supplemental/Arial.ttf",
-                   "C:/Windows/Fonts/segoeui.ttf")
-
 
 def process_age() -> float:
     """Seconds since this process started (so 'time to first frame' includes Python's start-up)."""
@@ -53,6 +51,7 @@ def run_editor(args) -> int:
     dump_path = os.environ.get("NODETRAINER_GUI_DUMP")
     autorun = os.environ.get("NODETRAINER_GUI_AUTORUN") == "1"
     timeout = float(os.environ.get("NODETRAINER_GUI_TIMEOUT", "120"))
+    script_text = os.environ.get("NODETRAINER_GUI_SCRIPT")
 
     registry = load_registry(args.nodes_dir)
     for p in registry.problems:
@@ -79,6 +78,13 @@ def run_editor(args) -> int:
     if focus in editor.doc.graph.nodes:
         editor.focus_node(focus, quiet=True)
 
+    from app.gui.pacing import MAX_FPS, Pacer
+    from app.gui.script import Script
+
+    script = Script(editor, script_text) if script_text else None
+    editor.script = script
+    pacer = Pacer()
+    waiting = False
     stats = {"first_frame_s": None, "max_run_frame_ms": 0.0, "run_frames": 0, "frames": 0}
     times: list[float] = []  # whole frames: callbacks + editor work + rendering
     works: list[float] = []  # callbacks + editor work only (what this code costs, without the GPU/GL)
@@ -89,16 +95,28 @@ def run_editor(args) -> int:
     frame = 0
     while dpg.is_dearpygui_running():
         t0 = time.perf_counter()
-        dpg.run_callbacks(dpg.get_callback_queue())
+        jobs = dpg.get_callback_queue()
+        dpg.run_callbacks(jobs)
         editor.frame()
+        if script is not None:
+            script.tick()
         work = time.perf_counter() - t0
+        inputs = (bool(jobs), tuple(dpg.get_mouse_pos(local=False)),
+                  tuple(dpg.is_mouse_button_down(b) for b in (0, 1, 2)))
+        wait = pacer.frame(inputs, busy=editor.busy() or bool(screenshot) or autorun or script is not None)
+        if wait != waiting:
+            waiting = wait
+            dpg.configure_app(wait_for_input=wait)
         dpg.render_dearpygui_frame()
         dt = time.perf_counter() - t0
-        works.append(work)
-        del works[:-2000]
+        if not waiting and dt < 1 / MAX_FPS:
+            time.sleep(1 / MAX_FPS - dt)  # no faster than the screen when there is no vsync (Xvfb)
         frame += 1
-        times.append(dt)
-        del times[:-2000]
+        if not waiting:  # a frame that waited for input measures the user, not the editor
+            works.append(work)
+            del works[:-2000]
+            times.append(dt)
+            del times[:-2000]
         editor.frame_times = times
         if stats["first_frame_s"] is None:
             stats["first_frame_s"] = age_at_entry + (time.perf_counter() - t_entry)
@@ -120,7 +138,9 @@ def run_editor(args) -> int:
             shot_at = frame
         if shot_at is not None and frame >= shot_at + 3:
             break
-        if dump_path and (frame % 10 == 0 or frame == 4):
+        if script is not None and script.done and not screenshot:
+            break
+        if dump_path and (frame % 10 == 0 or frame == 4 or waiting):  # before waiting: the state is final
             last_dump = _dump(editor, stats, times, works, dump_path, last_dump, atomic_write_text)
 
     if dump_path:
@@ -136,7 +156,10 @@ def run_editor(args) -> int:
 def _dump(editor, stats, times, works, path, last, write) -> str:
     """The test-mode state file; rewritten only when its content changed."""
     state = editor.state()
-    state["pins"] = editor.canvas.pin_screen_positions()
+    state["pins"] = {} if editor.fitting else editor.canvas.pin_screen_positions()  # once the view settled
+    state["canvas"] = editor.canvas_report()
+    if getattr(editor, "script", None) is not None:
+        state["script"] = editor.script.log
     timing = dict(stats)
     for name, values in (("frame", times), ("work", works)):
         ordered = sorted(values)
@@ -152,12 +175,13 @@ def _dump(editor, stats, times, works, path, last, write) -> str:
 
 def _load_font(dpg) -> None:
     """A clearer font than the built-in bitmap one when the system has it."""
-    for path in FONT_CANDIDATES:
-        if os.path.isfile(path):
-            try:
-                with dpg.font_registry():
-                    font = dpg.add_font(path, 13)
-                dpg.bind_font(font)
-            except Exception:
-                pass
-            return
+    from app.gui.view import FONT_SIZE, font_file
+
+    path = font_file()
+    if path:
+        try:
+            with dpg.font_registry():
+                font = dpg.add_font(path, FONT_SIZE)
+            dpg.bind_font(font)
+        except Exception:
+            pass

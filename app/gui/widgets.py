@@ -3,6 +3,10 @@ decide the widget, so adding a node type never needs editor code.
 
 Dear PyGui's integer widget is 32-bit; wider ranges (seeds up to 2**63) use a text field that
 only accepts whole numbers, so no value a recipe may hold is ever clipped by the widget.
+
+A text field in a node is narrow and shows the start of its value (`demo_data/sha`), so text and
+path fields carry their whole value in their tooltip, and a path field shows the end of a value
+that does not fit (`.../shapes`) beside it: the part that tells paths apart.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from app.graph.spec import Input
 
 WIDTH = 110
 INT32 = (-(2**31), 2**31 - 1)
+TAIL_CHARS = 14  # what a path field shows in full; longer values show their tail beside it
+_value_tips: dict[int, tuple[int, int, str]] = {}  # field -> (tooltip text, tail text or 0, param type)
 
 
 def _fits_int32(inp: Input) -> bool:
@@ -31,7 +37,8 @@ def add_param_widget(inp: Input, value: Any, on_change: Callable[[str, Any], Non
     kw = {"label": label, "width": WIDTH, "parent": parent}
     t = inp.type
 
-    def changed(_sender, app_data, _user=None):
+    def changed(sender, app_data, _user=None):
+        _show_value(sender, app_data)
         on_change(inp.name, convert(inp, app_data))
 
     if t == "BOOL":
@@ -64,6 +71,7 @@ def add_param_widget(inp: Input, value: Any, on_change: Callable[[str, Any], Non
                                     callback=lambda: on_browse(inp.name, inp.path_kind) if on_browse else None)
             dpg.add_text(label)
             _tooltip(browse, f"choose a {inp.path_kind.replace('_', ' ')}")
+        tail = dpg.add_text("", parent=parent, color=(160, 160, 170), show=False)
     else:  # STRING
         if inp.multiline:
             item = dpg.add_input_text(default_value=str(value or ""), callback=changed, multiline=True, height=44,
@@ -71,8 +79,56 @@ def add_param_widget(inp: Input, value: Any, on_change: Callable[[str, Any], Non
         else:
             item = dpg.add_input_text(default_value=str(value or ""), callback=changed, **kw)
     tip = f"{inp.name} ({inp.type}{_range(inp)})" + (f": {inp.tooltip}" if inp.tooltip else "")
-    _tooltip(item, tip)
+    with dpg.tooltip(item):
+        dpg.add_text(tip, wrap=320)
+        if t in ("PATH", "STRING"):
+            shown = dpg.add_text("", wrap=320, color=(230, 230, 160))
+            if len(_value_tips) > 20000:  # fields of deleted nodes
+                for gone in [i for i in _value_tips if not dpg.does_item_exist(i)]:
+                    del _value_tips[gone]
+            _value_tips[item] = (shown, tail if t == "PATH" else 0, t)
+            _show_value(item, value)
     return item
+
+
+def set_widget_value(item: int, value: Any) -> None:
+    """Sets a field made by add_param_widget from code (undo, paste), keeping its tooltip and tail."""
+    dpg.set_value(item, value)
+    _show_value(item, value)
+
+
+def value_shown(item: int) -> tuple[str, str]:
+    """(tooltip value line, tail line) of a text or path field: what a user reads of a long value."""
+    tip = _value_tips.get(item)
+    if tip is None:
+        return "", ""
+    return dpg.get_value(tip[0]), (dpg.get_value(tip[1]) if tip[1] else "")
+
+
+def path_tail(value: str, chars: int = TAIL_CHARS) -> str:
+    """The end of a path that does not fit a node's field, cut at a folder boundary where one is
+    near: 'presets/demo_data/shapes' -> '.../shapes'."""
+    value = value.rstrip("/\\") or value
+    if len(value) <= chars:
+        return ""
+    last = value.replace("\\", "/").rsplit("/", 1)[-1]
+    if last == value:  # no folders (builtin:tiny-sd): the whole value, or its end
+        return value if len(value) <= 2 * chars else "..." + value[-2 * chars:]
+    sep = value[len(value) - len(last) - 1]
+    return "..." + sep + (last if len(last) <= 2 * chars else "..." + last[-2 * chars:])
+
+
+def _show_value(item: int, value: Any) -> None:
+    tip = _value_tips.get(item)
+    if tip is None or not dpg.does_item_exist(tip[0]):
+        _value_tips.pop(item, None)
+        return
+    text = "" if value is None else str(value)
+    dpg.set_value(tip[0], f"value: {text}" if text else "")
+    if tip[1] and dpg.does_item_exist(tip[1]):
+        tail = path_tail(text)
+        dpg.set_value(tip[1], tail)
+        dpg.configure_item(tip[1], show=bool(tail))
 
 
 def convert(inp: Input, raw: Any) -> Any:
