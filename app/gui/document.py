@@ -71,7 +71,8 @@ class Document:
 
     # ---- queries ---------------------------------------------------------------------------------
     def problems(self) -> list[Problem]:
-        return self.load_problems + validate(self.graph, self.registry)
+        recipe_dir = self.path.resolve().parent if self.path else None  # input files are checked once saved
+        return self.load_problems + validate(self.graph, self.registry, recipe_dir=recipe_dir)
 
     def spec(self, node_id: str):
         node = self.graph.nodes.get(node_id)

@@ -259,3 +259,26 @@ def test_every_built_in_input_path_is_checked(reg):
     read = {(spec.type, inp.name) for spec in reg for inp in spec.params
             if inp.type == "PATH" and not inp.path_kind.startswith("output")}
     assert read == READ_INPUTS
+
+
+def test_the_editor_marks_missing_inputs_once_the_recipe_has_a_folder(reg, tmp_path):
+    from app.gui.document import Document
+
+    recipe = recipe_with(tmp_path, n3={"folder": "my-images"})
+    doc = Document.open(reg, recipe)
+    assert [(p.node_id, "'folder' = my-images" in p.message) for p in doc.problems()] == [("3", True)]
+    (tmp_path / "my-images").mkdir()
+    assert doc.problems() == []
+    unsaved = Document(reg, doc.graph)  # not saved anywhere yet: relative paths mean nothing
+    (tmp_path / "my-images").rmdir()
+    assert unsaved.problems() == []
+
+
+def test_a_relative_model_path_is_read_from_the_recipe_folder_by_the_cli(tmp_path, capsys):
+    from app.cli import main
+
+    recipe = recipe_with(tmp_path, n1={"source": "models/sd15.safetensors"})
+    assert main(["validate", str(recipe)]) == 2
+    assert str(tmp_path / "models" / "sd15.safetensors") in capsys.readouterr().out
+    tensors_file(tmp_path / "models" / "sd15.safetensors", SD15_KEYS)
+    assert main(["validate", str(recipe)]) == 0
