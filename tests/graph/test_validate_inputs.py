@@ -282,3 +282,16 @@ def test_a_relative_model_path_is_read_from_the_recipe_folder_by_the_cli(tmp_pat
     assert str(tmp_path / "models" / "sd15.safetensors") in capsys.readouterr().out
     tensors_file(tmp_path / "models" / "sd15.safetensors", SD15_KEYS)
     assert main(["validate", str(recipe)]) == 0
+
+
+def test_an_unreadable_input_is_reported(reg, tmp_path, monkeypatch):
+    """Permissions are simulated: the tests may run as root, who can read everything."""
+    import app.graph.inputs_check as inputs_check
+
+    images = tmp_path / "images"
+    images.mkdir()
+    denied = {images}
+    real_access = inputs_check.os.access
+    monkeypatch.setattr(inputs_check.os, "access", lambda p, mode: Path(p) not in denied and real_access(p, mode))
+    msg = only(messages(reg, "Concept", {"folder": str(images)}))
+    assert "'folder'" in msg and "not readable (permission denied)" in msg

@@ -264,3 +264,12 @@ def test_load_model_node_tokenizer_param_wins_over_the_folders_own(sd, tmp_path,
     errors = [e["message"] for e in events if e["event"] == "node_error"]
     assert result.status == "error" and errors and "tokenizer param" in errors[0] and str(empty) in errors[0]
     assert fake_hub.calls == []
+
+
+def test_an_unlimited_model_max_length_in_a_saved_config_reads_as_clips_77(tmp_path, hf_cache, fake_hub):
+    folder = tmp_path / "model"
+    tokenizer_copy(folder / "tokenizer")
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(
+        '{"model_max_length": 1000000000000000019884624838656, "pad_token": "!"}')
+    (tok,), _ = toks.find_tokenizers(SD15, folder, checkpoint=folder)
+    assert tok.model_max_length == 77 and tok.pad_token == "!"

@@ -76,7 +76,8 @@ def _tokenizer_kwargs(config_dir: Path, name: str, pad_token: str) -> dict[str, 
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
         kwargs["pad_token"] = cfg.get("pad_token", pad_token)
-        kwargs["model_max_length"] = int(cfg.get("model_max_length", _MAX_LENGTH))
+        # CLIP reads 77 positions; some saved configs carry transformers' "unlimited" placeholder
+        kwargs["model_max_length"] = min(int(cfg.get("model_max_length", _MAX_LENGTH)), _MAX_LENGTH)
     return kwargs
 
 
