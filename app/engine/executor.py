@@ -147,16 +147,23 @@ class Executor:
             emit({"event": "log", "level": "error", "message": str(e)})
             emit({"event": "run_done", "status": "error", "message": str(e), "executed": [], "cached": []})
             return result
+        held: list[dict] = []  # run_done waits until the workspace is free: a next run may follow at once
+
+        def emit_held(event: dict) -> None:
+            (held.append if event.get("event") == "run_done" else emit)(event)
+
         try:
             for note in lock.notes:
                 emit({"event": "log", "level": "warning", "message": note})
             count, freed = clean_debris(workspace)
             if count:
                 emit({"event": "log", "level": "info", "message": debris_note(count, freed)})
-            return self._run_nodes(graph, targets, emit, recipe_dir, workspace, run_id, result)
+            return self._run_nodes(graph, targets, emit_held, recipe_dir, workspace, run_id, result)
         finally:
             clean_debris(workspace)  # temp files of this run that an interrupted write left
             lock.release()
+            for event in held:
+                emit(event)
 
     def _run_nodes(self, graph: Graph, targets, emit: Emit, recipe_dir: Path | None, workspace: Path,
                    run_id: str, result: RunResult) -> RunResult:

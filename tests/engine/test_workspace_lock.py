@@ -47,10 +47,13 @@ def test_second_run_into_a_busy_workspace_stops_at_once(tmp_path, registry, buil
         t.join(30)
     assert results["first"].status == "cancelled"
     assert not (ws / ".nodetrainer.lock").exists()
-    # runs one after another (the editor's worker) keep working
+    # runs one after another (the editor's worker) keep working; the workspace is free by run_done
     ex = Executor(registry)
     for v in (1, 2):
-        assert ex.run(build(("1", "TestConst", {"value": v})), workspace=ws).status == "done"
+        seen = []
+        emit = lambda e: seen.append((e["event"], (ws / ".nodetrainer.lock").exists()))  # noqa: E731
+        assert ex.run(build(("1", "TestConst", {"value": v})), emit=emit, workspace=ws).status == "done"
+        assert ("node_done", True) in seen and seen[-1] == ("run_done", False)
 
 
 def test_second_cli_run_names_the_first(tmp_path):
@@ -72,7 +75,7 @@ def test_second_cli_run_names_the_first(tmp_path):
         assert marker.exists()
         second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
         assert second.returncode == 1, second.stderr
-        assert f"pid {first.pid}" in second.stderr and "Slow one" in second.stderr, second.stderr
+        assert "in use by another run (pid " in second.stderr and "running Slow one" in second.stderr, second.stderr
     finally:
         first.kill()
         first.wait()
