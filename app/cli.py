@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.as_program = argv is None  # launch.py itself, not a caller in the same process (tests)
     cmd = args.command or "gui"
     try:
         if cmd == "nodes":
@@ -70,6 +71,9 @@ def main(argv=None) -> int:
         return cmd_gui(args)
     except BrokenPipeError:
         return EXIT_OK
+    except KeyboardInterrupt:  # Ctrl-C before a run could stop cooperatively (imports, start-up)
+        print("\nInterrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _registry(args):
@@ -206,6 +210,15 @@ def cmd_run(args) -> int:
     if dist.launched_distributed() and args.worker:
         print("error: --worker cannot be combined with accelerate launch", file=sys.stderr)
         return EXIT_INVALID
+    notes = None
+    if getattr(args, "as_program", False) and not args.worker and not dist.launched_distributed():
+        from app.engine import supervisor
+
+        if supervisor.available():  # before torch: a child runs the recipe, this process reports its crash
+            guarded = supervisor.fork_guarded(args.events)
+            if isinstance(guarded, int):
+                return guarded
+            notes = guarded
     if not args.worker:  # the worker applies the same policy itself
         from app.engine import threads
 
@@ -223,7 +236,7 @@ def cmd_run(args) -> int:
     events_file = open(args.events, "w", encoding="utf-8") if args.events and main_process else None
     resume = _ResumeHint()
     emit = Fanout(ConsoleReporter(verbose=args.verbose) if main_process else None,
-                  JsonlWriter(events_file) if events_file else None, resume)
+                  JsonlWriter(events_file) if events_file else None, resume, notes)
     recipe_dir = str(recipe_path.resolve().parent)
     try:
         if args.worker:

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import ROOT
 
 DEMO = ROOT / "presets" / "tiny_demo.json"
+TINY = ["--set", "LoadModel.source=builtin:tiny-sd"]  # whatever base the demo ships with: the smallest
 BOUND_S = 15.0  # generous: the machine may be busy with other work
 
 
@@ -34,7 +35,7 @@ def interrupt_when(tmp_path, ready, *extra, timeout=300):
     """Run the demo, send SIGINT once ``ready(events)`` holds; (seconds from SIGINT to exit, rc, stderr)."""
     events = tmp_path / "events.jsonl"
     cmd = [sys.executable, str(ROOT / "launch.py"), "run", str(DEMO), "--events", str(events),
-           "--workspace", str(tmp_path / "ws"), *extra]
+           "--workspace", str(tmp_path / "ws"), *TINY, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while not ready(_events(events)):
@@ -95,7 +96,7 @@ def test_demo_says_its_leftovers_once_and_its_lora_names_the_trained_resolution(
 
     events = tmp_path / "events.jsonl"
     out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "run", str(DEMO), "--target", "Save",
-                          "--set", "TrainLoop.epochs=1", "--set", "TrainLoop.sample_prompts=",
+                          "--set", "TrainLoop.epochs=1", "--set", "TrainLoop.sample_prompts=", *TINY,
                           "--events", str(events), "--workspace", str(tmp_path / "ws")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -108,3 +109,44 @@ def test_demo_says_its_leftovers_once_and_its_lora_names_the_trained_resolution(
         meta = f.metadata()
     assert meta["modelspec.resolution"] == "64x64"  # the demo trains at 64 px, not SD 1.5's 512
     assert meta["ss_resolution"] == "(64, 64)"
+
+
+CRASH = '''
+import ctypes
+import os
+import signal
+
+from app.graph.spec import Enum, node
+
+@node(type="Crash", category="test", description="Dies in native code.",
+      inputs=[Enum("how", ["segfault", "signal", "abort"])], outputs=[])
+def crash(ctx, how):
+    ctx.log("about to crash")
+    if how == "segfault":
+        ctypes.string_at(0)
+    elif how == "abort":
+        os.abort()
+    else:
+        os.kill(os.getpid(), signal.SIGSEGV)
+'''
+
+
+@pytest.mark.parametrize("how,sig", [("segfault", "SIGSEGV"), ("signal", "SIGSEGV"), ("abort", "SIGABRT")])
+def test_a_node_that_kills_the_process_is_named_and_exits_1(tmp_path, how, sig):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "crash.py").write_text(CRASH)
+    recipe = tmp_path / "crash.json"
+    recipe.write_text(json.dumps({"format_version": 1, "links": [], "nodes": {
+        "3": {"type": "Crash", "version": 1, "title": "Native call", "params": {"how": how}}}}))
+    events = tmp_path / "events.jsonl"
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--nodes-dir", str(plugins), "run", str(recipe),
+                          "--events", str(events), "--workspace", str(tmp_path / "ws")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert f"ERROR in Native call (node 3, Crash): the process was killed by signal {sig} while running this node" \
+        in out.stderr
+    assert "crash.py" in out.stderr  # faulthandler's traceback shows the node function
+    evs = _events(events)
+    assert [e["node"] for e in evs if e["event"] == "node_error"] == ["3"]
+    assert evs[-1]["event"] == "run_done" and evs[-1]["status"] == "error"
