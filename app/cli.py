@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     v.add_argument("--json", action="store_true", help="print problems as JSON")
     v.add_argument("--allow-output", action="append", default=[], metavar="DIR", help=ALLOW_OUTPUT_HELP)
+    v.add_argument("--workspace", metavar="DIR", help="the workspace a run would use, for the check of written paths "
+                                                      "(default: as for run)")
 
     r = sub.add_parser("run", help="run a recipe (only what the targets need)")
     r.add_argument("recipe")

@@ -239,3 +239,12 @@ def test_a_save_path_naming_the_workspace_itself_is_refused(tmp_path, value, no_
     r = Executor(reg, allow_output=[allowed]).run(g, workspace=ws)
     assert r.status == "invalid" and "itself; name a file or folder inside it" in r.problems[0].message, r.problems
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loras"]
+
+
+def test_validate_checks_against_the_workspace_the_run_will_use(tmp_path, no_env_allow):
+    from app.cli import main
+
+    ws = tmp_path / "ws"
+    recipe = write_recipe(tmp_path / "recipes", lora_recipe(str(ws / "loras" / "x.safetensors")))
+    assert main(["validate", str(recipe)]) == 2
+    assert main(["validate", str(recipe), "--workspace", str(ws)]) == 0
