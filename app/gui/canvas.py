@@ -289,8 +289,10 @@ class Canvas:
         for nid, p in self.nodes.items():
             pos = dpg.get_item_pos(p.node)
             drawn = self.grid.get(nid)
-            if drawn is not None and all(abs(a - b) < 0.5 for a, b in zip(pos, self.view.to_editor(drawn))):
-                out[nid] = drawn  # not moved: no rounding drift at zooms other than 1
+            # Dear PyGui keeps whole pixels: within a pixel of where it was put, a node has not moved
+            # (at zoom 0.37 a pixel of rounding is almost 3 grid units the recipe must not take)
+            if drawn is not None and all(abs(a - b) <= 1.0 for a, b in zip(pos, self.view.to_editor(drawn))):
+                out[nid] = drawn
             else:
                 out[nid] = self.view.to_grid(pos)
         return out

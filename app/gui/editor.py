@@ -816,15 +816,22 @@ class Editor:
         kinds = [dpg.get_item_type(i).rsplit("::", 1)[-1]
                  for slot in dpg.get_item_children(self.node_editor).values() for i in slot]
         rmin, size = self._canvas_rect()
-        on_screen = []
+        on_screen, rects = [], {}
         for nid, parts in self.canvas.nodes.items():
             mn, sz = dpg.get_item_rect_min(parts.node), dpg.get_item_rect_size(parts.node)
+            rects[nid] = [mn[0], mn[1], mn[0] + sz[0], mn[1] + sz[1]]
             if (sz[0] > 0 and mn[0] >= rmin[0] and mn[1] >= rmin[1] and mn[0] + sz[0] <= rmin[0] + size[0]
                     and mn[1] + sz[1] <= rmin[1] + size[1]):
                 on_screen.append(nid)
+        frames = []
+        for item in dpg.get_item_children(self.groups_layer, 2) or []:
+            conf = dpg.get_item_configuration(item)
+            if "pmin" in conf and "pmax" in conf:
+                frames.append([*conf["pmin"][:2], *conf["pmax"][:2]])
         return {"nodes": sorted(self.canvas.nodes), "recipe": sorted(self.doc.graph.nodes),
                 "dpg_nodes": kinds.count("mvNode"), "dpg_links": kinds.count("mvNodeLink"),
-                "links": len(self.doc.graph.links), "on_screen": sorted(on_screen),
+                "links": len(self.doc.graph.links), "on_screen": sorted(on_screen), "node_rects": rects,
+                "group_frames": frames, "canvas_rect": [rmin[0], rmin[1], rmin[0] + size[0], rmin[1] + size[1]],
                 "zoom": round(self.canvas.view.zoom, 4), "shift": [round(v, 1) for v in self.canvas.view.shift],
                 "origin": self.canvas.grid_offset(), "path": str(self.doc.path) if self.doc.path else None}
 

@@ -107,6 +107,8 @@ def run_editor(args) -> int:
         if wait != waiting:
             waiting = wait
             dpg.configure_app(wait_for_input=wait)
+            if wait and dump_path:  # the next frame may not come for a while: the state is final
+                last_dump = _dump(editor, stats, times, works, dump_path, last_dump, atomic_write_text)
         dpg.render_dearpygui_frame()
         dt = time.perf_counter() - t0
         if not waiting and dt < 1 / MAX_FPS:
@@ -140,7 +142,7 @@ def run_editor(args) -> int:
             break
         if script is not None and script.done and not screenshot:
             break
-        if dump_path and (frame % 10 == 0 or frame == 4 or waiting):  # before waiting: the state is final
+        if dump_path and (frame % 10 == 0 or frame == 4):
             last_dump = _dump(editor, stats, times, works, dump_path, last_dump, atomic_write_text)
 
     if dump_path:

@@ -206,3 +206,85 @@ def test_a_run_from_the_editor_completes_with_live_training_plots(display, tmp_p
     assert timing["run_frames"] > 0
     assert timing["max_run_work_ms"] < 1000, timing  # the render loop never waited on the worker
     assert_shows_nodes(shot, len(run["nodes"]), titles=DONE_COLOURS)
+
+
+def play(display, tmp_path, steps, recipe=None, timeout=120):
+    """Runs the editor with a menu script (app/gui/script.py) and returns its record per step."""
+    env = gui_env(display, tmp_path, NODETRAINER_GUI_SCRIPT=";".join(steps))
+    r = launch(["gui", *([str(recipe)] if recipe else [])], env, timeout=timeout)
+    assert r.returncode == 0, f"the editor died (exit {r.returncode}):\n{r.stderr[-3000:]}"
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert [s["step"] for s in state["script"]] == steps, state.get("message")
+    return state["script"]
+
+
+def inside(inner, outer, slack=1.0):
+    return (inner[0] >= outer[0] - slack and inner[1] >= outer[1] - slack and inner[2] <= outer[2] + slack
+            and inner[3] <= outer[3] + slack)
+
+
+@needs_xvfb
+def test_replacing_recipes_from_the_menus_never_crashes_and_the_canvas_holds_only_the_new_one(display, tmp_path):
+    presets = ROOT / "presets"
+    cycle = ["Presets/sd15_lora", "Presets/tiny_demo", "File/New", f"File/Open...={presets / 'sdxl_lora.json'}",
+             "Presets/sd15_finetune", "Presets/sdxl_lora", f"File/Open...={presets / 'tiny_demo.json'}",
+             "Presets/sd15_lora", "File/New", "File/New", "Presets/sdxl_lora"]
+    steps = cycle + cycle[::-1]  # 22 replacements, each kind after each other kind
+    records = play(display, tmp_path, steps, recipe=presets / "sd15_lora.json", timeout=180)
+    for step, rec in zip(steps, records):
+        name = step.rsplit("/", 1)[-1].removesuffix(".json")
+        want = json.loads((presets / f"{name}.json").read_text()) if name != "New" else {"nodes": {}, "links": []}
+        assert rec["recipe"] == sorted(want["nodes"]), step
+        assert rec["nodes"] == rec["recipe"], (step, rec["nodes"])  # the canvas' own map
+        assert rec["dpg_nodes"] == len(want["nodes"]) and rec["dpg_links"] == len(want["links"]), (step, rec)
+        assert rec["on_screen"] == rec["nodes"], f"{step}: opened with nodes off screen"
+
+
+@needs_xvfb
+def test_the_tiny_demo_opens_fitted_and_zoom_keeps_groups_around_their_nodes(display, tmp_path):
+    demo = ROOT / "presets" / "tiny_demo.json"
+    steps = ["View/Actual size", "View/Zoom in", "View/Zoom out", "View/Zoom out", "View/Fit all", "File/Open..."]
+    first, *records = play(display, tmp_path, ["View/Fit all", *steps], recipe=demo)
+    assert len(first["on_screen"]) == 9 and first["zoom"] < 1  # all 9 nodes, smaller than 1:1
+    zooms = [r["zoom"] for r in records]
+    assert zooms[0] == 1.0 and zooms[1] > 1.0 and zooms[2] == 1.0 and zooms[3] < 1.0
+    assert abs(zooms[4] - first["zoom"]) < 0.05 * first["zoom"] and len(records[4]["on_screen"]) == 9
+    for rec in [first, *records[:5]]:
+        assert rec["group_frames"], rec["step"]
+        frame = rec["group_frames"][0]
+        for nid in ("3", "4"):  # the Data group frames Concept and Bucketer at every zoom
+            if inside(rec["node_rects"][nid], rec["canvas_rect"]):
+                assert inside(rec["node_rects"][nid], frame, slack=2), (rec["step"], nid, frame)
+        assert inside(frame, rec["canvas_rect"])  # clipped to the canvas: never over the side panels
+    assert records[5]["group_frames"] == []  # a dialog is open: nothing drawn over it
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert not state["dirty"] and state["recipe"]["ui"] == json.loads(demo.read_text())["ui"]
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@needs_xvfb
+@pytest.mark.skipif(shutil.which("xdotool") is None, reason="xdotool is not installed (apt-get install xdotool)")
+def test_the_idle_editor_sleeps_and_wakes_on_input(display, tmp_path):
+    env = gui_env(display, tmp_path)
+    state_file = tmp_path / "state.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "gui", str(ROOT / "presets" / "tiny_demo.json")],
+                            env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(state_file, lambda s: s["pins"])  # opened and fitted
+        time.sleep(2)  # past the short awake time after the last input
+        frames = json.loads(state_file.read_text())["timing"]["frames"]
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(5)
+        cpu = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
+        assert cpu < 0.05, f"the idle editor used {cpu:.0%} of a core"
+        assert json.loads(state_file.read_text())["timing"]["frames"] == frames  # drew nothing
+        subprocess.run(["xdotool", "mousemove", "700", "500"], env=env, check=True)
+        wait_for(state_file, lambda s: s["timing"]["frames"] > frames, timeout=5)  # woke on input
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
