@@ -23,7 +23,7 @@ from app.gui.document import Document
 from app.gui.panels import Inspector, Library, ProblemList, SearchPopup, StatusBar
 from app.gui.previews import Textures
 from app.gui.runner import Runner
-from app.gui.runstate import RunState
+from app.gui.runstate import RunState, paths_relative
 from app.gui.theme import Themes
 from app.gui.view import ZOOM_STEP, View, fit
 
@@ -671,7 +671,10 @@ class Editor:
     def frame(self) -> None:
         """Once per rendered frame: never waits on the worker."""
         changed: set[str] = set()
-        for event in self.runner.poll():
+        events = self.runner.poll()
+        base = str(self.doc.path.resolve().parent) if events and self.doc.path else None
+        for event in events:
+            event = paths_relative(event, base)
             changed |= self.run.apply(event)
             kind = event.get("event")
             if kind == "run_done":

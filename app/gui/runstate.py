@@ -193,3 +193,23 @@ def format_eta(seconds) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def paths_relative(event: dict, base: str | None) -> dict:
+    """A preview or log event with paths inside the recipe's folder written relative to it, as the
+    recipe itself writes them: nodes report resolved paths (`/home/me/recipes/data/shapes`), the
+    editor shows `data/shapes`. Errors keep their full paths."""
+    if not base or event.get("event") not in ("preview", "log"):
+        return event
+    prefix = base.rstrip("/\\") + ("\\" if "\\" in base and "/" not in base else "/")
+
+    def fix(value):
+        if isinstance(value, str):
+            return value.replace(prefix, "")
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        return value  # image bytes, numbers
+
+    return fix(event)

@@ -108,3 +108,20 @@ def test_groups_are_not_drawn_while_a_dialog_is_open(editor):
     assert editor._overlay_open()
     dpg.delete_item(win)
     assert not editor._overlay_open()
+
+
+def test_previews_show_paths_inside_the_recipe_folder_relative_to_it(editor):
+    assert editor.open_path(DEMO)
+    base = str(DEMO.resolve().parent)
+    editor.runner.events = [
+        {"event": "run_start", "run_id": "r", "nodes": ["3"]},
+        {"event": "preview", "run_id": "r", "node": "3", "kind": "table",
+         "title": f"concept 'shapes' ({base}/demo_data/shapes): 8 of 8 images usable",
+         "rows": [{"file": f"{base}/demo_data/shapes/a.png"}]},
+        {"event": "node_error", "run_id": "r", "node": "3", "message": f"{base}/demo_data/x.png is broken"},
+    ]
+    editor.frame()
+    table = editor.run.nodes["3"].previews["table"]
+    assert table["title"] == "concept 'shapes' (demo_data/shapes): 8 of 8 images usable"
+    assert table["rows"] == [{"file": "demo_data/shapes/a.png"}]
+    assert editor.run.nodes["3"].message == f"{base}/demo_data/x.png is broken"  # errors keep the whole path
