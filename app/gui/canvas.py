@@ -248,6 +248,11 @@ class Canvas:
                 self._scale_widths(parts)
         if view.zoom != old.zoom:
             self._bind_font(font_size_for(view.zoom))
+            for parts in self.nodes.values():  # previews and plots are redrawn at the new size
+                parts.preview_version = -1
+                if parts.metrics is not None:
+                    dpg.delete_item(parts.metrics_parent, children_only=True)
+                    parts.metrics = None
 
     def _scale_widths(self, parts: NodeItems) -> None:
         for item, width in parts.widths:
@@ -376,7 +381,9 @@ class Canvas:
         if parts is None:
             return
         if run.metrics and parts.metrics is None:
-            parts.metrics = MetricsView(parts.metrics_parent)
+            z = self.view.zoom
+            parts.metrics = MetricsView(parts.metrics_parent, width=max(40, round(280 * z)),
+                                        height=max(30, round(110 * z)))
         if parts.metrics is not None:
             parts.metrics.update(run)
         if run.preview_version != parts.preview_version:
@@ -384,7 +391,7 @@ class Canvas:
             dpg.delete_item(parts.preview, children_only=True)
             for kind, payload in run.previews.items():
                 draw_preview(parts.preview, kind, payload, self.textures, compact=True,
-                             on_click=self.on_preview_click)
+                             on_click=self.on_preview_click, scale=self.view.zoom)
 
     def pin_screen_positions(self) -> dict[str, list[float]]:
         """Where each pin is drawn (for tests that drive the mouse): 'node.name.side' -> [x, y]."""

@@ -595,7 +595,8 @@ class Editor:
         if not self.doc.graph.nodes:
             self.say("Add some nodes first.", error=True)
             return False
-        base = self.doc.path.parent if self.doc.path else Path.cwd()
+        # absolute: the worker resolves the recipe's relative paths against it from its own folder
+        base = self.doc.path.resolve().parent if self.doc.path else Path.cwd()
         stem = self.doc.path.stem if self.doc.path else "untitled"
         workspace = Path(os.environ.get("NODETRAINER_WORKSPACE") or Path("workspace") / stem).resolve()
         self.run.begin()

@@ -88,7 +88,7 @@ def draw_images(parent, payload: dict, textures: Textures, *, side: int = 64, pe
         dpg.add_text(f"+{len(images) - len(shown)} more (see the inspector)", parent=parent, color=MUTED_TEXT)
 
 
-def draw_histogram(parent, payload: dict, *, compact: bool) -> None:
+def draw_histogram(parent, payload: dict, *, compact: bool, scale: float = 1.0) -> None:
     labels = [str(l) for l in payload.get("labels") or []]
     counts = [float(c) for c in payload.get("counts") or []]
     title = str(payload.get("title") or "histogram")
@@ -97,7 +97,7 @@ def draw_histogram(parent, payload: dict, *, compact: bool) -> None:
         return
     if compact:
         dpg.add_simple_plot(default_value=counts, histogram=True, overlay=f"{title} ({int(sum(counts))})",
-                            width=240, height=60, parent=parent)
+                            width=max(1, round(240 * scale)), height=max(1, round(60 * scale)), parent=parent)
         return
     with dpg.plot(label=title, height=220, width=-1, parent=parent, no_menus=True, no_box_select=True):
         x = dpg.add_plot_axis(dpg.mvXAxis, no_gridlines=True)
@@ -142,14 +142,16 @@ def draw_text(parent, payload: dict, *, compact: bool) -> None:
 
 
 def draw_preview(parent, kind: str, payload: dict, textures: Textures, *, compact: bool,
-                 on_click: Callable[[bytes, str], None] | None = None) -> None:
+                 on_click: Callable[[bytes, str], None] | None = None, scale: float = 1.0) -> None:
+    """scale: the canvas' zoom, for the compact form drawn inside a node."""
     if kind == "images":
         if compact:
-            draw_images(parent, payload, textures, side=56, per_row=4, limit=8, on_click=on_click)
+            draw_images(parent, payload, textures, side=max(8, round(56 * scale)), per_row=4, limit=8,
+                        on_click=on_click)
         else:
             draw_images(parent, payload, textures, side=120, per_row=2, limit=64, captions=True, on_click=on_click)
     elif kind == "histogram":
-        draw_histogram(parent, payload, compact=compact)
+        draw_histogram(parent, payload, compact=compact, scale=scale)
     elif compact:
         # tables and reports would make the node tall and cover its neighbours: one line here,
         # the whole thing in the inspector

@@ -125,3 +125,37 @@ def test_previews_show_paths_inside_the_recipe_folder_relative_to_it(editor):
     assert table["title"] == "concept 'shapes' (demo_data/shapes): 8 of 8 images usable"
     assert table["rows"] == [{"file": "demo_data/shapes/a.png"}]
     assert editor.run.nodes["3"].message == f"{base}/demo_data/x.png is broken"  # errors keep the whole path
+
+
+def test_a_recipe_opened_by_a_relative_path_runs_with_its_absolute_folder(editor, monkeypatch):
+    """The worker resolves the recipe's relative paths from its own folder, not the editor's."""
+    monkeypatch.chdir(ROOT)
+    assert editor.open_path("tests/gui/recipes/stub_run.json")
+    assert editor.run_graph(), editor.message
+    _, kw = editor.runner.started[-1]
+    assert kw["recipe_dir"] == str(ROOT / "tests" / "gui" / "recipes")
+
+
+def test_previews_in_nodes_follow_the_zoom(editor):
+    from tests.gui.conftest import png_bytes
+
+    assert editor.open_path(DEMO)
+    editor.runner.events = [
+        {"event": "run_start", "run_id": "r", "nodes": ["3"]},
+        {"event": "preview", "run_id": "r", "node": "3", "kind": "images", "images": [png_bytes(size=64)]},
+    ]
+    editor.frame()
+
+    def thumb_width():
+        items, todo = [], [editor.canvas.nodes["3"].preview]
+        while todo:
+            item = todo.pop()
+            if dpg.get_item_type(item).endswith("mvImageButton"):
+                items.append(dpg.get_item_configuration(item)["width"])
+            todo += [c for slot in dpg.get_item_children(item).values() for c in slot]
+        return items[0]
+
+    assert thumb_width() == 56
+    editor.canvas.set_view(View(0.5, (0.0, 0.0)))
+    editor.frame()
+    assert thumb_width() == 28
