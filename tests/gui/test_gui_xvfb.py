@@ -81,6 +81,7 @@ def test_each_preset_opens_and_renders_its_nodes(display, tmp_path, preset):
     state = json.loads((tmp_path / "state.json").read_text())
     n = len(json.loads(preset.read_text())["nodes"])
     assert len(state["recipe"]["nodes"]) == n and not state["dirty"]
+    assert len(state["canvas"]["on_screen"]) == n, "the recipe did not open fitted to the canvas"
     assert state["timing"]["first_frame_s"] < 20
     assert_shows_nodes(shot, n)
 
