@@ -30,6 +30,8 @@ def make_shapes_dataset(folder: str | Path, n_per_class: int = 4, size: int = 64
     rng = np.random.default_rng(seed)
     paths = []
     for colour in colours:
+        if colour not in COLOURS:
+            raise ValueError(f"unknown colour {colour!r}; choose from {', '.join(COLOURS)}")
         fill = COLOURS[colour]
         for shape in shapes:
             for i in range(n_per_class):
@@ -37,22 +39,32 @@ def make_shapes_dataset(folder: str | Path, n_per_class: int = 4, size: int = 64
                 norm = math.sqrt(aw * ah)
                 w = max(8, int(round(size * aw / norm / 8)) * 8)
                 h = max(8, int(round(size * ah / norm / 8)) * 8)
-                bg = rng.integers(200, 250, size=3)
-                noise = rng.integers(-8, 9, size=(h, w, 3))
-                arr = np.clip(bg[None, None, :] + noise, 0, 255).astype(np.uint8)
-                img = Image.fromarray(arr, "RGB")
-                draw = ImageDraw.Draw(img)
-                r = min(w, h) * float(rng.uniform(*radius))
-                cx = float(rng.uniform(r, w - r))
-                cy = float(rng.uniform(r, h - r))
-                if shape == "circle":
-                    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-                elif shape == "square":
-                    draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-                else:
-                    draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+                img = shape_image(rng, fill, shape, w, h, radius)
                 path = folder / f"{colour}_{shape}_{i:03d}.png"
                 img.save(path, optimize=False)
                 path.with_suffix(".txt").write_text(f"{colour} {shape}\n", encoding="utf-8")
                 paths.append(path)
     return paths
+
+
+def shape_image(rng: np.random.Generator, fill: tuple[int, int, int], shape: str, w: int, h: int,
+                radius: tuple[float, float] = (0.25, 0.4)) -> Image.Image:
+    """One ``w`` x ``h`` image: a light, slightly noisy background with one filled shape at a random
+    place and size (also what ``train_shapes_sd.py`` trains the ``builtin:shapes-sd`` base on)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    bg = rng.integers(200, 250, size=3)
+    noise = rng.integers(-8, 9, size=(h, w, 3))
+    arr = np.clip(bg[None, None, :] + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    r = min(w, h) * float(rng.uniform(*radius))
+    cx = float(rng.uniform(r, w - r))
+    cy = float(rng.uniform(r, h - r))
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    return img

@@ -1,4 +1,5 @@
-"""Tiny, seeded SD1.5-like and SDXL-like models for tests and demos (``builtin:tiny-sd``, ``builtin:tiny-sdxl``).
+"""Tiny, seeded SD1.5-like and SDXL-like models for tests and demos (``builtin:tiny-sd``, ``builtin:tiny-sdxl``),
+and a tiny SD1.5-like model trained to draw coloured shapes (``builtin:shapes-sd``).
 
 They use the real diffusers/transformers classes with the real block types (CrossAttnDownBlock2D,
 DownBlock2D, text_time additional embeddings, CLIP and CLIP-with-projection text encoders) and a
@@ -36,6 +37,7 @@ class TinySpec:
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoders: tuple[dict[str, Any], ...]  # CLIPTextConfig kwargs, plus "_class"
+    weights: str | None = None  # folder under assets/ with trained weights; None = seeded random weights
 
 
 # The real SD/SDXL factors (0.18215, 0.13025) were chosen as 1 / std of their VAEs' latents, so the
@@ -142,9 +144,51 @@ def _specs() -> dict[str, TinySpec]:
 
 TINY_NAMES = ("tiny-sd", "tiny-sdxl")
 
+# ``builtin:shapes-sd``: the same kind of tiny SD1.5-like model, but trained (by
+# ``assets/train_shapes_sd.py``, weights in ``assets/shapes_sd/``) to draw coloured shapes, so a demo
+# LoRA on it has something visible to change. Its VAE factor is 1 / std of its own latents, recorded
+# by the training script in ``shapes_sd/model.json``.
+SHAPES_SD_DIR = ASSETS / "shapes_sd"
+SHAPES_SD_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def _shapes_sd_scaling_factor() -> float:
+    path = SHAPES_SD_DIR / "model.json"
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["vae_scaling_factor"])
+    except FileNotFoundError:
+        return 1.0  # only while the training script builds the model for the first time
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"builtin:shapes-sd: {path} is unreadable ({exc}); rebuild it with app/ml/models/assets/train_shapes_sd.py.") from exc
+
+
+def shapes_sd_spec() -> TinySpec:
+    eos = _tokenizer_vocab_size() - 1
+    return TinySpec(
+        name="shapes-sd",
+        family=SD15,
+        seed=2024,
+        unet=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+        vae=dict(_vae_config(_shapes_sd_scaling_factor()), block_out_channels=(16, 32, 32, 32), norm_num_groups=8),
+        text_encoders=(_te_config(32, 2, 4, "quick_gelu", eos, "CLIPTextModel"),),
+        weights="shapes_sd",
+    )
+
 
 def tiny_spec(name: str) -> TinySpec:
     specs = _specs()
+    specs["shapes-sd"] = shapes_sd_spec()
     if name not in specs:
         raise ModelLoadError(f"Unknown builtin model 'builtin:{name}'; available: " + ", ".join(f"builtin:{n}" for n in specs))
     return specs[name]
@@ -175,6 +219,8 @@ def build_tiny_components(name: str) -> dict[str, Any]:
             cls = classes[kwargs.pop("_class")]
             torch.manual_seed(spec.seed + 2 + i)
             text_encoders.append(cls(CLIPTextConfig(**kwargs)))
+    if spec.weights is not None:
+        _load_trained_weights(spec, {"unet": unet, "vae": vae, "text_encoder": text_encoders[0]})
     tokenizers = [load_tiny_tokenizer(te.pad_token) for te in spec.family.text_encoders]
     scheduler_config = json.loads((CONFIGS / spec.family.config_dir / "scheduler" / "scheduler_config.json").read_text())
     return {
@@ -185,3 +231,23 @@ def build_tiny_components(name: str) -> dict[str, Any]:
         "tokenizers": tokenizers,
         "scheduler_config": scheduler_config,
     }
+
+
+def _load_trained_weights(spec: TinySpec, modules: dict[str, Any], folder: Path | None = None) -> None:
+    """Load ``<component>.safetensors`` (stored in fp16 to keep the repo small) into the fp32 modules, strictly."""
+    from safetensors.torch import load_file
+
+    folder = folder or ASSETS / str(spec.weights)
+    for name, module in modules.items():
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            raise ModelLoadError(
+                f"builtin:{spec.name}: {path} is missing; rebuild it with python app/ml/models/assets/train_shapes_sd.py."
+            )
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+        result = module.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ModelLoadError(
+                f"builtin:{spec.name}: {path} does not fit the model (missing {result.missing_keys[:3]}, "
+                f"unexpected {result.unexpected_keys[:3]}); rebuild it with python app/ml/models/assets/train_shapes_sd.py."
+            )
