@@ -29,6 +29,7 @@ from app.gui.view import ZOOM_STEP, View, fit
 
 AUTOSAVE_EVERY_S = 5.0
 LEFT_W, RIGHT_W, STATUS_H = 220, 330, 30
+IMGUI_KEY_EQUAL = 602  # ImGuiKey_Equal, which Dear PyGui 2.3 does not name
 EDITOR_INSET = (8.0, 8.0)  # where an unpanned node editor puts (0, 0), from its canvas' corner
 
 
@@ -86,10 +87,13 @@ class Editor:
         with dpg.handler_registry():
             for key in ("Z", "Y", "C", "V", "D", "S", "O", "N", "G", "Q"):
                 dpg.add_key_press_handler(getattr(dpg, f"mvKey_{key}"), callback=self.on_key, user_data=key)
-            for key in ("Delete", "Spacebar", "F5", "Escape", "Return", "Back", "F", "Home", "0", "Plus", "Minus",
+            for key in ("Delete", "Spacebar", "F5", "Escape", "Return", "Back", "F", "Home", "0", "Minus",
                         "Add", "Subtract", "NumPadEqual"):
                 if hasattr(dpg, f"mvKey_{key}"):
                     dpg.add_key_press_handler(getattr(dpg, f"mvKey_{key}"), callback=self.on_key, user_data=key)
+            # the '=' / '+' key: Dear PyGui 2's mvKey_Plus is a stale code (61) that fires on every key
+            dpg.add_key_press_handler(getattr(dpg, "mvKey_Equal", IMGUI_KEY_EQUAL), callback=self.on_key,
+                                      user_data="Plus")
             dpg.add_mouse_double_click_handler(button=dpg.mvMouseButton_Left, callback=self.on_double_click)
             dpg.add_mouse_click_handler(button=dpg.mvMouseButton_Left, callback=self.on_click)
             dpg.add_mouse_click_handler(button=dpg.mvMouseButton_Right, callback=self.on_right_click)
@@ -486,10 +490,12 @@ class Editor:
         self._fit_pending = 0
 
     def on_wheel(self, sender, app_data) -> None:
-        if not app_data or self.search.shown or not dpg.is_item_hovered(self.canvas_box):
+        if not app_data or self._overlay_open() or self.canvas.text_widget_active():
             return
-        if self.canvas.text_widget_active():
-            return
+        (x0, y0), (w, h) = self._canvas_rect()
+        mx, my = dpg.get_mouse_pos(local=False)
+        if not (x0 <= mx < x0 + w and y0 <= my < y0 + h):
+            return  # the wheel scrolls the side panels as usual
         self.zoom_by(ZOOM_STEP if app_data > 0 else 1 / ZOOM_STEP, tuple(dpg.get_mouse_pos(local=False)))
 
     def _mouse_or_centre(self):

@@ -289,3 +289,59 @@ def test_the_idle_editor_sleeps_and_wakes_on_input(display, tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@needs_xvfb
+@pytest.mark.skipif(shutil.which("xdotool") is None, reason="xdotool is not installed (apt-get install xdotool)")
+def test_wheel_and_keys_zoom_around_the_cursor_and_the_group_follows_a_pan(display, tmp_path):
+    env = gui_env(display, tmp_path)
+    state_file = tmp_path / "state.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "gui", str(ROOT / "presets" / "tiny_demo.json")],
+                            env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    xdo = lambda *a: subprocess.run(["xdotool", *map(str, a)], env=env, check=True)  # noqa: E731
+
+    def canvas_after(action, settle=1.2):
+        action()
+        time.sleep(settle)
+        return wait_for(state_file, lambda s: s["canvas"] if s["pins"] else None)
+
+    def grid_under(c, screen):  # the grid point drawn at a screen position
+        return [(screen[i] - c["origin"][i] - c["shift"][i]) / c["zoom"] for i in (0, 1)]
+
+    try:
+        start = wait_for(state_file, lambda s: s["canvas"] if s["pins"] else None)
+        cursor = (520, 420)
+        wheel = canvas_after(lambda: (xdo("mousemove", *cursor), time.sleep(0.3), xdo("click", 4), xdo("click", 4)))
+        assert wheel["zoom"] == pytest.approx(start["zoom"] * 1.15 ** 2, rel=0.01)
+        assert grid_under(wheel, cursor) == pytest.approx(grid_under(start, cursor), abs=2)  # around the cursor
+        out = canvas_after(lambda: (xdo("keydown", "ctrl"), time.sleep(0.3), xdo("key", "minus"), time.sleep(0.3),
+                                    xdo("keyup", "ctrl")))
+        assert out["zoom"] == pytest.approx(wheel["zoom"] / 1.15, rel=0.01)
+        back = canvas_after(lambda: (xdo("keydown", "ctrl"), time.sleep(0.3), xdo("key", "equal"), time.sleep(0.3),
+                                     xdo("keyup", "ctrl")))
+        assert back["zoom"] == pytest.approx(wheel["zoom"], rel=0.01)
+        one = canvas_after(lambda: (xdo("keydown", "ctrl"), time.sleep(0.3), xdo("key", "0"), time.sleep(0.3),
+                                    xdo("keyup", "ctrl")))
+        assert one["zoom"] == 1.0 and len(one["on_screen"]) < 9
+        fitted = canvas_after(lambda: xdo("key", "f"))
+        assert len(fitted["on_screen"]) == 9
+        # pan with the middle button: the nodes and the Data group's frame move together
+        def pan():
+            xdo("mousemove", 700, 800)
+            xdo("mousedown", 2)
+            for i in range(1, 11):
+                time.sleep(0.1)
+                xdo("mousemove", 700 - 12 * i, 800 - 15 * i)
+            time.sleep(0.3)
+            xdo("mouseup", 2)
+        panned = canvas_after(pan)
+        moved = [panned["node_rects"]["4"][i] - fitted["node_rects"]["4"][i] for i in (0, 1)]
+        assert abs(moved[0]) > 50 and abs(moved[1]) > 50, "the middle button did not pan"
+        group_moved = [panned["group_frames"][0][i + 2] - fitted["group_frames"][0][i + 2] for i in (0, 1)]
+        assert group_moved == pytest.approx(moved, abs=2)  # the frame's far corner moved with the nodes
+        assert inside(panned["node_rects"]["4"], panned["group_frames"][0], slack=2)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    state = json.loads(state_file.read_text())
+    assert not state["dirty"]  # zoom and pan are view state
