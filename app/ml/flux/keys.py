@@ -10,7 +10,7 @@ hard-codes the 3072 width of the real model). Three things are not plain renames
 - ``final_layer.adaLN_modulation.1`` stores (shift, scale) where diffusers' ``norm_out.linear`` stores
   (scale, shift);
 - the RMSNorms' ``.scale`` is diffusers' ``.weight``.
-``FLUX_GROUPS`` is the module-level table; ``lora_keys`` uses it too, so full weights and LoRAs can
+``flux_groups`` is the module-level table; ``lora_keys`` uses it too, so full weights and LoRAs can
 never disagree on a name.
 """
 
