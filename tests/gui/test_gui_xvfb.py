@@ -300,10 +300,10 @@ def test_wheel_and_keys_zoom_around_the_cursor_and_the_group_follows_a_pan(displ
                             env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     xdo = lambda *a: subprocess.run(["xdotool", *map(str, a)], env=env, check=True)  # noqa: E731
 
-    def canvas_after(action, settle=1.2):
+    def canvas_after(action, done):
+        """The canvas once the state dump shows the action's effect."""
         action()
-        time.sleep(settle)
-        return wait_for(state_file, lambda s: s["canvas"] if s["pins"] else None)
+        return wait_for(state_file, lambda s: s["canvas"] if s["pins"] and done(s["canvas"]) else None, timeout=10)
 
     def grid_under(c, screen):  # the grid point drawn at a screen position
         return [(screen[i] - c["origin"][i] - c["shift"][i]) / c["zoom"] for i in (0, 1)]
@@ -311,19 +311,23 @@ def test_wheel_and_keys_zoom_around_the_cursor_and_the_group_follows_a_pan(displ
     try:
         start = wait_for(state_file, lambda s: s["canvas"] if s["pins"] else None)
         cursor = (520, 420)
-        wheel = canvas_after(lambda: (xdo("mousemove", *cursor), time.sleep(0.3), xdo("click", 4), xdo("click", 4)))
+        zoom_is = lambda z: lambda c: c["zoom"] == pytest.approx(z, rel=0.01)  # noqa: E731
+        wheel = canvas_after(lambda: (xdo("mousemove", *cursor), time.sleep(0.3), xdo("click", 4), xdo("click", 4)),
+                             zoom_is(start["zoom"] * 1.15 ** 2))
         assert wheel["zoom"] == pytest.approx(start["zoom"] * 1.15 ** 2, rel=0.01)
         assert grid_under(wheel, cursor) == pytest.approx(grid_under(start, cursor), abs=2)  # around the cursor
         out = canvas_after(lambda: (xdo("keydown", "ctrl"), time.sleep(0.3), xdo("key", "minus"), time.sleep(0.3),
-                                    xdo("keyup", "ctrl")))
+                                    xdo("keyup", "ctrl")), zoom_is(wheel["zoom"] / 1.15))
         assert out["zoom"] == pytest.approx(wheel["zoom"] / 1.15, rel=0.01)
         back = canvas_after(lambda: (xdo("keydown", "ctrl"), time.sleep(0.3), xdo("key", "equal"), time.sleep(0.3),
-                                     xdo("keyup", "ctrl")))
+                                     xdo("keyup", "ctrl")), zoom_is(wheel["zoom"]))
         assert back["zoom"] == pytest.approx(wheel["zoom"], rel=0.01)
         one = canvas_after(lambda: (xdo("keydown", "ctrl"), time.sleep(0.3), xdo("key", "0"), time.sleep(0.3),
-                                    xdo("keyup", "ctrl")))
+                                    xdo("keyup", "ctrl")), zoom_is(1.0))
         assert one["zoom"] == 1.0 and len(one["on_screen"]) < 9
-        fitted = canvas_after(lambda: xdo("key", "f"))
+        fitted = canvas_after(lambda: xdo("key", "f"), lambda c: len(c["on_screen"]) == 9)
+        time.sleep(1.5)
+        fitted = wait_for(state_file, lambda s: s["canvas"])  # settled
         assert len(fitted["on_screen"]) == 9
         # pan with the middle button: the nodes and the Data group's frame move together
         def pan():
@@ -334,7 +338,9 @@ def test_wheel_and_keys_zoom_around_the_cursor_and_the_group_follows_a_pan(displ
                 xdo("mousemove", 700 - 12 * i, 800 - 15 * i)
             time.sleep(0.3)
             xdo("mouseup", 2)
-        panned = canvas_after(pan)
+        panned = canvas_after(pan, lambda c: c["node_rects"]["4"] != fitted["node_rects"]["4"])
+        time.sleep(1.5)
+        panned = wait_for(state_file, lambda s: s["canvas"])  # settled
         moved = [panned["node_rects"]["4"][i] - fitted["node_rects"]["4"][i] for i in (0, 1)]
         assert abs(moved[0]) > 50 and abs(moved[1]) > 50, "the middle button did not pan"
         group_moved = [panned["group_frames"][0][i + 2] - fitted["group_frames"][0][i + 2] for i in (0, 1)]
