@@ -1,6 +1,12 @@
 """The tiny Flux components: seeded, consistent with each other and with diffusers' FluxPipeline."""
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,6 +41,32 @@ def test_builds_are_bit_identical_and_leave_the_rng_alone(flux):
     assert torch.equal(torch.random.get_rng_state(), before)
     for name, module in again.items():
         assert _state_equal(module, flux[name]), name
+
+
+_FINGERPRINT = """
+import hashlib, sys
+from app.ml.flux import tiny
+for build in (tiny.build_transformer, tiny.build_vae, tiny.build_clip, tiny.build_t5):
+    h = hashlib.sha256()
+    for k, v in build().state_dict().items():
+        h.update(k.encode()); h.update(v.contiguous().numpy().tobytes())
+    print(h.hexdigest())
+"""
+
+
+def test_weights_are_the_same_in_another_process(flux):
+    repo = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    out = subprocess.run([sys.executable, "-c", _FINGERPRINT], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    here = []
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        h = hashlib.sha256()
+        for k, v in flux[name].state_dict().items():
+            h.update(k.encode())
+            h.update(v.contiguous().numpy().tobytes())
+        here.append(h.hexdigest())
+    assert out.stdout.split() == here
 
 
 def test_configs_are_flux_shaped(flux):
