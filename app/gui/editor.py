@@ -25,7 +25,7 @@ from app.gui.previews import Textures
 from app.gui.runner import Runner
 from app.gui.runstate import RunState, paths_relative
 from app.gui.theme import Themes
-from app.gui.view import ZOOM_STEP, View, fit
+from app.gui.view import ZOOM_STEP, fit
 
 AUTOSAVE_EVERY_S = 5.0
 LEFT_W, RIGHT_W, STATUS_H = 220, 330, 30
@@ -128,7 +128,8 @@ class Editor:
                 self.groups_menu = dpg.add_menu(label="Groups")
             with dpg.menu(label="View"):
                 dpg.add_menu_item(label="Fit all", shortcut="F / Home", callback=lambda: self.fit_all())
-                dpg.add_menu_item(label="Zoom in", shortcut="Ctrl +  or wheel", callback=lambda: self.zoom_by(ZOOM_STEP))
+                dpg.add_menu_item(label="Zoom in", shortcut="Ctrl +  or wheel",
+                                  callback=lambda: self.zoom_by(ZOOM_STEP))
                 dpg.add_menu_item(label="Zoom out", shortcut="Ctrl -  or wheel",
                                   callback=lambda: self.zoom_by(1 / ZOOM_STEP))
                 dpg.add_menu_item(label="Actual size", shortcut="Ctrl 0", callback=lambda: self.zoom_by(None))
