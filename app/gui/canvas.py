@@ -191,9 +191,9 @@ class Canvas:
 
         Why links first: Dear PyGui (2.3) segfaults when it deletes a node that still has two or
         more links attached. Deleting the node makes the node editor delete the links touching its
-        attributes, and it does so while walking its own list of links, which that deletion
-        changes under it (a use-after-free in the C++ code, not a timing issue: it crashes without
-        a viewport too). Opening a recipe over another one deleted every node this way, so any
+        attributes (mvNodeEditor::onChildRemoved), and it erases each one from the list of links
+        it is walking with a range-for: the loop then reads freed memory (not a timing issue: it
+        crashes without a viewport too, on the second link). Opening a recipe over another one deleted every node this way, so any
         recipe with a node that has two links (all the presets) crashed the editor; so did Del on
         such a node. With its links gone first, a node deletes alone, which is safe."""
         parts = self.nodes.pop(nid)
