@@ -118,3 +118,15 @@ def test_flux_pipeline_runs_two_steps_at_32px(flux):
     b = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
     assert a.shape == (1, 3, 32, 32) and torch.isfinite(a).all()
     assert torch.equal(a, b)
+
+
+def test_unwritable_tokenizer_cache_is_a_clear_error(tmp_path, monkeypatch):
+    from app.ml.flux.t5_tokenizer import TokenizerBuildError, cache_root, tiny_t5_tokenizer_dir
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("NODETRAINER_CACHE", str(blocker / "cache"))
+    assert cache_root() == blocker / "cache"
+    with pytest.raises(TokenizerBuildError, match=r"builtin:tiny-flux: cannot write its T5 tokenizer into .*NODETRAINER_CACHE"):
+        tiny_t5_tokenizer_dir()
+    assert blocker.read_text().startswith("a file")  # nothing of the user's is touched
