@@ -47,6 +47,7 @@ class NodeItems:
     look: tuple = ("", False)
     params: dict[str, int] = field(default_factory=dict)
     widths: list[tuple[int, int]] = field(default_factory=list)  # (item, width at zoom 1) to scale
+    wraps: list[tuple[int, int]] = field(default_factory=list)  # (text, wrap width at zoom 1)
 
 
 class Canvas:
@@ -162,7 +163,12 @@ class Canvas:
             parts.metrics_parent = dpg.add_group()
             parts.preview = dpg.add_group()
         dpg.bind_item_theme(item, self.themes.node("", False))
-        parts.widths = [(i, w) for i in _descendants(item) if (w := dpg.get_item_configuration(i).get("width", 0)) > 0]
+        for i in _descendants(item):
+            conf = dpg.get_item_configuration(i)
+            if conf.get("width", 0) > 0:
+                parts.widths.append((i, conf["width"]))
+            if conf.get("wrap", 0) > 0:  # messages wrap at the node's width, which zooms too
+                parts.wraps.append((i, conf["wrap"]))
         if self.view.zoom != 1.0:
             self._scale_widths(parts)
 
@@ -258,6 +264,9 @@ class Canvas:
         for item, width in parts.widths:
             if dpg.does_item_exist(item):
                 dpg.configure_item(item, width=max(1, round(width * self.view.zoom)))
+        for item, wrap in parts.wraps:
+            if dpg.does_item_exist(item):
+                dpg.configure_item(item, wrap=max(20, round(wrap * self.view.zoom)))
 
     def _bind_font(self, size: int) -> None:
         """The canvas' font at the zoomed size, loaded the first time that size is needed."""
@@ -409,9 +418,12 @@ class Canvas:
 
 
 def _descendants(item: int) -> list[int]:
+    """A node's items, without its tooltips (windows of their own, drawn at full size)."""
     out = []
     for slot in dpg.get_item_children(item).values():
         for child in slot:
+            if dpg.get_item_type(child).endswith("mvTooltip"):
+                continue
             out.append(child)
             out.extend(_descendants(child))
     return out

@@ -71,8 +71,9 @@ def test_zoom_is_view_state_the_recipe_and_its_bytes_do_not_change(editor, tmp_p
     assert editor.open_path(DEMO)
     grid = {nid: editor.doc.graph.ui["nodes"][nid]["pos"] for nid in editor.doc.graph.nodes}
     editor.canvas.set_view(View(0.37, (55.5, -20.25)))
-    for nid, parts in editor.canvas.nodes.items():  # drawn at the zoomed place
+    for nid, parts in editor.canvas.nodes.items():  # drawn at the zoomed place, messages wrapped narrower
         assert dpg.get_item_pos(parts.node) == pytest.approx(editor.canvas.view.to_editor(grid[nid]), abs=1)
+        assert dpg.get_item_configuration(parts.error)["wrap"] == round(260 * 0.37)
     editor.record_moves()  # what a click on the canvas does
     assert not editor.doc.dirty
     out = tmp_path / "again.json"
