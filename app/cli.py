@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--worker", action="store_true", help="run in a separate worker process")
     r.add_argument("--allow-output", action="append", default=[], metavar="DIR", help=ALLOW_OUTPUT_HELP)
     r.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    from app.cli_experiments import add_parsers, add_run_sweep
+
+    add_run_sweep(r)
+    add_parsers(sub, ALLOW_OUTPUT_HELP)
     return ap
 
 
@@ -70,6 +74,10 @@ def main(argv=None) -> int:
             return cmd_validate(args)
         if cmd == "run":
             return cmd_run(args)
+        if cmd in ("queue", "compare", "import"):
+            from app import cli_experiments
+
+            return getattr(cli_experiments, f"cmd_{cmd}")(args, lambda: _registry(args))
         return cmd_gui(args)
     except BrokenPipeError:
         return EXIT_OK
@@ -188,6 +196,10 @@ def cmd_run(args) -> int:
     from app.graph.validate import validate
 
     reg = _registry(args)
+    if getattr(args, "sweep", None):
+        from app.cli_experiments import cmd_run_sweep
+
+        return cmd_run_sweep(args, reg)
     recipe_path = Path(args.recipe)
     try:
         graph, problems = load_recipe(args.recipe, reg)
