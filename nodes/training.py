@@ -266,10 +266,11 @@ def _announce_backup(ctx, workdir, since: float) -> None:
     newest = None
     for meta in (workdir / "backups").glob("*/backup.json"):
         try:
-            t = float(json.loads(meta.read_text()).get("time", 0))
-        except (OSError, ValueError):
+            info = json.loads(meta.read_text())
+            t, step = float(info.get("time", 0)), int(info.get("step", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
             continue
-        if t >= since and (newest is None or t > newest[0]):
+        if t >= since and step > 0 and (newest is None or t > newest[0]):  # step 0: nothing to resume
             newest = (t, meta.parent)
     if newest is not None:
         ctx.emit("resumable", param="resume_from", path=str(newest[1]))

@@ -10,6 +10,7 @@
     node_done    node, elapsed_s
     node_error   node, message, error_type, traceback
     node_cancelled node
+    resumable    node, param, path    (a stopped node left a backup: set param to path to continue)
     run_done     status ('done' | 'error' | 'cancelled' | 'invalid'), elapsed_s, message
     worker_ready / worker_died / worker_exit   (from the worker process and its client)
 

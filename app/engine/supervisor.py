@@ -8,9 +8,9 @@ the child dies by a signal, the parent names the node that was running, adds nod
 to the events file, and exits 1 like any failed node. The child also enables faulthandler, so the
 Python traceback of the crash (the node function's frame) is printed above the message.
 
-The parent forwards Ctrl-C (each one: the child counts them), SIGTERM and SIGHUP, stops the child
-with Ctrl-Z and continues it with fg; if the parent is killed outright, the child is asked to stop as
-after Ctrl-C (Linux), so it still leaves a backup.
+The child stays in the terminal's process group (Ctrl-C, Ctrl-Z, stdin and debuggers work as
+before); SIGINT, SIGTERM and SIGHUP sent to the parent alone are passed on. If the parent is killed
+outright, the child is asked to stop as after Ctrl-C (Linux), so it still leaves a backup.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def available() -> bool:
-    return hasattr(os, "fork") and sys.platform != "win32"
+    return hasattr(os, "fork") and hasattr(signal, "sigtimedwait") and sys.platform != "win32"
 
 
 class NodeNotes:
@@ -58,15 +58,20 @@ def fork_guarded(events_path: str | None = None) -> "int | NodeNotes":
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    # blocked before the fork, so that none is missed; the parent takes them with sigtimedwait
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED, signal.SIGCHLD})
     pid = os.fork()
     if pid == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(r)
-        os.setpgid(0, 0)  # Ctrl-C reaches the parent only, which forwards it once
         _stop_with_parent()
         faulthandler.enable(file=sys.stderr, all_threads=False)
         return NodeNotes(w)
     os.close(w)
-    return _wait(pid, r, events_path)
+    try:
+        return _wait(pid, r, events_path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _stop_with_parent() -> None:
@@ -80,54 +85,37 @@ def _stop_with_parent() -> None:
 
 
 def _wait(pid: int, r: int, events_path: str | None) -> int:
+    """Wait for the child. The child shares the terminal's process group, so a Ctrl-C typed there (or
+    Ctrl-Z, or a hang-up) reaches it directly, and stdin and debuggers work in nodes; signals sent to
+    this process alone (``kill -INT``, a test, a process manager) are passed on, once each."""
     notes: list[dict] = []
     reader = threading.Thread(target=_read_notes, args=(r, notes), name="run-notes", daemon=True)
     reader.start()
     received: list[int] = []
-
-    def forward(signum, frame) -> None:
-        received.append(signum)
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def suspend(signum, frame) -> None:  # Ctrl-Z: stop the child, then ourselves; fg continues both
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            pass
-        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)
-        signal.signal(signal.SIGTSTP, suspend)
-        try:
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
-    previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)
-    try:
-        while True:
+    status = None
+    while status is None:
+        info = signal.sigtimedwait({*FORWARDED, signal.SIGCHLD}, 1.0)
+        if info is not None and info.si_signo != signal.SIGCHLD and info.si_code <= 0:  # sent by a process
+            received.append(info.si_signo)
             try:
-                _, status = os.waitpid(pid, 0)
-                break
-            except ChildProcessError:
-                return EXIT_FAILED
-            except InterruptedError:
-                continue
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+                os.kill(pid, info.si_signo)
+            except ProcessLookupError:
+                pass
+        try:
+            done, st = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return EXIT_FAILED
+        if done == pid:
+            status = st
     reader.join(timeout=5)
     if os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
     signum = os.WTERMSIG(status)
-    if signum == signal.SIGINT and signum in received:  # Ctrl-C before the run could catch it
+    if signum == signal.SIGINT:  # Ctrl-C before the run could catch it
         print("Interrupted.", file=sys.stderr)
         return 130
-    if signum in received:
-        return 128 + signum  # the child ended by the signal we passed on: no crash to report
+    if signum in received or signum in (signal.SIGTERM, signal.SIGHUP):
+        return 128 + signum  # ended by a signal meant for the run: no crash to report
     node = _running_node(notes)
     message = describe_signal(signum)
     if node is not None:
