@@ -150,3 +150,38 @@ def test_a_node_that_kills_the_process_is_named_and_exits_1(tmp_path, how, sig):
     evs = _events(events)
     assert [e["node"] for e in evs if e["event"] == "node_error"] == ["3"]
     assert evs[-1]["event"] == "run_done" and evs[-1]["status"] == "error"
+
+
+def test_ctrl_c_typed_at_a_terminal_is_one_stop(tmp_path):
+    """The terminal signals its whole foreground process group: the run's process must see one Ctrl-C
+    (a cooperative stop), not a second one passed on by the command's own process."""
+    import pty
+    import select
+
+    from tests.conftest import STUBS
+
+    marker = tmp_path / "running"
+    recipe = tmp_path / "slow.json"
+    recipe.write_text(json.dumps({"format_version": 1, "links": [], "nodes": {"1": {
+        "type": "TestSlow", "version": 1, "params": {"steps": 100000, "step_s": 0.001, "marker": str(marker)}}}}))
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, str(ROOT / "launch.py"), "--nodes-dir", str(STUBS), "run",
+                                  str(recipe), "--workspace", str(tmp_path / "ws")])
+    out, sent, deadline = b"", False, time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if not sent and marker.exists():
+            os.write(fd, b"\x03")  # Ctrl-C, as typed
+            sent = True
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert sent and os.waitstatus_to_exitcode(status) == 130, text
+    assert "Stopped by the user" in text and "Interrupted" not in text
