@@ -37,11 +37,13 @@ READ_INPUTS = {
     ("LoadModel", "source"), ("LoadModel", "vae"), ("LoadModel", "tokenizer"),
     ("Concept", "folder"), ("Concept", "caption_file"),
     ("LoRAInject", "init_from"), ("TrainLoop", "resume_from"), ("Cache", "folder"),
+    ("Caption", "model_folder"), ("Masks", "model_folder"),
 }
 # Inputs a node creates when missing (only the wrong kind of thing there is a problem).
 _CREATED_WHEN_MISSING = {("Cache", "folder")}
 # Inputs read only when another param says so: (param, value it must have).
-_USED_ONLY_WHEN = {("Concept", "caption_file"): ("prompt_source", "concept_file")}
+_USED_ONLY_WHEN = {("Concept", "caption_file"): ("prompt_source", "concept_file"),
+                   ("Masks", "model_folder"): ("source", "clipseg")}
 
 
 def check_input_files(graph, registry, *, recipe_dir: "str | os.PathLike | None" = None) -> list[Problem]:
@@ -240,7 +242,17 @@ def check_adapter_file(path: Path, params: dict) -> str | None:
     return None
 
 
+def check_hf_model_folder(path: Path, params: dict) -> str | None:
+    """A captioning or mask model folder (Caption, Masks) must hold config.json; its model type is
+    checked when the node loads it."""
+    if not (path / "config.json").is_file():
+        return "not a Hugging Face model folder (config.json is missing); choose the folder you downloaded"
+    return None
+
+
 _CONTENT_CHECKS: dict[tuple[str, str], Callable[[Path, dict], "str | None"]] = {
+    ("Caption", "model_folder"): check_hf_model_folder,
+    ("Masks", "model_folder"): check_hf_model_folder,
     ("LoadModel", "source"): check_model_source,
     ("LoadModel", "vae"): check_vae,
     ("LoadModel", "tokenizer"): check_tokenizer,

@@ -30,6 +30,42 @@ ENTRY_NAMES_SHOWN = 5  # names listed per kind of skipped folder entry; the rest
 BALANCING = ("repeats", "samples")
 BAD_IMAGE_POLICIES = ("skip", "error")
 VERIFY_MODES = ("full", "header")
+IGNORE_FILE = ".nodetrainer-ignore"  # images left out of the concept, one relative path a line
+
+
+def read_ignore_list(folder: str | Path) -> list[str]:
+    """The relative paths ("/"-separated, as `Sample.rel`) listed in the folder's ignore file, in order;
+    blank lines and lines starting with '#' are skipped. No file: an empty list."""
+    path = Path(folder) / IGNORE_FILE
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the ignore list ({exc}); fix or delete the file", path) from None
+    out = []
+    for line in text.splitlines():
+        line = line.strip().replace("\\", "/")
+        if line and not line.startswith("#") and line not in out:
+            out.append(line)
+    return out
+
+
+def write_ignore_list(folder: str | Path, rels) -> Path:
+    """Write the ignore list atomically (the dataset browser's "exclude"); an empty list leaves only the
+    header comment, so the user still sees where exclusions live."""
+    from app.atomic import atomic_file
+
+    path = Path(folder) / IGNORE_FILE
+    body = ("# images left out of training by NodeTrainer's Concept node (one path a line, relative to "
+            "this folder); delete a line to include the image again\n"
+            + "".join(f"{r}\n" for r in sorted(set(rels))))
+    try:
+        with atomic_file(path, overwrite=True) as t:
+            t.tmp.write_text(body, encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot write the ignore list ({exc})", path) from None
+    return path
 
 
 @dataclass(frozen=True)
@@ -247,6 +283,15 @@ def scan_concept(settings: ConceptSettings, index: int = 0, *, progress=None, ch
     except DataError as exc:
         raise DataError(exc.reason, exc.path, name) from exc
     files = found.images
+    ignored = set(read_ignore_list(folder))
+    n_ignored = 0
+    if ignored:
+        kept = [f for f in files if f.rel not in ignored]
+        n_ignored = len(files) - len(kept)
+        files = kept
+    if not files and n_ignored:
+        raise DataError(f"every image is excluded by {IGNORE_FILE}; remove lines from it (or the file) to "
+                        "train on them", folder, name)
     if not files:
         left_out = ScanReport(name, str(folder), skipped_entries=found.skipped).entry_warnings()
         raise DataError(
@@ -259,6 +304,8 @@ def scan_concept(settings: ConceptSettings, index: int = 0, *, progress=None, ch
                         outside_links=found.outside_links)
     if settings.prompt_source == "per_image":
         report.orphan_captions = found.orphan_captions
+    if n_ignored:
+        report.notes.append(f"{n_ignored} images are excluded by {IGNORE_FILE} in the folder")
 
     concept_lines: tuple[str, ...] = ()
     if settings.prompt_source == "concept_file":

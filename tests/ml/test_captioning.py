@@ -1,0 +1,211 @@
+"""Caption node and app/ml/data/captioning.py with a tiny random-weight BLIP saved as a model folder and
+loaded through transformers' own classes (no download): every image gets a caption, files are written
+only when asked and never clobbered, bad folders are clear errors; the ignore list and the text cache."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "nodes"))
+
+from dataset_node_helpers import graph, registry, run, write_image  # noqa: E402
+
+WORDS = "a photo of red green blue circle square cat dog on the with".split()
+
+
+def make_tiny_blip(folder: Path) -> Path:
+    """A BLIP captioner of the real classes, 32-wide, with a generated WordPiece vocabulary."""
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, encoder_hidden_size=32, bos_token_id=5, pad_token_id=0,
+                         sep_token_id=3),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                           image_size=32, patch_size=8),
+        projection_dim=32)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(cfg).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory):
+    return make_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip")
+
+
+def make_images(folder: Path, n: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_image(folder / f"img{i}.png", (40 + 8 * i, 32), seed=i)
+    return folder
+
+
+def caption_graph(folder, model, **params):
+    p = {"model_folder": str(model), "images": "missing_only", "batch_size": 3, "max_length": 8}
+    p.update(params)
+    return graph([("c", "Concept", {"folder": str(folder), "missing_caption": "concept_name"}),
+                  ("cap", "Caption", p)],
+                 links=[("c", "dataset", "cap", "dataset")])
+
+
+def test_captions_flow_in_the_dataset_and_no_file_is_written(tmp_path, blip):
+    data = make_images(tmp_path / "data")
+    (data / "img0.txt").write_text("my own caption\n")
+    before = sorted(p.name for p in data.iterdir())
+    r, _ = run(caption_graph(data, blip, prefix="ohwx"), workspace=tmp_path / "ws")
+    assert r.status == "done", r.error()
+    ds = r.output("cap")
+    by_name = {s.path.name: s for s in ds.concepts[0].samples}
+    assert by_name["img0.png"].caption_lines == ("my own caption",)  # missing_only keeps the user's caption
+    for name in ("img1.png", "img2.png", "img3.png"):
+        s = by_name[name]
+        assert s.caption_source == "generated"
+        assert s.caption_lines[0].startswith("ohwx, ") and len(s.caption_lines[0]) > len("ohwx, ")
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing written beside the images
+    prev = r.previews("cap")
+    assert len(prev["images"]["images"]) == 3 and prev["images"]["captions"][0].startswith("ohwx")
+    assert any("images/s" in m for m in r.logs("cap"))
+
+
+def test_write_beside_writes_atomically_and_backs_up_replaced_captions(tmp_path, blip):
+    ws = tmp_path / "ws"
+    data = make_images(ws / "data")  # inside the workspace: allowed without --allow-output
+    (data / "img0.txt").write_text("my own caption\n")
+    r, _ = run(caption_graph(data, blip, images="all", write_beside=str(data), suffix="style"), workspace=ws)
+    assert r.status == "done", r.error()
+    for i in range(4):
+        text = (data / f"img{i}.txt").read_text()
+        assert text.endswith("style\n") and text.count("\n") == 1
+    assert (data / "img0.txt.bak").read_text() == "my own caption\n"
+    assert not list(data.glob(".nodetrainer-tmp-*"))
+    # the same captions again: nothing rewritten, no second backup
+    r, _ = run(caption_graph(data, blip, images="all", write_beside=str(data), suffix="style", max_length=8,
+                             batch_size=2), workspace=ws)
+    assert r.status == "done", r.error()
+    assert sorted(p.name for p in data.glob("*.bak")) == ["img0.txt.bak"]
+    # a changed caption: the first backup is kept, a second one is added
+    (data / "img1.txt").write_text("edited by hand\n")
+    r, _ = run(caption_graph(data, blip, images="all", write_beside=str(data), suffix="style", batch_size=1),
+               workspace=ws)
+    assert r.status == "done", r.error()
+    assert (data / "img1.txt.bak").read_text() == "edited by hand\n"
+    assert (data / "img0.txt.bak").read_text() == "my own caption\n"
+
+
+def test_write_beside_outside_the_workspace_is_refused(tmp_path, blip):
+    from app.graph.validate import validate
+
+    data = make_images(tmp_path / "data")
+    g = caption_graph(data, blip, write_beside=str(data))
+    problems = validate(g, registry(), workspace=tmp_path / "ws", recipe_dir=tmp_path)
+    assert any(p.node_id == "cap" and "write_beside" in p.message and "--allow-output" in p.message
+               for p in problems), problems
+    assert not [p for p in validate(g, registry(), workspace=tmp_path / "ws", recipe_dir=tmp_path,
+                                    allow_output=[str(data)]) if p.node_id == "cap"]
+    r, _ = run(g, workspace=tmp_path / "ws")
+    assert r.status == "invalid" and "write_beside" in repr(r.events)  # refused before anything runs
+    assert not list(data.glob("*.txt"))
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "not_captioner", "broken_weights"])
+def test_bad_model_folder_is_a_clear_error(tmp_path, blip, case):
+    import shutil
+
+    data = make_images(tmp_path / "data", 2)
+    model = tmp_path / "model"
+    if case == "no_config":
+        model.mkdir()
+    elif case == "not_captioner":
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "clip"}')
+    elif case == "broken_weights":
+        shutil.copytree(blip, model)
+        (model / "model.safetensors").write_bytes(b"not weights")
+    r, _ = run(caption_graph(data, model), workspace=tmp_path / "ws")
+    err = r.error()
+    assert r.status == "error" and err["node"] == "cap"
+    assert str(model) in err["message"]
+    expected = {"missing": "not found", "no_config": "config.json is missing", "not_captioner": "not a supported",
+                "broken_weights": "cannot load"}[case]
+    assert expected in err["message"], err["message"]
+
+
+def test_validate_reports_a_missing_model_folder(tmp_path):
+    from app.graph.validate import validate
+
+    data = make_images(tmp_path / "data", 1)
+    problems = validate(caption_graph(data, tmp_path / "nope"), registry(), recipe_dir=tmp_path)
+    assert any(p.node_id == "cap" and "model_folder" in p.message for p in problems), problems
+
+
+def test_captioner_batches_give_one_caption_per_image(blip):
+    from PIL import Image
+
+    from app.ml.data.captioning import clean_caption, detect_model_type, load_captioner
+
+    assert detect_model_type(blip) == "blip"
+    cap = load_captioner(blip)
+    imgs = [Image.new("RGB", (30 + i, 20), (i * 40, 0, 0)) for i in range(5)]
+    out = cap.caption(imgs, max_length=6)
+    assert len(out) == 5 and all(isinstance(t, str) and t for t in out)
+    assert clean_caption("  a  cat </s> ", "ohwx", "photo") == "ohwx, a cat, photo"
+    assert clean_caption("a cat", "", "", " ") == "a cat"
+
+
+# ---- the ignore list the dataset browser writes ----------------------------------------------
+
+def test_concept_honours_the_ignore_list(tmp_path):
+    from app.ml.data.concept import ConceptSettings, read_ignore_list, scan_concept, write_ignore_list
+
+    data = make_images(tmp_path / "data", 3)
+    (data / "sub").mkdir()
+    write_image(data / "sub" / "x.png", (32, 32))
+    write_ignore_list(data, ["img1.png", "sub/x.png"])
+    assert read_ignore_list(data) == ["img1.png", "sub/x.png"]
+    c = scan_concept(ConceptSettings(name="c", folder=data))
+    assert sorted(s.rel for s in c.samples) == ["img0.png", "img2.png"]
+    assert any("2 images are excluded" in n for n in c.report.notes)
+    write_ignore_list(data, ["img0.png", "img1.png", "img2.png", "sub/x.png"])
+    from app.ml.data.errors import DataError
+
+    with pytest.raises(DataError, match="every image is excluded"):
+        scan_concept(ConceptSettings(name="c", folder=data))
+
+
+def test_text_cache_re_encodes_exactly_the_edited_caption(tmp_path):
+    """Text cache entries are keyed by caption text: editing one caption makes exactly one new entry."""
+    import numpy as np
+
+    from app.ml.data.cache import TextCache
+    from app.ml.data.concept import ConceptSettings, scan_concept
+
+    data = make_images(tmp_path / "data", 4)
+    for i in range(4):
+        (data / f"img{i}.txt").write_text(f"caption {i}\n")
+
+    def captions():
+        c = scan_concept(ConceptSettings(name="c", folder=data))
+        return [s.caption_lines[0] for s in c.samples]
+
+    def enc(texts):
+        return [np.zeros(2, np.float32) for _ in texts]
+
+    cache = TextCache(tmp_path / "cache", "enc")
+    cache.get_or_encode(captions(), enc)
+    assert cache.misses == 4
+    (data / "img2.txt").write_text("caption two, edited\n")
+    cache = TextCache(tmp_path / "cache", "enc")
+    cache.get_or_encode(captions(), enc)
+    assert (cache.misses, cache.hits) == (1, 3)
