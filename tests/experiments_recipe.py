@@ -26,7 +26,7 @@ def tiny_recipe(tmp_path: Path, *, trainloop: dict | None = None, name: str = "d
         elif node["type"] == "Sample":
             p.update(steps=1, prompt="red circle\nblue square", width=64, height=64)
         elif node["type"] == "TrainLoop":
-            p.update(max_steps=1, sample_prompts="", **(trainloop or {}))
+            p.update({"max_steps": 1, "sample_prompts": "", **(trainloop or {})})
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
     return path
