@@ -133,6 +133,9 @@ class Editor:
                 dpg.add_menu_item(label="Zoom out", shortcut="Ctrl -  or wheel",
                                   callback=lambda: self.zoom_by(1 / ZOOM_STEP))
                 dpg.add_menu_item(label="Actual size", shortcut="Ctrl 0", callback=lambda: self.zoom_by(None))
+                dpg.add_separator()
+                dpg.add_menu_item(label="Browse the focused dataset...",
+                                  callback=lambda: self.open_dataset_browser(self.focus))
             self.presets_menu = dpg.add_menu(label="Presets")
             with dpg.menu(label="Run"):
                 dpg.add_menu_item(label="Run", shortcut="F5", callback=lambda: self.run_graph())
@@ -566,10 +569,49 @@ class Editor:
                 dpg.delete_item(menu)
                 action()
             dpg.add_menu_item(label="Run up to here", callback=lambda: do(lambda: self.run_to(nid)))
+            if self.doc.graph.nodes[nid].type == "Concept":
+                dpg.add_menu_item(label="Browse dataset...", callback=lambda: do(lambda: self.open_dataset_browser(nid)))
             dpg.add_menu_item(label="Rename...", callback=lambda: do(self.rename_focused))
             dpg.add_menu_item(label="Duplicate", callback=lambda: do(lambda: (self.doc.duplicate([nid]),
                                                                               self.after_edit())))
             dpg.add_menu_item(label="Delete", callback=lambda: do(lambda: (self.doc.remove([nid]), self.after_edit())))
+
+    def open_dataset_browser(self, nid: str | None):
+        """The dataset browser over a Concept node's folder (relative paths start at the recipe's folder)."""
+        from app.gui.dataset_browser import BrowserModel, DatasetBrowser
+
+        node = self.doc.graph.nodes.get(nid) if nid else None
+        if node is None or node.type != "Concept":
+            self.say("! Focus a Concept node first (click it), then browse its dataset.", True)
+            return None
+        folder = str(node.params.get("folder") or "").strip()
+        if not folder:
+            self.say(f"! Concept node {node.label()} has no folder yet; choose one in its 'folder' param.", True)
+            return None
+        path = Path(folder).expanduser()
+        if not path.is_absolute():
+            path = (self.doc.path.parent if self.doc.path else Path.cwd()) / path
+        if not path.is_dir():
+            self.say(f"! Concept node {node.label()}: the folder {path} does not exist; choose an existing folder.",
+                     True)
+            return None
+        old = getattr(self, "browser", None)
+        if old is not None and dpg.does_item_exist(old.window):
+            if old.model.dirty:
+                dpg.focus_item(old.window)
+                self.say(f"! The dataset browser of {old.model.folder} has unsaved edits; save or close it first.",
+                         True)
+                return old
+            old.close(force=True)
+        try:
+            model = BrowserModel.load(path, delimiter=str(node.params.get("delimiter") or ","),
+                                      recursive=bool(node.params.get("recursive", True)))
+        except Exception as exc:  # an unreadable folder must not take the editor down
+            self.say(f"! Concept node {node.label()}: cannot browse {path}: {exc}", True)
+            return None
+        self.browser = DatasetBrowser(model, self.textures, title=f"Dataset of {node.label()}: {path}", say=self.say,
+                                      on_close=lambda b: setattr(self, "browser", None))
+        return self.browser
 
     def _track_mouse(self) -> None:
         """Link drops on empty canvas and node moves are noticed here (Dear PyGui reports neither)."""

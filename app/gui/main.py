@@ -11,6 +11,7 @@ Environment hooks for tests and docs (ignored otherwise):
                                is taken once the run has finished
   NODETRAINER_GUI_TIMEOUT=S    with AUTORUN and --screenshot: give up waiting after S seconds
   NODETRAINER_GUI_FOCUS=ID     show this node in the inspector from the start (for screenshots)
+  NODETRAINER_GUI_BROWSE=ID    open the dataset browser of this Concept node from the start
   NODETRAINER_GUI_SCRIPT=STEPS play menu actions ('File/New;Presets/tiny_demo;File/Open...=PATH',
                                see app/gui/script.py), record the canvas after each, then exit
 
@@ -77,6 +78,9 @@ def run_editor(args) -> int:
     focus = os.environ.get("NODETRAINER_GUI_FOCUS")
     if focus in editor.doc.graph.nodes:
         editor.focus_node(focus, quiet=True)
+    browse = os.environ.get("NODETRAINER_GUI_BROWSE")
+    if browse in editor.doc.graph.nodes:
+        editor.open_dataset_browser(browse)
 
     from app.gui.pacing import MAX_FPS, Pacer
     from app.gui.script import Script
@@ -162,6 +166,8 @@ def _dump(editor, stats, times, works, path, last, write) -> str:
     state["canvas"] = editor.canvas_report()
     if getattr(editor, "script", None) is not None:
         state["script"] = editor.script.log
+    if getattr(editor, "browser", None) is not None:
+        state["browser"] = editor.browser.report()
     timing = dict(stats)
     for name, values in (("frame", times), ("work", works)):
         ordered = sorted(values)
