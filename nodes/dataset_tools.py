@@ -140,7 +140,7 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
         raise _error(exc) from None
     ctx.log(f"{captioner.label} from {model_folder}: captioning {len(todo)} images on {device}")
 
-    new, shown, written, backups = {}, [], [], []
+    new, shown, written, backups, empty = {}, [], [], [], []
     t0 = time.perf_counter()
     bs = int(batch_size)
     try:
@@ -149,6 +149,9 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
             pics = [open_image_rgb(s.path) for _, _, s in chunk]
             raw = captioner.caption(pics, max_length=int(max_length), num_beams=int(num_beams))
             for (c, i, s), pic, text in zip(chunk, pics, raw):
+                if not clean_caption(text):
+                    empty.append(s.path)
+                    continue
                 cap = clean_caption(text, prefix, suffix, c.settings.text_augment.delimiter)
                 new[(c.index, i)] = replace(s, caption_lines=(cap,), caption_source="generated")
                 if root is not None:
@@ -168,12 +171,16 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
                         "use another device") from None
     dt = time.perf_counter() - t0
     ctx.log(f"captioned {len(todo)} images in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.2f} images/s)")
+    if empty:
+        ctx.warn(f"the model gave an empty caption for {len(empty)} images; they keep their caption: "
+                 + ", ".join(p.name for p in empty[:10]) + (" ..." if len(empty) > 10 else ""))
     if root is not None:
         ctx.log(f"wrote {len(written)} caption files beside the images in {root}"
                 + (f"; {len(backups)} replaced captions kept as .bak" if backups else ""))
     else:
         ctx.log("captions flow on in the dataset only (set write_beside to save them as .txt files)")
-    rows = [[s.path.name, new[(c.index, i)].caption_lines[0]] for c, i, s in todo[:100]]
+    rows = [[s.path.name, new[(c.index, i)].caption_lines[0] if (c.index, i) in new else "(empty: kept)"]
+            for c, i, s in todo[:100]]
     ctx.preview("table", title=f"captions ({len(rows)} of {len(todo)})", columns=["image", "caption"], rows=rows)
     ctx.progress(1, 1)
     return _replace_samples(dataset, new)

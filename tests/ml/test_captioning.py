@@ -40,6 +40,52 @@ def make_tiny_blip(folder: Path) -> Path:
     return folder
 
 
+def make_tiny_florence2(folder: Path) -> Path:
+    """A Florence-2 (transformers-native classes: DaViT vision tower + BART) 32-wide, with a byte-level BPE
+    tokenizer of single bytes (no merges) and the image token the processor needs."""
+    import json
+
+    import torch
+    from transformers import (BartTokenizer, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor)
+
+    from app.ml.models.tokenizers import bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"])}
+    for ch in bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    vocab["<mask>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = BartTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                        extra_special_tokens={"image_token": "<image>"})
+    ip = CLIPImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                            do_center_crop=False)
+    ip.image_seq_length = 17  # 32 px / stride 4 / stride 2 = 4x4 patches, plus the pooled one
+    proc = Florence2Processor(image_processor=ip, tokenizer=tok)
+    cfg = Florence2Config(
+        text_config=dict(model_type="bart", vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                         max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id),
+        vision_config=dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                           patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2], num_groups=[2, 2],
+                           window_size=2, projection_dim=32, drop_path_rate=0.0),
+        image_token_id=tok.image_token_id)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(cfg)
+    model.generation_config.min_new_tokens = 3  # random weights would often stop at once
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def florence(tmp_path_factory):
+    return make_tiny_florence2(tmp_path_factory.mktemp("models") / "tiny-florence2")
+
+
 @pytest.fixture(scope="module")
 def blip(tmp_path_factory):
     return make_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip")
@@ -209,3 +255,30 @@ def test_text_cache_re_encodes_exactly_the_edited_caption(tmp_path):
     cache = TextCache(tmp_path / "cache", "enc")
     cache.get_or_encode(captions(), enc)
     assert (cache.misses, cache.hits) == (1, 3)
+
+
+@pytest.mark.parametrize("task", ["short", "detailed", "more_detailed"])
+def test_florence2_captions_through_the_node(tmp_path, florence, task):
+    from app.ml.data.captioning import detect_model_type
+
+    assert detect_model_type(florence) == "florence2"
+    data = make_images(tmp_path / "data", 3)
+    r, _ = run(caption_graph(data, florence, florence_task=task, prefix="ohwx", max_length=6, batch_size=2),
+               workspace=tmp_path / "ws")
+    assert r.status == "done", r.error()
+    caps = [s.caption_lines[0] for s in r.output("cap").concepts[0].samples]
+    assert len(caps) == 3 and all(c.startswith("ohwx, ") and len(c) > len("ohwx, ") for c in caps)
+    assert all("<" not in c for c in caps)  # no special tokens left in a caption
+    assert any("Florence-2" in m for m in r.logs("cap"))
+
+
+def test_an_empty_model_caption_keeps_the_old_one_and_says_so(tmp_path, blip, monkeypatch):
+    from app.ml.data import captioning
+
+    data = make_images(tmp_path / "data", 2)
+    monkeypatch.setattr(captioning.Captioner, "caption", lambda self, imgs, **kw: ["", "a dog"][:len(imgs)])
+    r, _ = run(caption_graph(data, blip, batch_size=2), workspace=tmp_path / "ws")
+    assert r.status == "done", r.error()
+    by_name = {s.path.name: s for s in r.output("cap").concepts[0].samples}
+    assert by_name["img0.png"].caption_source == "concept_name" and by_name["img1.png"].caption_lines == ("a dog",)
+    assert any("empty caption" in w and "img0.png" in w for w in r.logs("cap", "warning"))
