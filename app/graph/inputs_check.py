@@ -38,6 +38,7 @@ READ_INPUTS = {
     ("Concept", "folder"), ("Concept", "caption_file"),
     ("LoRAInject", "init_from"), ("TrainLoop", "resume_from"), ("Cache", "folder"),
     ("Caption", "model_folder"), ("Masks", "model_folder"),
+    ("Caption", "write_beside"), ("Masks", "write_beside"),  # the images' folder: written into, must exist
 }
 # Inputs a node creates when missing (only the wrong kind of thing there is a problem).
 _CREATED_WHEN_MISSING = {("Cache", "folder")}

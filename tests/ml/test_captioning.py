@@ -194,6 +194,13 @@ def test_validate_reports_a_missing_model_folder(tmp_path):
     data = make_images(tmp_path / "data", 1)
     problems = validate(caption_graph(data, tmp_path / "nope"), registry(), recipe_dir=tmp_path)
     assert any(p.node_id == "cap" and "model_folder" in p.message for p in problems), problems
+    problems = validate(caption_graph(data, tmp_path / "nope", write_beside=str(tmp_path / "gone")), registry(),
+                        recipe_dir=tmp_path, allow_output=[str(tmp_path)])
+    assert any(p.node_id == "cap" and "'write_beside'" in p.message and "no such folder" in p.message
+               for p in problems), problems
+    (tmp_path / "empty-model").mkdir()
+    problems = validate(caption_graph(data, tmp_path / "empty-model"), registry(), recipe_dir=tmp_path)
+    assert any(p.node_id == "cap" and "config.json is missing" in p.message for p in problems), problems
 
 
 def test_captioner_batches_give_one_caption_per_image(blip):
