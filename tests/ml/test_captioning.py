@@ -165,7 +165,7 @@ def test_write_beside_outside_the_workspace_is_refused(tmp_path, blip):
     assert not list(data.glob("*.txt"))
 
 
-@pytest.mark.parametrize("case", ["missing", "no_config", "not_captioner", "broken_weights"])
+@pytest.mark.parametrize("case", ["missing", "no_config", "not_captioner", "broken_weights", "remote_code"])
 def test_bad_model_folder_is_a_clear_error(tmp_path, blip, case):
     import shutil
 
@@ -176,6 +176,10 @@ def test_bad_model_folder_is_a_clear_error(tmp_path, blip, case):
     elif case == "not_captioner":
         model.mkdir()
         (model / "config.json").write_text('{"model_type": "clip"}')
+    elif case == "remote_code":  # the original microsoft/Florence-2 layout
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "florence2", "auto_map": {}, '
+                                           '"vision_config": {"model_type": "davit"}}')
     elif case == "broken_weights":
         shutil.copytree(blip, model)
         (model / "model.safetensors").write_bytes(b"not weights")
@@ -184,7 +188,7 @@ def test_bad_model_folder_is_a_clear_error(tmp_path, blip, case):
     assert r.status == "error" and err["node"] == "cap"
     assert str(model) in err["message"]
     expected = {"missing": "not found", "no_config": "config.json is missing", "not_captioner": "not a supported",
-                "broken_weights": "cannot load"}[case]
+                "broken_weights": "cannot load", "remote_code": "florence-community/Florence-2-base"}[case]
     assert expected in err["message"], err["message"]
 
 

@@ -62,6 +62,11 @@ def detect_model_type(folder: str | Path) -> str:
         known = ", ".join(f"{v} ({k})" for k, v in MODEL_TYPES.items())
         raise DataError(f"model_type {mtype!r} in config.json is not a supported captioning model; supported: "
                         f"{known}. {DOWNLOAD_HINT}", folder)
+    if mtype == "florence2" and (data.get("vision_config") or {}).get("model_type") == "davit":
+        # the original release: its config names classes of custom code that is never run here
+        raise DataError("this is the original Florence-2 release, which needs remote code; download the "
+                        "transformers-native conversion instead: `hf download florence-community/Florence-2-base "
+                        "--local-dir models/florence2-base` (or -large)", folder)
     return mtype
 
 
