@@ -313,6 +313,7 @@ class DatasetBrowser:
         self.page = 0
         self._thumbs: dict[str, bytes | None] = {}
         self.cards: dict[str, dict[str, int]] = {}  # rel -> {"caption": id, "exclude": id, "image": id}
+        self._card_windows: list[int] = []
         self.tag_items: dict[str, int] = {}
         self.window = dpg.add_window(label=title or f"Dataset: {model.folder}", width=size[0], height=size[1],
                                      pos=list(pos), on_close=lambda: self.close())
@@ -445,6 +446,28 @@ class DatasetBrowser:
         if self.on_close:
             self.on_close(self)
 
+    # ---- keyboard (the editor hands keys over while this window has the focus) -------------------------
+    def focused(self) -> bool:
+        """Whether this window (or a part of it) has the keyboard focus: the canvas' keys (Delete, Space,
+        F, Ctrl+Z) must not act on the graph while the user works on captions."""
+        parts = [self.window, self.left, self.right, *self._card_windows]
+        return any(dpg.does_item_exist(i) and dpg.is_item_focused(i) for i in parts) or self.typing()
+
+    def typing(self) -> bool:
+        inputs = [self.f_text, self.f_min, self.f_max, self.find, self.repl,
+                  *(c["caption"] for c in self.cards.values())]
+        return any(dpg.does_item_exist(i) and dpg.is_item_active(i) for i in inputs)
+
+    def on_key(self, key: str, ctrl: bool) -> None:
+        """Ctrl+S saves the dataset, Ctrl+Z / Ctrl+Y undo and redo caption edits (inside a text field the
+        field's own undo works as usual); every other key stays in this window."""
+        if ctrl and key == "S":
+            self.save()
+        elif ctrl and key == "Z" and not self.typing():
+            self.undo()
+        elif ctrl and key == "Y" and not self.typing():
+            self.redo()
+
     # ---- drawing ----------------------------------------------------------------------------------
     def _update_status(self) -> None:
         m = self.model
@@ -481,11 +504,13 @@ class DatasetBrowser:
                                       + (f", tag '{self.filter.tag}'" if self.filter.tag else "") + ")")
         dpg.delete_item(self.grid, children_only=True)
         self.cards = {}
+        self._card_windows = []
         row = None
         for k, e in enumerate(shown[self.page * PAGE:(self.page + 1) * PAGE]):
             if k % 3 == 0:
                 row = dpg.add_group(horizontal=True, parent=self.grid)
-            with dpg.child_window(width=300, height=178, parent=row, border=True, no_scrollbar=True):
+            with dpg.child_window(width=300, height=178, parent=row, border=True, no_scrollbar=True) as cw:
+                self._card_windows.append(cw)
                 with dpg.group(horizontal=True):
                     tex = self._thumb(e)
                     card: dict[str, int] = {}

@@ -530,6 +530,10 @@ class Editor:
         if key == "F5":
             self.run_graph()
             return
+        browser = getattr(self, "browser", None)
+        if browser is not None and dpg.does_item_exist(browser.window) and browser.focused():
+            browser.on_key(key, ctrl)  # Delete or Space while editing captions must not touch the graph
+            return
         if ctrl and key == "S":
             self.save()
             return

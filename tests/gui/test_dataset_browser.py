@@ -226,3 +226,27 @@ def test_screenshot_of_the_browser(display, tmp_path):
         import shutil
 
         shutil.copy(shot, keep)
+
+
+def test_keys_while_the_browser_has_the_focus_never_touch_the_graph(editor, tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d")
+    nid = editor.add_node("Concept", (0, 0))
+    editor.on_param(nid, "folder", str(data))
+    b = editor.open_dataset_browser(nid)
+    b.edit_caption("img0.png", "edited")
+    monkeypatch.setattr(editor.canvas, "selected_nodes", lambda: [nid])  # the Concept node is selected
+    monkeypatch.setattr(b, "focused", lambda: True)
+    for key in ("Delete", "Back", "Spacebar", "F"):
+        editor.on_key(None, None, key)
+    assert nid in editor.doc.graph.nodes and not editor.search.shown
+    monkeypatch.setattr(dpg, "is_key_down", lambda k: k == dpg.mvKey_LControl)
+    editor.on_key(None, None, "Z")  # undoes the caption edit, not the graph's last edit
+    assert b.model.by_rel["img0.png"].caption == "ohwx, red circle, plain background"
+    assert editor.doc.graph.nodes[nid].params["folder"] == str(data)
+    editor.on_key(None, None, "Y")
+    editor.on_key(None, None, "S")  # saves the dataset, not the recipe
+    assert (data / "img0.txt").read_text() == "edited\n" and editor.doc.path is None
+    monkeypatch.setattr(b, "focused", lambda: False)
+    monkeypatch.setattr(dpg, "is_key_down", lambda k: False)
+    editor.on_key(None, None, "Delete")
+    assert nid not in editor.doc.graph.nodes  # with the focus on the canvas, keys act on the graph again
