@@ -539,4 +539,7 @@ class DatasetBrowser:
         """What the window shows, for tests and the state dump."""
         return {"folder": str(self.model.folder), "shown": list(self.cards), "dirty": self.model.dirty,
                 "tags": [t for t in self.tag_items], "status": dpg.get_value(self.status),
-                "captions": {r: dpg.get_value(c["caption"]) for r, c in self.cards.items()}}
+                "captions": {r: dpg.get_value(c["caption"]) for r, c in self.cards.items()},
+                "caption_at": {r: [dpg.get_item_rect_min(c["caption"])[0] + dpg.get_item_rect_size(c["caption"])[0] / 2,
+                                   dpg.get_item_rect_min(c["caption"])[1] + dpg.get_item_rect_size(c["caption"])[1] / 2]
+                               for r, c in self.cards.items()}}

@@ -250,3 +250,52 @@ def test_keys_while_the_browser_has_the_focus_never_touch_the_graph(editor, tmp_
     monkeypatch.setattr(dpg, "is_key_down", lambda k: False)
     editor.on_key(None, None, "Delete")
     assert nid not in editor.doc.graph.nodes  # with the focus on the canvas, keys act on the graph again
+
+
+@needs_xvfb
+def test_typing_a_caption_under_xvfb_edits_it_and_leaves_the_graph_alone(display, tmp_path):
+    """Real keys into a caption field: Space and Backspace type text (they must not open the node search
+    or delete the selected node), Ctrl+S saves the caption file."""
+    import shutil
+    import signal
+    import time
+
+    if shutil.which("xdotool") is None:
+        pytest.skip("xdotool is not installed")
+    from tests.gui.test_gui_xvfb import wait_for
+
+    make_dataset(tmp_path / "data", 3)
+    recipe = tmp_path / "browse.json"
+    recipe.write_text(json.dumps({
+        "format_version": 1,
+        "nodes": {"c": {"type": "Concept", "version": 1, "params": {"folder": "data"}}},
+        "links": [], "ui": {"nodes": {"c": {"pos": [40, 40]}}}}))
+    state_file = tmp_path / "state.json"
+    env = dict(os.environ, DISPLAY=display, NODETRAINER_CONFIG=str(tmp_path / "config"),
+               NODETRAINER_WORKSPACE=str(tmp_path / "ws"), NODETRAINER_GUI_BROWSE="c",
+               NODETRAINER_GUI_DUMP=str(state_file))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "gui", str(recipe)], env=env, cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    xdo = lambda *a: subprocess.run(["xdotool", *map(str, a)], env=env, check=True)  # noqa: E731
+    try:
+        at = wait_for(state_file, lambda s: (s.get("browser") or {}).get("caption_at", {}).get("img1.png"))
+        if at[0] <= 0:  # not laid out yet
+            time.sleep(1)
+            at = json.loads(state_file.read_text())["browser"]["caption_at"]["img1.png"]
+        xdo("mousemove", int(at[0]), int(at[1]))
+        time.sleep(0.3)
+        xdo("click", 1)
+        time.sleep(0.3)
+        xdo("key", "ctrl+End")
+        xdo("type", "--delay", "40", " bigX")
+        xdo("key", "BackSpace")
+        state = wait_for(state_file, lambda s: s if s["browser"]["captions"]["img1.png"].endswith(" big") else None)
+        assert state["browser"]["dirty"] and list(state["recipe"]["nodes"]) == ["c"]
+        assert not state["search"]["shown"]
+        xdo("key", "ctrl+s")
+        wait_for(state_file, lambda s: not s["browser"]["dirty"] or None)
+        assert (tmp_path / "data" / "img1.txt").read_text() == "ohwx, blue square big\n"
+        assert (tmp_path / "data" / "img1.txt.bak").read_text() == "ohwx, blue square\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
