@@ -1,0 +1,55 @@
+"""compare: one grid with every run's samples (same prompts and seeds), one loss plot, a table of the
+settings that differ with the final losses, and the recipes, all in one folder."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from app.cli import main
+from tests.experiments_recipe import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    recipe = tiny_recipe(tmp, trainloop={"max_steps": 2})
+    ws = tmp / "ws"
+    assert main(["run", str(recipe), "--workspace", str(ws), "--sweep", "LoRAInject.rank=2,4",
+                 "--sweep", "Optimizer.lr=1e-3,1e-4"]) == 0
+    return tmp, sorted(ws.iterdir())
+
+
+def test_compare_writes_grid_plot_table_and_recipes_of_every_run(runs):
+    tmp, wss = runs
+    (wss[0] / "events.jsonl").unlink()  # this run's losses come from its TensorBoard logs instead
+    out = tmp / "cmp"
+    assert main(["compare", *map(str, wss), "--out", str(out), "--prompts", "red circle|blue square", "--steps", "2",
+                 "--size", "64"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    names = [w.name for w in wss]
+    assert [r["name"] for r in summary["runs"]] == names
+    assert all(isinstance(r["final_loss"], float) for r in summary["runs"])
+    assert set(summary["images"]) == set(names) and all(len(v) == 2 for v in summary["images"].values())
+    assert summary["differing"] == ["LoRAInject.rank", "Optimizer.lr"]
+    grid = Image.open(out / "grid.png")
+    cell = Image.open(summary["images"][names[0]][0]).size[1] * 3  # 64 px enlarged to at least 192
+    assert grid.size[1] == 40 + cell * len(names)  # one row per run
+    # the same prompt and seed: two runs with different adapters draw different pictures
+    a, b = (Image.open(summary["images"][n][0]).tobytes() for n in (names[0], names[-1]))
+    assert a != b
+    table = (out / "compare.md").read_text()
+    for name in names:
+        assert f"| {name} |" in table
+        assert (out / "recipes" / f"{name}.json").is_file()
+    assert "| run | LoRAInject.rank | Optimizer.lr | steps | final loss |" in table
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert (out / "compare.csv").read_text().count("\n") == 1 + len(names)
+
+
+def test_compare_names_a_workspace_without_output(runs, tmp_path, capsys):
+    _, wss = runs
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    assert main(["compare", str(wss[0]), str(empty), "--out", str(tmp_path / "cmp"), "--no-images"]) == 2
+    assert f"{empty}: no saved model or LoRA" in capsys.readouterr().err
