@@ -141,6 +141,7 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
     ctx.log(f"{captioner.label} from {model_folder}: captioning {len(todo)} images on {device}")
 
     new, shown, written, backups, empty = {}, [], [], [], []
+    previewed = False
     t0 = time.perf_counter()
     bs = int(batch_size)
     try:
@@ -162,13 +163,16 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
                 if len(shown) < PREVIEW_IMAGES:
                     shown.append((_thumb(pic), cap))
             ctx.progress(min(len(todo), k + bs), len(todo), f"captioned {min(len(todo), k + bs)} of {len(todo)}")
-            if shown:
+            if len(shown) == PREVIEW_IMAGES and not previewed:  # once: the editor keeps every images preview
                 ctx.preview("images", images=[_png(p) for p, _ in shown], captions=[t for _, t in shown])
+                previewed = True
     except DataError as exc:
         raise _error(exc) from None
     except RuntimeError as exc:  # out of memory, a device problem
         raise NodeError(f"captioning failed on {device} ({str(exc).splitlines()[0][:300]}); lower batch_size or "
                         "use another device") from None
+    if shown and not previewed:
+        ctx.preview("images", images=[_png(p) for p, _ in shown], captions=[t for _, t in shown])
     dt = time.perf_counter() - t0
     ctx.log(f"captioned {len(todo)} images in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.2f} images/s)")
     if empty:
@@ -250,6 +254,7 @@ def masks(ctx, dataset, source, model_folder, prompt, images, threshold, dilate,
         ctx.log(f"CLIPSeg from {model_folder}: masks of '{prompt}' for {len(todo)} images on {device}")
     out_dir = ctx.node_dir("masks")
     new, shown, no_alpha, backups = {}, [], [], []
+    previewed = False
     t0 = time.perf_counter()
     bs = int(batch_size)
     try:
@@ -285,13 +290,16 @@ def masks(ctx, dataset, source, model_folder, prompt, images, threshold, dilate,
                     shown.append((_thumb(overlay(pic, mask)), f"{s.path.name}: {kept:.0%} learned"))
             done = min(len(todo), k + bs)
             ctx.progress(done, len(todo), f"masks {done} of {len(todo)}")
-            if shown:
+            if len(shown) == PREVIEW_IMAGES and not previewed:  # once: the editor keeps every images preview
                 ctx.preview("images", images=[_png(p) for p, _ in shown], captions=[t for _, t in shown])
+                previewed = True
     except DataError as exc:
         raise _error(exc) from None
     except RuntimeError as exc:
         raise NodeError(f"mask generation failed on {device} ({str(exc).splitlines()[0][:300]}); lower batch_size "
                         "or use another device") from None
+    if shown and not previewed:
+        ctx.preview("images", images=[_png(p) for p, _ in shown], captions=[t for _, t in shown])
     dt = time.perf_counter() - t0
     ctx.log(f"made {len(new)} masks in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.2f} images/s)")
     if no_alpha:

@@ -122,6 +122,7 @@ def test_captions_flow_in_the_dataset_and_no_file_is_written(tmp_path, blip):
     assert sorted(p.name for p in data.iterdir()) == before  # nothing written beside the images
     prev = r.previews("cap")
     assert len(prev["images"]["images"]) == 3 and prev["images"]["captions"][0].startswith("ohwx")
+    assert len([e for e in r.of("preview", "cap") if e["kind"] == "images"]) == 1  # one picture, not one a batch
     assert any("images/s" in m for m in r.logs("cap"))
 
 

@@ -80,6 +80,7 @@ def test_clipseg_masks_flow_in_the_dataset_at_each_images_size(tmp_path, clipseg
     assert sorted(p.name for p in data.iterdir()) == before
     prev = r.previews("m")["images"]
     assert len(prev["images"]) == 3 and "learned" in prev["captions"][0]
+    assert len([e for e in r.of("preview", "m") if e["kind"] == "images"]) == 1
     # the same model and prompt: threshold 1.0 + invert learns everything too; threshold 1.0 alone nothing
     r, _ = run(masks_graph(data, model_folder=str(clipseg), threshold=1.0), workspace=tmp_path / "ws")
     assert all(set(np.unique(mask_of(s.mask_path))) == {0} for s in r.output("m").concepts[0].samples)
