@@ -43,6 +43,9 @@ def test_upstream_nodes_run_once_for_all_variants(swept):
     assert (started["LoRAInject"], cached["LoRAInject"]) == (2, 4)
     assert started["Optimizer"] == 6  # settings only: the executor keeps the latest outputs per node
     assert started["TrainLoop"] == 6
+    # the "before" samples of the base model are the same in every variant: sampled once
+    assert (started["Sample"], cached["Sample"]) == (1 + 6, 0)
+    assert sum("Sample before (node 2): the same as in" in e.get("message", "") for e in evs) == 5
 
 
 def test_each_variant_has_its_own_complete_recipe_that_reruns_it(swept, tmp_path):

@@ -13,8 +13,8 @@ An entry keeps the recipe snapshot it was added with (overrides applied, input p
 edits of the recipe file do not change a queued run), its workspace, its state (queued, running,
 done, failed, cancelled, interrupted), start and end times, exit code, the last loss, progress and
 ETA. The runner (``queue run``) runs the entries in ONE executor that keeps its outputs, so runs that
-share their upstream (a sweep's variants) load, scan and bucket once. It writes each run's events to
-``<workspace>/events.jsonl``.
+share their upstream (a sweep's variants) load, scan and bucket once. It writes each run's recipe to
+``<workspace>/recipe.json`` and its events to ``<workspace>/events.jsonl``.
 
 A runner that dies (kill -9, a power cut) leaves its entry 'running' with a pid that no longer lives;
 whoever reads the queue next marks it 'interrupted'. ``queue resume ID`` queues it again, first in
@@ -307,6 +307,7 @@ def run_queue(queue: RunQueue, registry, *, reporter=None, once: bool = False, p
     ``reporter(entry)`` gives an extra event sink for an entry (the console)."""
     from app.engine.events import Fanout, JsonlWriter
     from app.engine.executor import Executor
+    from app.engine.sweep import RECIPE_NAME, write_recipe
     from app.graph.recipe import parse_recipe
 
     stop = stop or threading.Event()
@@ -339,6 +340,7 @@ def run_queue(queue: RunQueue, registry, *, reporter=None, once: bool = False, p
             status, message = "error", ""
             ws.mkdir(parents=True, exist_ok=True)
             try:
+                write_recipe(entry["recipe"], ws / RECIPE_NAME)  # what ran, beside its outputs (compare reads it)
                 graph, problems = parse_recipe(entry["recipe"], entry["source"], registry)
                 if problems:
                     status, message = "invalid", "; ".join(map(str, problems))

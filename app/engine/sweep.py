@@ -8,6 +8,9 @@ most upstream node changes slowest (nodes without inputs, like Optimizer, count 
 over ``Optimizer.lr`` x ``LoRAInject.rank`` injects each rank once and trains every lr on it, instead
 of re-injecting for every combination.
 
+A node that writes files at the end of a branch no swept param reaches (the demo's "Sample before")
+would write the same files in every variant: it runs in the first variant only, and the others say so.
+
 Each variant's recipe is written to ``<sub-workspace>/recipe.json`` with the overrides applied and
 input paths made absolute, so ``launch.py run <sub-workspace>/recipe.json --workspace <sub-workspace>``
 repeats that one run exactly.
@@ -192,12 +195,23 @@ def run_sweep(registry, variants: list[Variant], *, recipe: str, recipe_dir: str
 
     executor = executor or Executor(registry, keep_outputs=True, allow_output=allow_output)
     results = []
+    done_keys: dict[str, str] = {}  # cache key of every node run so far -> the variant that ran it
     for v in variants:
         ws = Path(root) / v.name
         write_recipe(complete_recipe(v.graph, registry, recipe_dir, sweep_meta(recipe, v, list(sets), list(sweeps))),
                      ws / RECIPE_NAME)
-        emit = emit_for(v) if emit_for else None
-        result = executor.run(v.graph, targets or None, emit=emit, recipe_dir=recipe_dir, workspace=ws)
+        emit = emit_for(v) if emit_for else (lambda e: None)
+        wanted = list(targets or v.graph.sinks())
+        keys = executor.keys(v.graph, executor.plan(v.graph, wanted), Path(recipe_dir), ws)
+        # a file-writing end node whose inputs and params are the same as in an earlier variant (the
+        # "before" samples of the base model) would write the same files again: it runs once
+        again = [n for n in wanted if not registry.get(v.graph.nodes[n].type).pure and keys[n] in done_keys]
+        for n in again:
+            emit({"event": "log", "level": "info", "node": n,
+                  "message": f"{v.graph.label(n)} (node {n}): the same as in {done_keys[keys[n]]}, not repeated"})
+        done_keys.update((k, v.name) for k in keys.values() if k not in done_keys)
+        run_targets = [n for n in wanted if n not in again]
+        result = executor.run(v.graph, run_targets, emit=emit, recipe_dir=recipe_dir, workspace=ws)
         results.append((v, result))
         if result.status == "cancelled":
             break
