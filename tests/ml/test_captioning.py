@@ -193,6 +193,16 @@ def test_bad_model_folder_is_a_clear_error(tmp_path, blip, case):
     assert expected in err["message"], err["message"]
 
 
+def test_an_unavailable_device_is_a_clear_error(tmp_path, blip):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data = make_images(tmp_path / "data", 1)
+    r, _ = run(caption_graph(data, blip, device="cuda"), workspace=tmp_path / "ws")
+    assert r.status == "error" and "cannot use device 'cuda'" in r.error()["message"] and str(blip) in r.error()["message"]
+
+
 def test_validate_reports_a_missing_model_folder(tmp_path):
     from app.graph.validate import validate
 
@@ -235,6 +245,8 @@ def test_concept_honours_the_ignore_list(tmp_path):
     c = scan_concept(ConceptSettings(name="c", folder=data))
     assert sorted(s.rel for s in c.samples) == ["img0.png", "img2.png"]
     assert any("2 images are excluded" in n for n in c.report.notes)
+    assert any("left out 2 images listed in .nodetrainer-ignore" in w and "sub/x.png" in w
+               for w in c.report.entry_warnings())
     write_ignore_list(data, ["img0.png", "img1.png", "img2.png", "sub/x.png"])
     from app.ml.data.errors import DataError
 

@@ -151,6 +151,7 @@ class ScanReport:
     skipped_entries: list[SkippedEntry] = field(default_factory=list)  # loops, broken links, ...
     orphan_captions: list[str] = field(default_factory=list)  # rel paths of .txt with no image
     outside_links: list[tuple[str, str]] = field(default_factory=list)  # (rel, target) followed
+    ignored: list[str] = field(default_factory=list)  # rel paths left out by the folder's IGNORE_FILE
 
     def entry_warnings(self, shown: int = ENTRY_NAMES_SHOWN) -> list[str]:
         """One line per kind of folder entry left out (a count and the first names), one for
@@ -170,6 +171,9 @@ class ScanReport:
         if self.orphan_captions:
             out.append(f"{len(self.orphan_captions)} caption files have no image of the same name beside them "
                        f"and are not used: {names(self.orphan_captions)}")
+        if self.ignored:
+            out.append(f"left out {len(self.ignored)} images listed in {IGNORE_FILE} (the dataset browser's "
+                       f"'exclude'): {names(self.ignored)}")
         if self.outside_links:
             out.append(f"followed {len(self.outside_links)} symlinks out of the dataset folder: "
                        + names([f"{rel} -> {target}" for rel, target in self.outside_links]))
@@ -284,11 +288,11 @@ def scan_concept(settings: ConceptSettings, index: int = 0, *, progress=None, ch
         raise DataError(exc.reason, exc.path, name) from exc
     files = found.images
     ignored = set(read_ignore_list(folder))
-    n_ignored = 0
+    left_out: list[str] = []
     if ignored:
-        kept = [f for f in files if f.rel not in ignored]
-        n_ignored = len(files) - len(kept)
-        files = kept
+        left_out = [f.rel for f in files if f.rel in ignored]
+        files = [f for f in files if f.rel not in ignored]
+    n_ignored = len(left_out)
     if not files and n_ignored:
         raise DataError(f"every image is excluded by {IGNORE_FILE}; remove lines from it (or the file) to "
                         "train on them", folder, name)
@@ -306,6 +310,7 @@ def scan_concept(settings: ConceptSettings, index: int = 0, *, progress=None, ch
         report.orphan_captions = found.orphan_captions
     if n_ignored:
         report.notes.append(f"{n_ignored} images are excluded by {IGNORE_FILE} in the folder")
+        report.ignored = left_out
 
     concept_lines: tuple[str, ...] = ()
     if settings.prompt_source == "concept_file":
