@@ -29,6 +29,7 @@ THUMB_SIDE = 112
 PAGE = 24  # cards per page: a 5,000-image folder never makes 5,000 textures
 DEFAULT_RESOLUTION = 512
 BUCKET_QUANTIZATION = 64
+RESOLUTIONS = (512, 768, 1024)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class BrowserModel:
         self._redo: list[list[tuple[str, str, object, object]]] = []
         self._open_edit: str | None = None  # rel whose typing merges into the last undo step
         self._saved_excluded = {e.rel for e in entries if e.excluded}
+        self.resolution = DEFAULT_RESOLUTION
 
     @classmethod
     def load(cls, folder, *, delimiter: str = ",", resolution: int = DEFAULT_RESOLUTION,
@@ -129,7 +131,18 @@ class BrowserModel:
             entries.append(Entry(rel=f.rel, path=f.path, size=size, bucket="%dx%d" % b, caption=text, saved=text,
                                  has_file=has, excluded=f.rel in ignored))
         entries.sort(key=lambda e: _natural(e.rel))
-        return cls(folder, entries, delimiter=delimiter, problems=problems)
+        model = cls(folder, entries, delimiter=delimiter, problems=problems)
+        model.resolution = int(resolution)
+        return model
+
+    def set_resolution(self, resolution: int) -> None:
+        """Bucket labels at another training resolution (the Bucketer's), for the bucket filter."""
+        from app.ml.data.bucketing import bucket_sizes, nearest_bucket
+
+        buckets = bucket_sizes(int(resolution), BUCKET_QUANTIZATION)
+        for e in self.entries:
+            e.bucket = "%dx%d" % nearest_bucket(e.size, buckets)
+        self.resolution = int(resolution)
 
     # ---- edits ------------------------------------------------------------------------------------
     def _apply(self, changes, forward: bool = True) -> None:
@@ -326,7 +339,9 @@ class DatasetBrowser:
         with dpg.group(horizontal=True, parent=w):
             self.f_text = dpg.add_input_text(hint="filter: text or file name", width=220,
                                              callback=lambda: self._filter_changed())
-            dpg.add_text(f"bucket at {DEFAULT_RESOLUTION} px")
+            dpg.add_text("bucket at")
+            self.f_res = dpg.add_combo([str(r) for r in RESOLUTIONS], default_value=str(self.model.resolution),
+                                       width=70, callback=lambda: self._resolution_changed())
             self.f_bucket = dpg.add_combo(["all"], default_value="all", width=120,
                                           callback=lambda: self._filter_changed())
             dpg.add_text("words")
@@ -372,6 +387,11 @@ class DatasetBrowser:
         self.filter.show_excluded = bool(dpg.get_value(self.f_excluded))
         self.page = 0
         self.refresh()
+
+    def _resolution_changed(self) -> None:
+        self.model.set_resolution(int(dpg.get_value(self.f_res)))
+        dpg.set_value(self.f_bucket, "all")
+        self._filter_changed()
 
     def set_tag_filter(self, tag: str) -> None:
         self.filter.tag = "" if self.filter.tag == tag else tag

@@ -97,6 +97,10 @@ def test_tags_filters_and_exclusions_the_concept_honours(tmp_path):
     wide = m.by_rel["img4.png"].bucket
     assert [e.rel for e in m.visible(Filter(bucket=wide))] == ["img4.png"]
     assert dict(m.buckets())[m.by_rel["img0.png"].bucket] == 3
+    assert m.by_rel["img0.png"].bucket == "512x512"
+    m.set_resolution(1024)
+    assert m.by_rel["img0.png"].bucket == "1024x1024" and len(m.visible(Filter(bucket="1024x1024"))) == 3
+    m.set_resolution(512)
     m.set_excluded("img1.png", True)
     m.set_excluded("img4.png", True)
     assert "green circle" not in dict(m.tags())
@@ -175,6 +179,14 @@ def test_the_browser_opens_from_a_concept_node_and_edits_round_trip(editor, tmp_
     assert b.replace() == 10
     assert b.model.by_rel["img0.png"].caption == "ohwx, red circle, plain background"
     dpg.set_value(b.f_text, "")
+    b._filter_changed()
+    dpg.set_value(b.f_res, "1024")
+    b._resolution_changed()
+    assert "1024x1024 (15)" in dpg.get_item_configuration(b.f_bucket)["items"]
+    dpg.set_value(b.f_bucket, "1024x1024 (15)")
+    b._filter_changed()
+    assert len(b.report()["shown"]) == 15
+    dpg.set_value(b.f_bucket, "all")
     b._filter_changed()
     b.set_tag_filter("green circle")
     assert b.report()["shown"] == [f"img{i}.png" for i in range(30) if i % 6 == 4]
