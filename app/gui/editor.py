@@ -17,7 +17,7 @@ import dearpygui.dearpygui as dpg
 
 from app.graph.problems import RecipeError
 from app.gui import commands as C
-from app.gui import dialogs, settings
+from app.gui import compare_view, dialogs, queue_panel, settings
 from app.gui.canvas import Canvas, Pin
 from app.gui.document import Document
 from app.gui.panels import Inspector, Library, ProblemList, SearchPopup, StatusBar
@@ -107,6 +107,8 @@ class Editor:
                 dpg.add_menu_item(label="Open...", shortcut="Ctrl+O", callback=lambda: self.guard(self.open_dialog))
                 dpg.add_menu_item(label="Open recipe from a LoRA or PNG...",
                                   callback=lambda: self.guard(lambda: self.open_dialog(outputs=True)))
+                dpg.add_menu_item(label="Import OneTrainer or kohya config...",
+                                  callback=lambda: self.guard(lambda: queue_panel.import_dialog(self)))
                 self.recent_menu = dpg.add_menu(label="Open recent")
                 dpg.add_separator()
                 dpg.add_menu_item(label="Save", shortcut="Ctrl+S", callback=lambda: self.save())
@@ -141,6 +143,11 @@ class Editor:
                 dpg.add_menu_item(label="Run", shortcut="F5", callback=lambda: self.run_graph())
                 dpg.add_menu_item(label="Run up to the focused node", callback=lambda: self.run_to(self.focus))
                 dpg.add_menu_item(label="Stop", shortcut="Esc", callback=lambda: self.stop())
+                dpg.add_separator()
+                dpg.add_menu_item(label="Add to queue", callback=lambda: queue_panel.add_to_queue(self))
+                dpg.add_menu_item(label="Add sweep to queue...", callback=lambda: queue_panel.SweepDialog(self))
+                dpg.add_menu_item(label="Queue...", callback=lambda: queue_panel.open_queue(self))
+                dpg.add_menu_item(label="Open a comparison...", callback=lambda: compare_view.open_compare_dialog(self))
                 dpg.add_separator()
                 dpg.add_menu_item(label="Validate", callback=lambda: self.validate(force=True))
                 dpg.add_menu_item(label="Clear the worker's cache", callback=lambda: self.runner.clear_cache())
@@ -743,6 +750,8 @@ class Editor:
             if nid in self.canvas.nodes and (r.metric_version or r.preview_version):
                 self.canvas.update_run(nid, r)
         self.validate()
+        if getattr(self, "queue_panel", None) is not None:
+            self.queue_panel.tick()  # the run queue window: refreshed once a second while open
         if self._fit_pending and dpg.is_mouse_button_down(dpg.mvMouseButton_Left):
             self._fit_pending = 0  # the user is already working on the view
         if self._fit_pending:
