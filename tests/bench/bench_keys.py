@@ -54,7 +54,7 @@ def build_full_size(family_id: str) -> ModelBundle:
         tes.append(_empty(lambda: cls(cfg)))
     toks = [load_tiny_tokenizer(spec.pad_token) for spec in fam.text_encoders]
     sched = json.loads((cdir / "scheduler" / "scheduler_config.json").read_text())
-    return ModelBundle(family=fam, unet=unet, vae=vae, text_encoders=tes, tokenizers=toks, scheduler_config=sched,
+    return ModelBundle(family=fam, denoiser=unet, vae=vae, text_encoders=tes, tokenizers=toks, scheduler_config=sched,
                        dtypes={"unet": torch.bfloat16}, identities={"unet": family_id}, source=f"bench:{family_id}")
 
 

@@ -122,7 +122,7 @@ def build_bundle(config: str, dtype: str):
     family = get_family("sd15")
     scheduler_config = json.loads((cfg / "scheduler/scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = family.prediction_type
-    return ModelBundle(family=family, unet=unet, vae=vae, text_encoders=(te,), tokenizers=(tokenizer,),
+    return ModelBundle(family=family, denoiser=unet, vae=vae, text_encoders=(te,), tokenizers=(tokenizer,),
                        scheduler_config=scheduler_config,
                        dtypes={"unet": dt, "vae": dt, "text_encoder": dt},
                        identities={"unet": "bench-sd15-unet-seed0", "vae": "bench-sd15-vae-seed1",

@@ -101,8 +101,9 @@ def test_family_facts():
     with pytest.raises(ModelLoadError, match="known families"):
         get_family("sd9")
     for fam in FAMILIES.values():
-        cfg = ROOT / "app/ml/models/configs" / fam.config_dir
-        assert (cfg / "unet/config.json").is_file() and (cfg / "scheduler/scheduler_config.json").is_file()
+        root = "app/ml/models/configs" if fam.denoiser == "unet" else "app/ml/flux/configs"
+        cfg = ROOT / root / fam.config_dir
+        assert (cfg / fam.denoiser / "config.json").is_file() and (cfg / "scheduler/scheduler_config.json").is_file()
 
 
 def test_detects_family_from_diffusers_configs():

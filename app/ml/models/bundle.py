@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -49,14 +48,16 @@ def parse_dtype(value: "str | torch.dtype") -> torch.dtype:
 
 @dataclass(frozen=True, eq=False)
 class ModelBundle:
-    """A loaded SD-family model: components, tokenizers, scheduler config, dtypes and identities.
+    """A loaded model: components, tokenizers, scheduler config, dtypes and identities.
 
-    ``text_encoders[i]`` / ``tokenizers[i]`` follow ``family.text_encoders[i]``. ``dtypes`` and
-    ``identities`` are keyed by component name ("unet", "vae", "text_encoder", "text_encoder_2").
+    ``denoiser`` is the family's denoising model (the SD UNet, the Flux transformer; ``unet`` is kept
+    as its other name). ``text_encoders[i]`` / ``tokenizers[i]`` follow ``family.text_encoders[i]``.
+    ``dtypes`` and ``identities`` are keyed by component name (``family.denoiser``: "unet" or
+    "transformer"; "vae", "text_encoder", "text_encoder_2").
     """
 
     family: ModelFamily
-    unet: Any
+    denoiser: Any
     vae: Any
     text_encoders: tuple
     tokenizers: tuple
@@ -79,7 +80,12 @@ class ModelBundle:
 
     def __contents__(self):
         """The components (see NodeContext.exclusive)."""
-        return (self.unet, self.vae, *self.text_encoders)
+        return (self.denoiser, self.vae, *self.text_encoders)
+
+    @property
+    def unet(self):
+        """The denoiser under its SD name (code written for UNets keeps working)."""
+        return self.denoiser
 
     # ------------------------------------------------------------------ identity / facts
 
@@ -197,41 +203,9 @@ class ModelBundle:
 
     def encode_prompts(self, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
                        chunks: int = 1) -> dict[str, torch.Tensor]:
-        """Prompt embeddings as the family's UNet consumes them (float32).
-
-        Returns ``{"prompt_embeds": B x 77 x D}``; SDXL adds ``"pooled_prompt_embeds": B x P``.
-        SD1.5/SD2: the last hidden state after the final LayerNorm (``clip_skip=2`` takes the
-        penultimate layer, still normalised, as A1111 does). SDXL: the penultimate hidden states
-        of both encoders, not normalised, concatenated (768 + 1280 = 2048 for the real model),
-        and the projected pooled output of the second encoder. ``chunks`` > 1 reads up to
-        75 x chunks tokens: each 75-token piece is encoded on its own and the pieces are joined
-        (``B x 77·chunks x D``), as A1111/ComfyUI prompt and kohya's ``max_token_length`` trains;
-        the pooled output is the first piece's.
-        """
-        if clip_skip < 1:
-            raise ValueError("clip_skip counts from 1 (1 = no skip)")
-        ctx = nullcontext() if with_grad else torch.no_grad()
-        hidden, pooled = [], None
-        n = len(prompts)
-        with ctx:
-            for spec, te, ids in zip(self.family.text_encoders, self.text_encoders, self.tokenize(prompts, chunks)):
-                ids = ids.reshape(-1, ids.shape[-1]).to(te.device)  # every piece is one encoder input
-                layer = spec.hidden_layer - (clip_skip - 1)
-                if layer == -1 and spec.final_layer_norm:  # the encoder's own output: no hidden states kept
-                    out = te(ids)
-                    h = out.last_hidden_state
-                else:
-                    out = te(ids, output_hidden_states=True)
-                    h = out.hidden_states[layer]
-                    if spec.final_layer_norm:
-                        h = _final_layer_norm(te)(h)
-                hidden.append(h.float().reshape(n, -1, h.shape[-1]))
-                if spec.pooled:
-                    pooled = out.text_embeds.float().reshape(n, chunks, -1)[:, 0]
-        result = {"prompt_embeds": torch.cat(hidden, dim=-1)}
-        if pooled is not None:
-            result["pooled_prompt_embeds"] = pooled
-        return result
+        """Prompt embeddings as the family's denoiser consumes them (float32); see the family's
+        ``encode_prompts`` (``app/ml/models/families/``) for what each family returns."""
+        return self.family.encode_prompts(self, prompts, clip_skip=clip_skip, with_grad=with_grad, chunks=chunks)
 
     def add_time_ids(
         self,
@@ -273,12 +247,6 @@ def _pairs(value) -> list[tuple[int, int]]:
 def _prompt_tokens(tok, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, uncut and without BOS/EOS."""
     return tok(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
-
-
-def _final_layer_norm(text_encoder):
-    """transformers 5 flattened CLIPTextModel; CLIPTextModelWithProjection still nests text_model."""
-    inner = getattr(text_encoder, "text_model", text_encoder)
-    return inner.final_layer_norm
 
 
 def freeze(module) -> None:

@@ -35,7 +35,6 @@ from .families import (
 from .tiny import CONFIGS, build_tiny_components
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_COMPONENT_KEYS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 # Keys that original checkpoints carry and that no diffusers component wants.
 _IGNORED_EXTRA = ("position_ids", "logit_scale")
@@ -103,7 +102,7 @@ def load_model(
 
     resolved = _resolve_dtypes(dtypes, fam)
     identities: dict[str, str] = {}
-    unet = parts["unet"]
+    denoiser = parts["unet"]  # the family's denoiser (a Flux transformer too) under the loaders' internal name
     for name, module in _named_components(fam, parts):
         check()
         dtype = resolved[name]
@@ -117,10 +116,10 @@ def load_model(
         identities[te.tokenizer] = parts["ids"].get(te.tokenizer) or ident.combine(
             json.dumps(tok.get_vocab(), sort_keys=True)[:100000], str(tok.pad_token), str(tok.model_max_length)
         )
-    _check_consistency(fam, unet, parts["text_encoders"], src)
+    fam.check_components(denoiser, parts["text_encoders"], src)
     return ModelBundle(
         family=fam,
-        unet=unet,
+        denoiser=denoiser,
         vae=parts["vae"],
         text_encoders=parts["text_encoders"],
         tokenizers=parts["tokenizers"],
@@ -142,7 +141,7 @@ def _import_libraries(check: "Callable[[], None]") -> None:
 
 
 def _named_components(fam: ModelFamily, parts: dict) -> Iterator[tuple[str, Any]]:
-    yield "unet", parts["unet"]
+    yield fam.denoiser, parts["unet"]
     yield "vae", parts["vae"]
     for spec, te in zip(fam.text_encoders, parts["text_encoders"]):
         yield spec.name, te
@@ -150,23 +149,17 @@ def _named_components(fam: ModelFamily, parts: dict) -> Iterator[tuple[str, Any]
 
 def _resolve_dtypes(dtypes: Mapping | None, fam: ModelFamily) -> dict[str, torch.dtype]:
     dtypes = dict(dtypes or {})
-    unknown = set(dtypes) - set(_COMPONENT_KEYS)
+    known = ["unet", *([fam.denoiser] if fam.denoiser != "unet" else []), "vae", "text_encoder", "text_encoder_2"]
+    unknown = set(dtypes) - set(known)
     if unknown:
-        raise ValueError(f"unknown dtype keys {sorted(unknown)}; use {', '.join(_COMPONENT_KEYS)}")
-    out = {"unet": parse_dtype(dtypes.get("unet", "fp32")), "vae": parse_dtype(dtypes.get("vae", "fp32"))}
+        raise ValueError(f"unknown dtype keys {sorted(unknown)}; use {', '.join(known)}")
+    # "unet" is the denoiser's dtype whatever the family calls it (LoadModel's unet_dtype)
+    denoiser = dtypes.get(fam.denoiser, dtypes.get("unet", "fp32"))
+    out = {fam.denoiser: parse_dtype(denoiser), "vae": parse_dtype(dtypes.get("vae", "fp32"))}
     te_default = dtypes.get("text_encoder", "fp32")
     for spec in fam.text_encoders:
         out[spec.name] = parse_dtype(dtypes.get(spec.name, te_default))
     return out
-
-
-def _check_consistency(fam: ModelFamily, unet, text_encoders, src: str) -> None:
-    width = sum(te.config.hidden_size for te in text_encoders)
-    if unet.config.cross_attention_dim != width:
-        raise ModelLoadError(
-            f"{src}: the UNet cross-attends to width {unet.config.cross_attention_dim} but the "
-            f"{fam.display_name} text encoders give {width}; the components do not belong together."
-        )
 
 
 def _check_forced(forced: ModelFamily | None, detected: ModelFamily, src: str) -> ModelFamily:
@@ -188,7 +181,7 @@ def _load_builtin(name: str, forced: ModelFamily | None) -> dict:
     comps = build_tiny_components(name)
     fam = _check_forced(forced, comps["family"], f"builtin:{name}")
     ids = {
-        "unet": ident.tensors_identity(comps["unet"].state_dict().items()),
+        fam.denoiser: ident.tensors_identity(comps["unet"].state_dict().items()),
         "vae": ident.tensors_identity(comps["vae"].state_dict().items()),
     }
     for spec, te in zip(fam.text_encoders, comps["text_encoders"]):

@@ -190,7 +190,8 @@ def tiny_spec(name: str) -> TinySpec:
     specs = _specs()
     specs["shapes-sd"] = shapes_sd_spec()
     if name not in specs:
-        raise ModelLoadError(f"Unknown builtin model 'builtin:{name}'; available: " + ", ".join(f"builtin:{n}" for n in specs))
+        raise ModelLoadError(f"Unknown builtin model 'builtin:{name}'; available: "
+                             + ", ".join(f"builtin:{n}" for n in [*specs, "tiny-flux"]))
     return specs[name]
 
 
@@ -202,7 +203,10 @@ def load_tiny_tokenizer(pad_token: str = "<|endoftext|>"):
 
 
 def build_tiny_components(name: str) -> dict[str, Any]:
-    """Build a tiny model's components in fp32 on CPU: unet, vae, text_encoders, tokenizers, scheduler_config."""
+    """Build a tiny model's components in fp32 on CPU: unet (the denoiser), vae, text_encoders, tokenizers,
+    scheduler_config. ``tiny-flux`` comes from ``app/ml/flux/tiny.py``."""
+    if name == "tiny-flux":
+        return _build_tiny_flux()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -230,6 +234,25 @@ def build_tiny_components(name: str) -> dict[str, Any]:
         "text_encoders": text_encoders,
         "tokenizers": tokenizers,
         "scheduler_config": scheduler_config,
+    }
+
+
+def _build_tiny_flux() -> dict[str, Any]:
+    """The tiny Flux.1-dev-like model (guidance embedder on); its T5 reads the tiny prompts' 32 tokens."""
+    from app.ml.flux import tiny as flux_tiny
+
+    from .families import FLUX_DEV
+
+    parts = flux_tiny.build_tiny_flux(guidance=True)
+    parts["tokenizer_2"].model_max_length = flux_tiny.T5_MAX_LENGTH
+    scheduler = flux_tiny.component_config("scheduler")
+    return {
+        "family": FLUX_DEV,
+        "unet": parts["transformer"],
+        "vae": parts["vae"],
+        "text_encoders": [parts["text_encoder"], parts["text_encoder_2"]],
+        "tokenizers": [parts["tokenizer"], parts["tokenizer_2"]],
+        "scheduler_config": scheduler,
     }
 
 

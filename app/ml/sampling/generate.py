@@ -1,6 +1,6 @@
 """Generate preview images from a ModelBundle, optionally with adapters attached at a strength.
 
-We drive diffusers' own SD/SDXL pipelines, built around the bundle's components (no copies), so a
+We drive diffusers' own pipelines (the family's: SD, SDXL, Flux), built around the bundle's components (no copies), so a
 preview is exactly what a diffusers user gets from the same weights; the adapters are attached
 only for the call (``attached``). The pipeline stops at latents and the bundle decodes them, which
 keeps the pipeline from upcasting a shared fp16 VAE in place.
@@ -21,7 +21,7 @@ from PIL import Image
 
 from app.ml.adapters import attached
 
-from .samplers import canonical_sampler, make_scheduler
+from .samplers import canonical_sampler
 
 
 @dataclass
@@ -32,20 +32,8 @@ class SampleResult:
 
 
 def build_pipeline(bundle, scheduler):
-    """A diffusers pipeline sharing the bundle's modules (nothing is copied or moved)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if bundle.family.id == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=bundle.vae, text_encoder=bundle.text_encoders[0], text_encoder_2=bundle.text_encoders[1],
-            tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], unet=bundle.unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=True, add_watermarker=False,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    """The family's diffusers pipeline sharing the bundle's modules (nothing is copied or moved)."""
+    pipe = bundle.family.build_pipeline(bundle, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -114,11 +102,9 @@ def sample_images(
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    q = bundle.family.vae_scale_factor
     width = int(width or bundle.family.default_resolution)
     height = int(height or bundle.family.default_resolution)
-    if width % q or height % q:
-        raise ValueError(f"width and height must be multiples of {q} for {bundle.family.display_name}, got {width}x{height}")
+    bundle.family.check_size(width, height, "Sample")
     if steps < 1:
         raise ValueError("steps must be at least 1")
     if clip_skip < 1:
@@ -131,19 +117,9 @@ def sample_images(
     latents_out: list[torch.Tensor] = []
     with attached(bundle, adapters, strength), torch.no_grad():
         for n, (prompt, s) in enumerate(jobs):
-            scheduler, impl = make_scheduler(sampler, bundle.scheduler_config, seed=s)
-            pipe = build_pipeline(bundle, scheduler)
-            gen = torch.Generator("cpu").manual_seed(s)
-            kwargs = dict(
-                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_inference_steps=steps,
-                guidance_scale=cfg, generator=gen, output_type="latent",
-                clip_skip=(clip_skip - 1) or None,
-            )
-            kwargs.update(_long_prompt_embeds(bundle, prompt, negative_prompt, clip_skip))
-            if check_cancel is not None:
-                check_cancel()
-                kwargs["callback_on_step_end"] = _step_check(check_cancel)
-            latents = pipe(**kwargs).images
+            latents, impl = bundle.family.sample_latents(
+                bundle, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
+                cfg=cfg, seed=s, sampler=sampler, clip_skip=clip_skip, check_cancel=check_cancel)
             latents_out.append(latents[0].float().cpu())
             images.extend(to_pil(bundle.decode_latents(latents)))
             params.append({

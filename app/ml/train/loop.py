@@ -27,8 +27,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from app.ml.dist import rank_world
-from app.ml.train.objective import (ObjectiveSettings, make_noise, noisy_input, per_sample_loss,
-                                    rescale_zero_terminal_snr, sample_timesteps, target_for, timestep_weights)
+from app.ml.flux.flow import FlowSettings
+from app.ml.train.objective import ObjectiveSettings, per_sample_loss
 from app.ml.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 
@@ -51,6 +51,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     zero_terminal_snr: bool = False
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    flow: FlowSettings = field(default_factory=FlowSettings)  # flow-matching families (Flux)
     ema: bool = False
     ema_decay: float = 0.999
     ema_every: int = 1
@@ -186,13 +187,11 @@ class Trainer:
         if total <= 0:
             raise TrainingError("nothing to train: the dataset gives no batches (check the Bucketer's "
                                 "batch size and the leftovers it reported)")
-        for module in (self.bundle.unet, self.bundle.vae, *self.bundle.text_encoders):
+        for module in (self.bundle.denoiser, self.bundle.vae, *self.bundle.text_encoders):
             module.to(self.device)
         if hasattr(self.trainable, "to"):
             self.trainable.to(self.device)
-        scheduler = self.bundle.make_noise_scheduler()
-        if s.zero_terminal_snr:
-            rescale_zero_terminal_snr(scheduler)
+        objective = self.bundle.family.make_objective(self.bundle, s)  # the family's: DDPM noise or flow
         groups = self.trainable.param_groups(self.opt_settings)
         params = [p for g in groups for p in g["params"]]
         for p in params:
@@ -200,7 +199,6 @@ class Trainer:
         optimizer = build_optimizer(self.opt_settings, groups)
         lr_sched = build_scheduler(optimizer, self.opt_settings, total)
         ema = EMA(params, s.ema_decay, s.ema_on_cpu) if s.ema else None
-        prediction = s.objective.prediction
         autocast = _autocast(self.device, s.train_dtype)
         if s.train_dtype == "fp16" and self.device.type == "cpu":
             self.hooks.log("fp16 mixed precision needs a GPU; training in fp32 on this CPU (bf16 works on CPUs)")
@@ -236,8 +234,8 @@ class Trainer:
                             if batch_index >= n_batches:
                                 break
                             self.hooks.check_cancel()
-                            loss = self._micro_step(scheduler, unet, text_encoders, epoch, batch_index, step, micro,
-                                                    prediction, autocast, scaler, te_stopped)
+                            loss = self._micro_step(objective, unet, text_encoders, epoch, batch_index, step, micro,
+                                                    autocast, scaler, te_stopped)
                             if not math.isfinite(loss):
                                 optimizer.zero_grad(set_to_none=True)
                                 path = self._backup(step, *step_start, optimizer, lr_sched, ema, backups)
@@ -278,8 +276,8 @@ class Trainer:
                         position = (epoch + 1, 0) if end_of_epoch else (epoch, batch_index)
                         if self.is_main:
                             last_backup = self._periodic(timer, step, epoch, end_of_epoch, total, position, optimizer,
-                                                         lr_sched, ema, backups, validation, scheduler, unet,
-                                                         text_encoders, prediction) or last_backup
+                                                         lr_sched, ema, backups, validation, objective, unet,
+                                                         text_encoders) or last_backup
                     if batch_index >= n_batches:
                         epoch += 1
                         batch_index = 0
@@ -296,7 +294,7 @@ class Trainer:
                 if hasattr(optimizer, "eval"):
                     optimizer.eval()  # schedule-free: switch to the averaged weights
             if self.is_main and self.hooks.validation is not None:
-                validation.append((step, self.validation_loss(scheduler, unet, text_encoders, prediction)))
+                validation.append((step, self.validation_loss(objective, unet, text_encoders)))
         if ema is not None:
             with torch.no_grad():
                 for p, shadow in zip(params, ema.shadow):
@@ -304,7 +302,7 @@ class Trainer:
         return TrainResult(step, epoch, losses, validation, backups, last_backup, time.monotonic() - t_start)
 
     # ---- one micro-batch ---------------------------------------------------------------------
-    def _micro_step(self, scheduler, unet, text_encoders, epoch, index, step, micro, prediction, autocast,
+    def _micro_step(self, objective, unet, text_encoders, epoch, index, step, micro, autocast,
                     scaler, te_stopped) -> float:
         s = self.s
         # seeds depend on the global position only, so a resumed run draws exactly the same
@@ -313,21 +311,21 @@ class Trainer:
         latents = self._latents(batch)
         full_b = latents.shape[0] * self.world
         g = _seeded(s.seed, step, micro, 0)
-        noise_all = make_noise(torch.zeros((full_b,) + tuple(latents.shape[1:])), s.objective, g)
-        t_all = sample_timesteps(full_b, s.objective, scheduler.config.num_train_timesteps, g)
+        noise_all, t_all = objective.draw((full_b,) + tuple(latents.shape[1:]), g)
         mask_draw = torch.rand(full_b, generator=g) >= s.objective.unmasked_probability
         sl = slice(self.rank * latents.shape[0], (self.rank + 1) * latents.shape[0])
         noise, timesteps, use_mask = noise_all[sl].to(latents), t_all[sl].to(latents.device), mask_draw[sl]
-        noisy = noisy_input(scheduler, latents, noise, timesteps, s.objective, g)
-        target = target_for(scheduler, latents, noise, timesteps, prediction)
+        noisy = objective.noisy(latents, noise, timesteps, g)
+        target = objective.target(latents, noise, timesteps)
         train_te = self.trainable.trains_text_encoder() and not te_stopped
+        family = self.bundle.family
         with autocast:
             model_dtype = next(unet.parameters()).dtype
-            cond = _cast(self._conditioning(batch, train_te), model_dtype)
-            pred = unet(noisy.to(model_dtype), timesteps, **cond).sample
+            cond = _cast(self._conditioning(batch, train_te, latents, objective), model_dtype)
+            pred = family.predict(unet, noisy.to(model_dtype), timesteps, cond)
             loss = per_sample_loss(pred, target, s.objective, batch.masks.to(pred.device) if batch.masks is not None else None,
                                    use_mask.to(pred.device))
-            weights = timestep_weights(scheduler, timesteps, s.objective, prediction) * batch.loss_weights.to(loss.device)
+            weights = objective.weights(timesteps) * batch.loss_weights.to(loss.device)
             loss = (loss * weights).mean()
         value = float(loss.detach())
         if math.isfinite(value):
@@ -340,26 +338,22 @@ class Trainer:
             return batch.latents.to(self.device, torch.float32)
         return self.bundle.encode_images(batch.pixels).to(torch.float32)  # moved once, after the range check
 
-    def _conditioning(self, batch: Batch, train_te: bool) -> dict[str, Any]:
+    def _conditioning(self, batch: Batch, train_te: bool, latents: torch.Tensor, objective) -> dict[str, Any]:
         if batch.text is not None and not train_te and self.s.prompt_chunks == 1:
             text = {k: v.to(self.device) for k, v in batch.text.items()}
         else:
             text = self.bundle.encode_prompts(batch.captions, with_grad=train_te, chunks=self.s.prompt_chunks)
-        cond: dict[str, Any] = {"encoder_hidden_states": text["prompt_embeds"]}
-        if self.bundle.family.uses_time_ids:
-            if batch.pixels is not None:
-                h, w = batch.pixels.shape[-2:]
-            else:
-                h, w = (x * self.bundle.vae_scale_factor for x in batch.latents.shape[-2:])
-            b = len(batch.captions)
-            time_ids = self.bundle.add_time_ids(batch.original_sizes or [(h, w)] * b,
-                                                batch.crops_top_left or [(0, 0)] * b, [(h, w)] * b)
-            cond["added_cond_kwargs"] = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": time_ids.to(self.device)}
-        return cond
+        if batch.pixels is not None:
+            size = tuple(batch.pixels.shape[-2:])
+        else:
+            size = tuple(x * self.bundle.vae_scale_factor for x in latents.shape[-2:])
+        return self.bundle.family.conditioning(
+            self.bundle, text, pixel_size=size, batch=len(batch.captions), device=self.device,
+            original_sizes=batch.original_sizes, crops_top_left=batch.crops_top_left, guidance=objective.guidance)
 
     # ---- periodic work -----------------------------------------------------------------------
     def _periodic(self, timer, step, epoch, end_of_epoch, total, position, optimizer, lr_sched, ema, backups,
-                  validation, scheduler, unet, text_encoders, prediction):
+                  validation, objective, unet, text_encoders):
         s = self.s
         last = step >= total
         backup = None
@@ -374,28 +368,28 @@ class Trainer:
             backup = self._backup(step, *position, optimizer, lr_sched, ema, backups)
         if s.validate_every and self.hooks.validation is not None and not last and \
                 timer.due("validate", s.validate_every, s.validate_unit, step, end_of_epoch):
-            validation.append((step, self.validation_loss(scheduler, unet, text_encoders, prediction)))
+            validation.append((step, self.validation_loss(objective, unet, text_encoders)))
             _set_train(unet, text_encoders, self.trainable.trains_text_encoder())
         return backup
 
     @torch.no_grad()
-    def validation_loss(self, scheduler, unet, text_encoders, prediction) -> float:
+    def validation_loss(self, objective, unet, text_encoders) -> float:
         """Deterministic: fixed timesteps spread over the schedule and fixed noise per sample."""
         source = self.hooks.validation
         _set_eval(unet, text_encoders)
         n_t = 4
         total, count = 0.0, 0
+        family = self.bundle.family
         for index in range(source.iterations(0)):
             batch = source.batch(0, index)
             latents = self._latents(batch)
-            cond = _cast(self._conditioning(batch, False), next(unet.parameters()).dtype)
-            for k in range(n_t):
-                t = int((k + 0.5) / n_t * scheduler.config.num_train_timesteps)
-                timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+            dtype = next(unet.parameters()).dtype
+            cond = _cast(self._conditioning(batch, False, latents, objective), dtype)
+            for k, timesteps in enumerate(objective.validation_timesteps(n_t, latents.shape[0], latents.device)):
                 noise = torch.randn(latents.shape, generator=_seeded(self.s.seed, 99991, index, k)).to(latents)
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                pred = unet(noisy.to(next(unet.parameters()).dtype), timesteps, **cond).sample
-                target = target_for(scheduler, latents, noise, timesteps, prediction)
+                noisy = objective.validation_noisy(latents, noise, timesteps)
+                pred = family.predict(unet, noisy.to(dtype), timesteps, cond)
+                target = objective.target(latents, noise, timesteps)
                 total += float(per_sample_loss(pred, target, self.s.objective).sum())
                 count += latents.shape[0]
         value = total / max(1, count)

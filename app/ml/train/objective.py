@@ -122,3 +122,91 @@ def rescale_zero_terminal_snr(scheduler) -> None:
     scheduler.betas = rescale(scheduler.betas)
     scheduler.alphas = 1.0 - scheduler.betas
     scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+
+
+# ---- objectives as the trainer uses them: a family's ``make_objective`` returns one of these ----------
+
+class NoiseObjective:
+    """DDPM noise (SD families): integer timesteps, epsilon or v targets, min-SNR/debiased weighting.
+
+    The draws happen in the order the trainer has always made them (noise, timesteps, then the
+    perturbation noise in ``noisy``), so loss sequences are unchanged by this wrapper.
+    """
+
+    kind = "noise"
+    guidance = None  # no guidance input
+
+    def __init__(self, scheduler, settings: ObjectiveSettings, zero_terminal_snr: bool = False) -> None:
+        if zero_terminal_snr:
+            rescale_zero_terminal_snr(scheduler)
+        self.scheduler = scheduler
+        self.s = settings
+        self.prediction = settings.prediction
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps for a whole (global) batch of latents of ``shape``."""
+        noise = make_noise(torch.zeros(shape), self.s, generator)
+        return noise, sample_timesteps(shape[0], self.s, self.scheduler.config.num_train_timesteps, generator)
+
+    def noisy(self, latents, noise, timesteps, generator: torch.Generator):
+        return noisy_input(self.scheduler, latents, noise, timesteps, self.s, generator)
+
+    def target(self, latents, noise, timesteps):
+        return target_for(self.scheduler, latents, noise, timesteps, self.prediction)
+
+    def weights(self, timesteps) -> torch.Tensor:
+        return timestep_weights(self.scheduler, timesteps, self.s, self.prediction)
+
+    def validation_timesteps(self, n: int, batch: int, device) -> list[torch.Tensor]:
+        """Fixed timesteps spread over the schedule (the same in every validation pass)."""
+        total = self.scheduler.config.num_train_timesteps
+        return [torch.full((batch,), int((k + 0.5) / n * total), dtype=torch.long, device=device) for k in range(n)]
+
+    def validation_noisy(self, latents, noise, timesteps):
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+
+class FlowObjective:
+    """Rectified flow (Flux): σ drawn from the chosen distribution and shifted, x_t = (1 − σ)·x0 + σ·ε,
+    target ε − x0, σ itself as the model's timestep, optional SD3 weighting; the loss type, masks and
+    offset/perturbation noise come from the shared ``ObjectiveSettings``."""
+
+    kind = "flow"
+
+    def __init__(self, flow, settings: ObjectiveSettings) -> None:
+        from app.ml.flux.flow import FlowSettings
+
+        self.flow = (flow or FlowSettings()).check()
+        self.s = settings
+        self.guidance = self.flow.guidance
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from app.ml.flux.flow import sample_sigmas
+
+        noise = make_noise(torch.zeros(shape), self.s, generator)
+        seq_len = (shape[-2] // 2) * (shape[-1] // 2)  # image tokens after 2x2 packing
+        return noise, sample_sigmas(shape[0], self.flow, generator, image_seq_len=seq_len)
+
+    def noisy(self, latents, noise, sigma, generator: torch.Generator):
+        from app.ml.flux.flow import noisy
+
+        if self.s.perturbation_noise:
+            extra = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents)
+            noise = noise + self.s.perturbation_noise * extra
+        return noisy(latents, noise, sigma)
+
+    def target(self, latents, noise, sigma):
+        return noise - latents
+
+    def weights(self, sigma) -> torch.Tensor:
+        from app.ml.flux.flow import loss_weighting
+
+        return loss_weighting(sigma.float(), self.flow.weighting)
+
+    def validation_timesteps(self, n: int, batch: int, device) -> list[torch.Tensor]:
+        return [torch.full((batch,), (k + 0.5) / n, dtype=torch.float32, device=device) for k in range(n)]
+
+    def validation_noisy(self, latents, noise, sigma):
+        from app.ml.flux.flow import noisy
+
+        return noisy(latents, noise, sigma)

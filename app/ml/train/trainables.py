@@ -22,7 +22,7 @@ class FullFinetune:
         self.unet = own(bundle.unet) if train_unet else bundle.unet
         self.text_encoders = tuple(own(te) if train_text_encoders else te for te in bundle.text_encoders)
         # a new handle over the copies: the shared base bundle is never touched
-        self.model = dataclasses.replace(bundle, unet=self.unet, text_encoders=self.text_encoders)
+        self.model = dataclasses.replace(bundle, denoiser=self.unet, text_encoders=self.text_encoders)
         self.train_unet = train_unet
         self.train_te = train_text_encoders
         for m in [self.unet, *self.text_encoders]:

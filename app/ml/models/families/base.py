@@ -1,0 +1,163 @@
+"""The family interface: what every model family states as data and does as code.
+
+A family module (``sd.py``, ``sdxl.py``, ``flux.py``) owns everything that differs between base
+models: its components (``denoiser`` names the one that denoises: the UNet or the transformer),
+prompt encoding, the conditioning and the call of its denoiser, its training objective and its
+sampling. The trainer, nodes and savers call these methods instead of branching on family ids, so
+a new family is a new module, not edits scattered over the code base.
+
+Facts are plain dataclass fields; behaviour is methods that import torch lazily, so this package
+stays importable by the GUI and recipe validation without torch (a test enforces it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message says which file and what to do about it."""
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family and how its output is used.
+
+    ``hidden_layer``: -1 = last layer, -2 = penultimate. ``final_layer_norm`` says whether the
+    encoder's final LayerNorm is applied to that layer (SD1.5/SD2 yes, SDXL no). ``pooled`` says
+    whether the family consumes its pooled (projected) output.
+    """
+
+    name: str  # component name: "text_encoder", "text_encoder_2"
+    tokenizer: str  # component name: "tokenizer", "tokenizer_2"
+    architecture: str  # human description: "CLIP ViT-L/14", "OpenCLIP ViT-bigG/14"
+    model_class: str  # transformers class name
+    hidden_size: int
+    hidden_layer: int = -1
+    final_layer_norm: bool = True
+    pooled: bool = False
+    pad_token: str = "<|endoftext|>"
+    kohya_prefix: str = "lora_te"  # "lora_te" (single TE), "lora_te1", "lora_te2"
+    hub_tokenizer: str = "clip-l"  # key into HUB_TOKENIZERS: where a missing tokenizer is fetched from
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a trainer needs to know about one base-model family (real, full-size values).
+
+    Subclasses implement the behaviour methods below; the fields are facts other code reads.
+    """
+
+    id: str
+    display_name: str
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent pixel
+    vae_scaling_factor: float  # multiply VAE latents by this before the denoiser sees them
+    bucket_quantization: int  # bucket sides are multiples of this (pixels)
+    default_resolution: int
+    prediction_type: str  # "epsilon" | "v_prediction" | "flow" (rectified flow: velocity noise - x0)
+    text_encoders: tuple[TextEncoderSpec, ...]
+    uses_time_ids: bool  # SDXL micro-conditioning (original size, crop, target size)
+    kohya_base_model_version: str  # ss_base_model_version
+    kohya_v2: bool  # ss_v2
+    config_dir: str  # folder name under app/ml/models/configs/
+    pipeline_class: str  # diffusers pipeline class name written in model_index.json
+    vae_shift_factor: float | None = None
+    unet_cross_attention_dim: int = 0
+    notes: str = ""
+    denoiser: str = "unet"  # component name of the denoiser: "unet" | "transformer"
+    objective: str = "noise"  # "noise" (DDPM epsilon / v) | "flow" (rectified flow matching)
+    pixel_multiple: int = 8  # image sides must be multiples of this (VAE factor, times patching)
+
+    @property
+    def kohya_metadata(self) -> dict[str, str]:
+        """The kohya/A1111 metadata values saved LoRAs carry for this family."""
+        return {
+            "ss_base_model_version": self.kohya_base_model_version,
+            "ss_v2": "True" if self.kohya_v2 else "False",
+            "ss_v_parameterization": "True" if self.prediction_type == "v_prediction" else "False",
+        }
+
+    @property
+    def text_embedding_dim(self) -> int:
+        """Width of the prompt embeddings the denoiser cross-attends to."""
+        return sum(te.hidden_size for te in self.text_encoders)
+
+    def with_prediction_type(self, prediction_type: str) -> "ModelFamily":
+        """The same family trained with another objective (e.g. a v-prediction SD1.5 fine-tune)."""
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type == self.prediction_type:
+            return self
+        return replace(self, prediction_type=prediction_type)
+
+    # ------------------------------------------------------------------ behaviour (subclasses)
+
+    def check_size(self, width: int, height: int, where: str) -> None:
+        """Refuse image sizes this family cannot denoise (ValueError naming ``where``)."""
+        q = self.pixel_multiple
+        if width % q or height % q or width <= 0 or height <= 0:
+            raise ValueError(f"{where}: width and height must be positive multiples of {q} for {self.display_name}, "
+                             f"got {width}x{height}")
+
+    def check_components(self, denoiser, text_encoders, source: str) -> None:
+        """Refuse components that do not belong together (a ``ModelLoadError`` naming ``source``)."""
+        raise NotImplementedError
+
+    def encode_prompts(self, bundle, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
+                       chunks: int = 1) -> dict[str, Any]:
+        """Prompt embeddings as this family's denoiser consumes them (float32 tensors by name)."""
+        raise NotImplementedError
+
+    def conditioning(self, bundle, text: Mapping[str, Any], *, pixel_size: tuple[int, int], batch: int,
+                     device, original_sizes=None, crops_top_left=None, guidance: float | None = None) -> dict[str, Any]:
+        """The keyword inputs of one denoiser call, from encoded prompts (``text``) and the image size."""
+        raise NotImplementedError
+
+    def predict(self, denoiser, noisy, timesteps, cond: Mapping[str, Any]):
+        """One denoiser call on latents shaped like the VAE's (B x C x h x w); returns the same shape."""
+        raise NotImplementedError
+
+    def make_objective(self, bundle, settings):
+        """The training objective for this family from TrainLoop settings (see app/ml/train/objective.py)."""
+        raise NotImplementedError
+
+    def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
+                       cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None) -> tuple[Any, str]:
+        """Denoise one image from noise; returns ``(latents 1 x C x h x w, implementation name)``."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class HubTokenizer:
+    """A tokenizer on the Hugging Face hub, fetched once into the user's HF cache when a model lacks one.
+
+    ``files``: the only files downloaded (``allow_patterns``); a tokenizer is a few MB, the repos
+    also hold multi-GB weights we never want. ``essential``: the files a user fetching it by hand needs.
+    """
+
+    repo_id: str
+    files: tuple[str, ...]
+    description: str
+    essential: tuple[str, ...] = ("vocab.json", "merges.txt")
+
+
+_CLIP_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+# The one table of hub tokenizers, as kohya and ComfyUI use them. SD2's OpenCLIP ViT-H tokenizes
+# with the same OpenAI CLIP BPE vocabulary as CLIP-L (only padding differs, and padding comes from
+# the family, never from the downloaded files), so it shares the CLIP-L download.
+HUB_TOKENIZERS: dict[str, HubTokenizer] = {
+    "clip-l": HubTokenizer("openai/clip-vit-large-patch14", _CLIP_TOKENIZER_FILES, "CLIP ViT-L/14"),
+    "clip-bigg": HubTokenizer(
+        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", _CLIP_TOKENIZER_FILES, "OpenCLIP ViT-bigG/14"
+    ),
+    "t5-xxl": HubTokenizer(  # Flux's second text encoder
+        "google/t5-v1_1-xxl", ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+        "T5 v1.1 XXL", essential=("spiece.model",),
+    ),
+}

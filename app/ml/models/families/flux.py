@@ -1,0 +1,182 @@
+"""Flux.1 (dev and schnell): a rectified-flow transformer over 16-channel latents packed into 2x2 patches,
+conditioned on T5-XXL hidden states and CLIP-L's pooled output (dev also on a distilled guidance
+value), sampled with flow-matching Euler and the resolution-dependent shift.
+
+The building blocks live in ``app/ml/flux/`` (packing and position ids, the flow objective, key and
+LoRA layouts, header detection); this module is where the rest of the code asks for them. Latents
+are kept unpacked (B x 16 x h x w) everywhere outside the denoiser call, so caching, masks and
+buckets work exactly as for SD; ``predict`` packs them for the transformer and unpacks its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+from .base import ModelFamily, TextEncoderSpec
+
+GUIDANCE_SAMPLE_DEFAULT = 3.5  # dev's distilled guidance for previews (FluxPipeline's default)
+
+
+@dataclass(frozen=True)
+class FluxFamily(ModelFamily):
+    guidance_embeds: bool = True  # dev: the guidance value is a model input; schnell has no embedder
+    t5_max_length: int = 512  # T5 tokens (dev 512, schnell 256); LoadModel's text_max_length overrides
+
+    def check_components(self, denoiser, text_encoders, source: str) -> None:
+        from .base import ModelLoadError
+
+        clip, t5 = text_encoders
+        cfg = denoiser.config
+        for what, want, got in (("T5 width (joint_attention_dim)", cfg.joint_attention_dim, t5.config.d_model),
+                                ("CLIP pooled width (pooled_projection_dim)", cfg.pooled_projection_dim,
+                                 clip.config.hidden_size)):
+            if want != got:
+                raise ModelLoadError(f"{source}: the Flux transformer expects a {what} of {want} but the text encoder "
+                                     f"gives {got}; the components do not belong together.")
+
+    # ------------------------------------------------------------------ text
+    def encode_prompts(self, bundle, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
+                       chunks: int = 1) -> dict[str, Any]:
+        """``{"prompt_embeds": B x L x D_t5, "pooled_prompt_embeds": B x D_clip}`` as FluxPipeline encodes them:
+        T5's last hidden state over the prompt padded to L tokens (the T5 tokenizer's ``model_max_length``,
+        the loaded max length), and CLIP-L's pooled output over 77 tokens. ``clip_skip`` and ``chunks``
+        have no meaning for Flux and are ignored (T5 reads the long prompt itself)."""
+        from contextlib import nullcontext
+
+        import torch
+
+        if isinstance(prompts, str):
+            raise TypeError("encode_prompts takes a list of prompts, not a single string")
+        clip, t5 = bundle.text_encoders
+        clip_tok, t5_tok = bundle.tokenizers
+        ctx = nullcontext() if with_grad else torch.no_grad()
+        with ctx:
+            ids = clip_tok(list(prompts), padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+            pooled = clip(ids.to(clip.device), output_hidden_states=False).pooler_output
+            ids = t5_tok(list(prompts), padding="max_length", max_length=t5_tok.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+            hidden = t5(ids.to(t5.device), output_hidden_states=False)[0]
+        return {"prompt_embeds": hidden.float(), "pooled_prompt_embeds": pooled.float()}
+
+    # ------------------------------------------------------------------ the denoiser call
+    def conditioning(self, bundle, text: Mapping[str, Any], *, pixel_size: tuple[int, int], batch: int,
+                     device, original_sizes=None, crops_top_left=None, guidance: float | None = None) -> dict[str, Any]:
+        from app.ml.flux.latents import text_ids
+
+        embeds = text["prompt_embeds"]
+        cond = {"encoder_hidden_states": embeds, "pooled_projections": text["pooled_prompt_embeds"],
+                "txt_ids": text_ids(embeds.shape[1], device=device)}
+        if guidance is not None:
+            cond["guidance"] = float(guidance)
+        return cond
+
+    def predict(self, denoiser, noisy, timesteps, cond: Mapping[str, Any]):
+        """Pack the latents, call the transformer with σ as timestep (it multiplies by 1000), unpack."""
+        import torch
+
+        from app.ml.flux.latents import image_ids, pack, unpack
+
+        b, _, h, w = noisy.shape
+        kwargs = dict(cond)
+        value = kwargs.pop("guidance", None)
+        if getattr(denoiser.config, "guidance_embeds", False):
+            value = 1.0 if value is None else value
+            kwargs["guidance"] = torch.full((b,), float(value), device=noisy.device, dtype=torch.float32)
+        out = denoiser(hidden_states=pack(noisy), timestep=timesteps.to(noisy.dtype),
+                       img_ids=image_ids(h, w, device=noisy.device, dtype=noisy.dtype), return_dict=False, **kwargs)[0]
+        return unpack(out, h, w)
+
+    # ------------------------------------------------------------------ training
+    def make_objective(self, bundle, settings):
+        from app.ml.train.objective import FlowObjective
+
+        return FlowObjective(settings.flow, settings.objective)
+
+    # ------------------------------------------------------------------ sampling
+    def build_pipeline(self, bundle, scheduler=None):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        if scheduler is None:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                {k: v for k, v in dict(bundle.scheduler_config).items() if k != "prediction_type"})
+        return FluxPipeline(scheduler=scheduler, vae=bundle.vae, text_encoder=bundle.text_encoders[0],
+                            tokenizer=bundle.tokenizers[0], text_encoder_2=bundle.text_encoders[1],
+                            tokenizer_2=bundle.tokenizers[1], transformer=bundle.denoiser)
+
+    def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
+                       cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None):
+        """diffusers' FluxPipeline (flow-matching Euler with the dynamic shift) over the bundle's modules, so a
+        preview is what a diffusers user gets. ``cfg`` is dev's distilled guidance; the negative prompt is
+        not used (Flux dev is guidance-distilled), which the recorded implementation says."""
+        import torch
+
+        from app.ml.flux.latents import unpack
+        from app.ml.sampling.generate import _step_check
+
+        pipe = self.build_pipeline(bundle)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        kwargs = dict(prompt=prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=cfg,
+                      generator=gen, output_type="latent", max_sequence_length=bundle.tokenizers[1].model_max_length)
+        if check_cancel is not None:
+            check_cancel()
+            kwargs["callback_on_step_end"] = _step_check(check_cancel)
+        packed = pipe(**kwargs).images
+        impl = "FluxPipeline(FlowMatchEulerDiscreteScheduler, dynamic shift)"
+        if negative_prompt.strip():
+            impl += "; negative prompt ignored (Flux uses distilled guidance)"
+        return unpack(packed, height // 8, width // 8), impl
+
+
+CLIP_L_POOLED = TextEncoderSpec(
+    name="text_encoder",
+    tokenizer="tokenizer",
+    architecture="CLIP ViT-L/14 (pooled output)",
+    model_class="CLIPTextModel",
+    hidden_size=768,
+    pooled=True,
+    kohya_prefix="lora_te1",
+)
+T5_XXL = TextEncoderSpec(
+    name="text_encoder_2",
+    tokenizer="tokenizer_2",
+    architecture="T5 v1.1 XXL encoder",
+    model_class="T5EncoderModel",
+    hidden_size=4096,
+    pad_token="<pad>",
+    kohya_prefix="lora_te2",
+    hub_tokenizer="t5-xxl",
+)
+
+FLUX_DEV = FluxFamily(
+    id="flux-dev",
+    display_name="Flux.1 dev",
+    latent_channels=16,
+    vae_scale_factor=8,
+    vae_scaling_factor=0.3611,
+    vae_shift_factor=0.1159,
+    bucket_quantization=64,
+    default_resolution=1024,
+    prediction_type="flow",
+    text_encoders=(CLIP_L_POOLED, T5_XXL),
+    uses_time_ids=False,
+    kohya_base_model_version="flux1",
+    kohya_v2=False,
+    config_dir="flux1-dev",
+    pipeline_class="FluxPipeline",
+    denoiser="transformer",
+    objective="flow",
+    pixel_multiple=16,
+    notes="Guidance-distilled: train with guidance 1.0, sample with about 3.5.",
+)
+FLUX_SCHNELL = replace(
+    FLUX_DEV,
+    id="flux-schnell",
+    display_name="Flux.1 schnell",
+    config_dir="flux1-schnell",
+    guidance_embeds=False,
+    t5_max_length=256,
+    notes="Timestep-distilled: sample in 4 steps; it has no guidance input.",
+)

@@ -1,0 +1,174 @@
+"""Stable Diffusion 1.5 and 2.x (epsilon and the 768 px v-prediction model): a UNet over 4-channel latents
+that cross-attends to one CLIP text encoder, trained with DDPM noise (epsilon or v targets) and
+sampled through diffusers' ``StableDiffusionPipeline``. SDXL (``sdxl.py``) extends this class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
+
+from .base import ModelFamily, TextEncoderSpec
+
+
+@dataclass(frozen=True)
+class SDFamily(ModelFamily):
+    """UNet families: DDPM noise objective, CLIP text encoders, diffusers SD pipelines."""
+
+    def check_components(self, denoiser, text_encoders, source: str) -> None:
+        from .base import ModelLoadError
+
+        width = sum(te.config.hidden_size for te in text_encoders)
+        if denoiser.config.cross_attention_dim != width:
+            raise ModelLoadError(
+                f"{source}: the UNet cross-attends to width {denoiser.config.cross_attention_dim} but the "
+                f"{self.display_name} text encoders give {width}; the components do not belong together."
+            )
+
+    # ------------------------------------------------------------------ text
+    def encode_prompts(self, bundle, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
+                       chunks: int = 1) -> dict[str, Any]:
+        """``{"prompt_embeds": B x 77 x D}`` (SDXL adds ``"pooled_prompt_embeds": B x P``), float32.
+
+        SD1.5/SD2: the last hidden state after the final LayerNorm (``clip_skip=2`` takes the
+        penultimate layer, still normalised, as A1111 does). SDXL: the penultimate hidden states
+        of both encoders, not normalised, concatenated (768 + 1280 = 2048 for the real model),
+        and the projected pooled output of the second encoder. ``chunks`` > 1 reads up to
+        75 x chunks tokens: each 75-token piece is encoded on its own and the pieces are joined
+        (``B x 77·chunks x D``), as A1111/ComfyUI prompt and kohya's ``max_token_length`` trains;
+        the pooled output is the first piece's.
+        """
+        from contextlib import nullcontext
+
+        import torch
+
+        if clip_skip < 1:
+            raise ValueError("clip_skip counts from 1 (1 = no skip)")
+        ctx = nullcontext() if with_grad else torch.no_grad()
+        hidden, pooled = [], None
+        n = len(prompts)
+        with ctx:
+            for spec, te, ids in zip(self.text_encoders, bundle.text_encoders, bundle.tokenize(prompts, chunks)):
+                ids = ids.reshape(-1, ids.shape[-1]).to(te.device)  # every piece is one encoder input
+                layer = spec.hidden_layer - (clip_skip - 1)
+                if layer == -1 and spec.final_layer_norm:  # the encoder's own output: no hidden states kept
+                    out = te(ids)
+                    h = out.last_hidden_state
+                else:
+                    out = te(ids, output_hidden_states=True)
+                    h = out.hidden_states[layer]
+                    if spec.final_layer_norm:
+                        h = _final_layer_norm(te)(h)
+                hidden.append(h.float().reshape(n, -1, h.shape[-1]))
+                if spec.pooled:
+                    pooled = out.text_embeds.float().reshape(n, chunks, -1)[:, 0]
+        result = {"prompt_embeds": torch.cat(hidden, dim=-1)}
+        if pooled is not None:
+            result["pooled_prompt_embeds"] = pooled
+        return result
+
+    # ------------------------------------------------------------------ the denoiser call
+    def conditioning(self, bundle, text: Mapping[str, Any], *, pixel_size: tuple[int, int], batch: int,
+                     device, original_sizes=None, crops_top_left=None, guidance: float | None = None) -> dict[str, Any]:
+        return {"encoder_hidden_states": text["prompt_embeds"]}
+
+    def predict(self, denoiser, noisy, timesteps, cond: Mapping[str, Any]):
+        return denoiser(noisy, timesteps, **cond).sample
+
+    # ------------------------------------------------------------------ training
+    def make_objective(self, bundle, settings):
+        from app.ml.train.objective import NoiseObjective
+
+        return NoiseObjective(bundle.make_noise_scheduler(), settings.objective, settings.zero_terminal_snr)
+
+    # ------------------------------------------------------------------ sampling
+    def build_pipeline(self, bundle, scheduler):
+        """diffusers' pipeline over the bundle's modules (nothing is copied or moved)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=bundle.vae, text_encoder=bundle.text_encoders[0], tokenizer=bundle.tokenizers[0], unet=bundle.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
+                       cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None):
+        import torch
+
+        from app.ml.sampling.generate import _long_prompt_embeds, _step_check, build_pipeline
+        from app.ml.sampling.samplers import make_scheduler
+
+        scheduler, impl = make_scheduler(sampler, bundle.scheduler_config, seed=seed)
+        pipe = build_pipeline(bundle, scheduler)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        kwargs = dict(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_inference_steps=steps,
+            guidance_scale=cfg, generator=gen, output_type="latent", clip_skip=(clip_skip - 1) or None,
+        )
+        kwargs.update(_long_prompt_embeds(bundle, prompt, negative_prompt, clip_skip))
+        if check_cancel is not None:
+            check_cancel()
+            kwargs["callback_on_step_end"] = _step_check(check_cancel)
+        return pipe(**kwargs).images, impl
+
+
+def _final_layer_norm(text_encoder):
+    """transformers 5 flattened CLIPTextModel; CLIPTextModelWithProjection still nests text_model."""
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+CLIP_L = TextEncoderSpec(
+    name="text_encoder",
+    tokenizer="tokenizer",
+    architecture="CLIP ViT-L/14",
+    model_class="CLIPTextModel",
+    hidden_size=768,
+)
+OPENCLIP_H = TextEncoderSpec(
+    name="text_encoder",
+    tokenizer="tokenizer",
+    architecture="OpenCLIP ViT-H/14 (23 of 24 layers, i.e. the penultimate layer + final norm)",
+    model_class="CLIPTextModel",
+    hidden_size=1024,
+    pad_token="!",
+)
+
+SD15 = SDFamily(
+    id="sd15",
+    display_name="Stable Diffusion 1.5",
+    latent_channels=4,
+    vae_scale_factor=8,
+    vae_scaling_factor=0.18215,
+    bucket_quantization=8,
+    default_resolution=512,
+    prediction_type="epsilon",
+    text_encoders=(CLIP_L,),
+    uses_time_ids=False,
+    kohya_base_model_version="sd_v1",
+    kohya_v2=False,
+    config_dir="sd15",
+    pipeline_class="StableDiffusionPipeline",
+    unet_cross_attention_dim=768,
+)
+SD2 = replace(  # the SD 1.5 layout with an OpenCLIP-H text encoder
+    SD15,
+    id="sd2",
+    display_name="Stable Diffusion 2.x (512, epsilon)",
+    text_encoders=(OPENCLIP_H,),
+    kohya_base_model_version="sd_v2",
+    kohya_v2=True,
+    config_dir="sd2",
+    unet_cross_attention_dim=1024,
+    notes="Same weights layout as sd2-v; choose sd2-v for the 768 px v-prediction models.",
+)
+SD2_V = replace(
+    SD2,
+    id="sd2-v",
+    display_name="Stable Diffusion 2.x 768 (v-prediction)",
+    default_resolution=768,
+    prediction_type="v_prediction",
+    kohya_base_model_version="sd_v2_768_v",
+    config_dir="sd2-v",
+    notes="Cannot be told from sd2 by its weights; selected explicitly or by config/metadata.",
+)
