@@ -273,14 +273,16 @@ class _Progress:
     def __init__(self, queue: RunQueue, entry_id, every_s: float = 1.0) -> None:
         self.queue, self.id, self.every_s = queue, entry_id, every_s
         self.fields: dict = {}
+        self.types: dict[str, str] = {}  # node id -> type, from node_start
         self.last_write = 0.0
 
     def __call__(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "node_start":
             self.fields["node"] = event.get("title")
-        elif kind == "progress" and event.get("total"):
-            self.fields.update(step=event.get("value"), total=event.get("total"))
+            self.types[event.get("node")] = event.get("type")
+        elif kind == "progress" and event.get("total") and self.types.get(event.get("node")) == "TrainLoop":
+            self.fields.update(step=event.get("value"), total=event.get("total"))  # training steps, not samples
         elif kind == "metric":
             values = event.get("values") or {}
             if values.get("loss") is not None:

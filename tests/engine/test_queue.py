@@ -81,6 +81,7 @@ def test_killed_runner_leaves_interrupted_entry_that_resumes_from_its_backup(tmp
     entry = q.get(1)
     assert (entry["state"], entry["exit_code"]) == ("done", 0), entry
     assert isinstance(entry["last_loss"], float)
+    assert (entry["step"], entry["total"]) == (step + 2, step + 2)  # training steps (not the samples' count)
     assert json.loads((ws / "recipe.json").read_text())["nodes"]["7"]["params"]["resume_from"] == backup
     steps = [e["values"]["step"] for e in events(ws / "events.jsonl")
              if e["event"] == "metric" and "loss" in e.get("values", {})]
