@@ -83,15 +83,15 @@ def _caption_fingerprint(params: dict) -> str:
 
 
 @node(type="Caption", category="dataset", fingerprint=_caption_fingerprint,
-      description="Captions the dataset's images with a captioning model (BLIP or Florence-2 from a Hugging Face "
-                  "folder you downloaded). The captions flow on in the DATASET; .txt files are written beside the "
+      description="Captions the dataset's images with a captioning model (BLIP, Florence-2 or Qwen2.5-VL from a "
+                  "Hugging Face folder you downloaded). The captions flow on in the DATASET; .txt files are written beside the "
                   "images only when write_beside is set, an existing caption first saved as .bak.",
       inputs=[
           Socket("dataset", "DATASET"),
           Path("model_folder", kind="folder",
                tooltip="a captioning model folder with config.json: BLIP (hf download Salesforce/blip-image-"
-                       "captioning-base) or Florence-2 (hf download florence-community/Florence-2-base); the type "
-                       "is read from config.json"),
+                       "captioning-base), Florence-2 (hf download florence-community/Florence-2-base) or Qwen2.5-VL "
+                       "(hf download Qwen/Qwen2.5-VL-3B-Instruct); the type is read from config.json"),
           Enum("images", ["missing_only", "all"],
                tooltip="missing_only: caption images that have no caption (their fallback is replaced); all: "
                        "re-caption every image"),
@@ -99,6 +99,8 @@ def _caption_fingerprint(params: dict) -> str:
           String("suffix", "", tooltip="put after every caption"),
           Enum("florence_task", ["detailed", "short", "more_detailed"],
                tooltip="Florence-2 only: a short caption, a detailed one or a paragraph"),
+          Enum("vlm_style", ["sentence", "tags"],
+               tooltip="Qwen2.5-VL only: one descriptive sentence, or comma-separated tags (tagger style)"),
           Int("max_length", 75, min=4, max=1024, tooltip="most new tokens per caption"),
           Int("batch_size", 4, min=1, max=256, tooltip="images per model call"),
           Enum("device", ["cpu", "cuda", "mps"], tooltip="where the captioning model runs"),
@@ -107,13 +109,15 @@ def _caption_fingerprint(params: dict) -> str:
                        "captions only flow on in the DATASET. A folder outside the workspace must be allowed with "
                        "--allow-output DIR or NODETRAINER_ALLOW_OUTPUT, so a shared recipe cannot write into your "
                        "folders. A replaced caption is kept as <image>.txt.bak"),
+          String("vlm_prompt", "", advanced=True, multiline=True,
+                 tooltip="Qwen2.5-VL only: your own instruction instead of the one vlm_style chooses"),
           Int("num_beams", 1, min=1, max=16, advanced=True, tooltip="beam search width (1 = greedy, fastest)"),
           Enum("dtype", ["float32", "float16", "bfloat16"], advanced=True,
                tooltip="weights' precision (float16/bfloat16 on a GPU halve memory)"),
       ],
       outputs=[Output("dataset", "DATASET")])
 def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, max_length, batch_size, device,
-            write_beside="", num_beams=1, dtype="float32"):
+            write_beside="", num_beams=1, dtype="float32", vlm_style="sentence", vlm_prompt=""):
     import time
     from dataclasses import replace
 
@@ -135,7 +139,8 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
         return dataset
     try:
         ctx.progress(0, len(todo), "loading the captioning model")
-        captioner = load_captioner(model_folder, device, florence_task=florence_task, dtype=dtype)
+        captioner = load_captioner(model_folder, device, florence_task=florence_task, dtype=dtype,
+                                   vlm_style=vlm_style, vlm_prompt=vlm_prompt)
     except DataError as exc:
         raise _error(exc) from None
     ctx.log(f"{captioner.label} from {model_folder}: captioning {len(todo)} images on {device}")

@@ -81,6 +81,53 @@ def make_tiny_florence2(folder: Path) -> Path:
     return folder
 
 
+def make_tiny_qwen25_vl(folder: Path) -> Path:
+    """A Qwen2.5-VL (transformers' own classes) 32-wide: single-byte BPE tokenizer with Qwen's special tokens,
+    the image processor with 28-pixel merged patches, one vision and one text layer."""
+    import json
+
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessor
+
+    from app.ml.models.tokenizers import bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {}
+    for ch in bytes_to_unicode().values():
+        vocab.setdefault(ch, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = Qwen2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|endoftext|>", *specials]}
+    ip = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
+                               temporal_patch_size=2)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=37, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.min_new_tokens = 3
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ip.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return make_tiny_qwen25_vl(tmp_path_factory.mktemp("models") / "tiny-qwen25vl")
+
+
 @pytest.fixture(scope="module")
 def florence(tmp_path_factory):
     return make_tiny_florence2(tmp_path_factory.mktemp("models") / "tiny-florence2")
@@ -306,3 +353,42 @@ def test_an_empty_model_caption_keeps_the_old_one_and_says_so(tmp_path, blip, mo
     by_name = {s.path.name: s for s in r.output("cap").concepts[0].samples}
     assert by_name["img0.png"].caption_source == "concept_name" and by_name["img1.png"].caption_lines == ("a dog",)
     assert any("empty caption" in w and "img0.png" in w for w in r.logs("cap", "warning"))
+
+
+@pytest.mark.parametrize("style", ["sentence", "tags"])
+def test_qwen25_vl_captions_through_the_node(tmp_path, qwen, style):
+    data = make_images(tmp_path / "data", 3)
+    r, _ = run(caption_graph(data, qwen, vlm_style=style, suffix="style", max_length=6, batch_size=2),
+               workspace=tmp_path / "ws")
+    assert r.status == "done", r.error()
+    caps = [s.caption_lines[0] for s in r.output("cap").concepts[0].samples]
+    assert len(caps) == 3 and all(c.endswith(", style") and len(c) > len(", style") for c in caps)
+    assert all("<|" not in c for c in caps)
+    assert any("Qwen2.5-VL" in m for m in r.logs("cap"))
+
+
+def test_qwen_prompts_and_tag_answers(qwen, monkeypatch):
+    from PIL import Image
+
+    from app.ml.data.captioning import VLM_PROMPTS, load_captioner, tags_from_text
+
+    assert tags_from_text("1. red hair\n2. Red hair, smiling; - outdoors.\n* blue sky") == \
+        "red hair, smiling, outdoors, blue sky"
+    cap = load_captioner(qwen, vlm_style="tags")
+    seen = []
+    real = cap.tokenizer.__class__.__call__
+
+    def spy(self, texts, **kw):
+        seen.extend(texts)
+        return real(self, texts, **kw)
+
+    monkeypatch.setattr(cap.tokenizer.__class__, "__call__", spy)
+    out = cap.caption([Image.new("RGB", (60, 40)), Image.new("RGB", (30, 90))], max_length=4)
+    assert len(out) == 2
+    assert all(VLM_PROMPTS["tags"] in t and t.count("<|vision_start|>") == 1 for t in seen)
+    # each image gets one <|image_pad|> per merged 28x28 patch, so the two prompts differ in length
+    assert len({t.count("<|image_pad|>") for t in seen}) == 2
+    cap = load_captioner(qwen, vlm_prompt="Name the main colour.")
+    seen.clear()
+    cap.caption([Image.new("RGB", (60, 40))], max_length=3)
+    assert "Name the main colour." in seen[0] and VLM_PROMPTS["sentence"] not in seen[0]

@@ -7,6 +7,9 @@ from the folder's ``config.json`` so the user points at a folder and nothing els
 - BLIP (``model_type`` "blip": Salesforce/blip-image-captioning-base / -large): one sentence.
 - Florence-2 (``model_type`` "florence2", the transformers-native conversion,
   e.g. florence-community/Florence-2-base / -large): a short, detailed or very detailed sentence.
+- Qwen2.5-VL / Qwen2-VL (``model_type`` "qwen2_5_vl" / "qwen2_vl", e.g. Qwen/Qwen2.5-VL-3B-Instruct): a
+  vision-language model asked for a sentence or for comma-separated tags (tagger style), or with
+  the user's own instruction.
 
 Captions written beside the images never replace a user's caption without a backup, and are
 written atomically (app/atomic.py), because a half-written or lost caption file is a lost hour of
@@ -23,7 +26,15 @@ from typing import Callable, Sequence
 
 from .errors import DataError
 
-MODEL_TYPES = {"blip": "BLIP", "florence2": "Florence-2"}
+MODEL_TYPES = {"blip": "BLIP", "florence2": "Florence-2", "qwen2_5_vl": "Qwen2.5-VL", "qwen2_vl": "Qwen2-VL"}
+VLM_PROMPTS = {
+    "sentence": "Describe this image in one detailed sentence, as a caption for training an image generator.",
+    "tags": "List what is visible in this image as short comma-separated tags (subject, clothing, pose, setting, "
+            "style), most important first. Answer with the tags only.",
+}
+# Qwen2(.5)-VL's chat format, written out: the folder's chat template may be the text-only one
+_QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
 FLORENCE_TASKS = {"short": "<CAPTION>", "detailed": "<DETAILED_CAPTION>", "more_detailed": "<MORE_DETAILED_CAPTION>"}
 DOWNLOAD_HINT = ("download one, e.g. `hf download Salesforce/blip-image-captioning-base --local-dir "
                  "models/blip-base` or `hf download florence-community/Florence-2-base --local-dir "
@@ -70,6 +81,17 @@ def detect_model_type(folder: str | Path) -> str:
     return mtype
 
 
+def tags_from_text(text: str) -> str:
+    """A VLM's tag answer as one line of unique tags: commas, semicolons, new lines and list bullets
+    separate them ("1. red hair" and "- red hair" become "red hair")."""
+    seen: dict[str, None] = {}
+    for part in re.split(r"[,;\n]+", text):
+        tag = re.sub(r"^\s*(?:[-*\u2022]|\d+[.)])\s*", "", part).strip().strip(".").strip()
+        if tag and tag.lower() not in {t.lower() for t in seen}:
+            seen[tag] = None
+    return ", ".join(seen)
+
+
 def clean_caption(text: str, prefix: str = "", suffix: str = "", delimiter: str = ",") -> str:
     """One line: whitespace collapsed, model artefacts stripped, prefix/suffix (a trigger word) joined
     with the concept's delimiter so they become tags of their own."""
@@ -90,6 +112,10 @@ class Captioner:
     device: str
     dtype: object
     task: str = ""
+    tokenizer: object = None  # Qwen-VL: the tokenizer and image processor, used as its processor would
+    image_processor: object = None
+    prompt: str = ""
+    style: str = "sentence"
 
     @property
     def label(self) -> str:
@@ -107,6 +133,8 @@ class Captioner:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
                 ids = self.model.generate(**inputs, max_new_tokens=int(max_length), num_beams=num_beams)
                 return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+            if self.kind in ("qwen2_5_vl", "qwen2_vl"):
+                return self._caption_qwen(images, max_length, num_beams)
             task = self.task or FLORENCE_TASKS["detailed"]
             inputs = self.processor(text=[task] * len(images), images=images, return_tensors="pt").to(self.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
@@ -117,8 +145,25 @@ class Captioner:
             return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
 
+    def _caption_qwen(self, images, max_length: int, num_beams: int) -> list[str]:
+        """What Qwen2(.5)-VL's processor does, done here: its video half needs torchvision, which
+        captioning does not: one <|image_pad|> per merged patch of each image, left padding."""
+        vision = self.image_processor(images=images, return_tensors="pt")
+        merge = int(getattr(self.image_processor, "merge_size", 2)) ** 2
+        base = _QWEN_PROMPT.format(prompt=self.prompt or VLM_PROMPTS[self.style])
+        texts = [base.replace("<|image_pad|>", "<|image_pad|>" * (int(g.prod()) // merge))
+                 for g in vision["image_grid_thw"]]
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        ids = self.model.generate(**enc, pixel_values=vision["pixel_values"].to(self.device, self.dtype),
+                                  image_grid_thw=vision["image_grid_thw"].to(self.device),
+                                  max_new_tokens=int(max_length), num_beams=num_beams, do_sample=False)
+        out = self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [tags_from_text(t) if self.style == "tags" else " ".join(t.split()) for t in out]
+
+
 def load_captioner(folder: str | Path, device: str = "cpu", *, florence_task: str = "detailed",
-                   dtype: str = "float32") -> Captioner:
+                   dtype: str = "float32", vlm_style: str = "sentence", vlm_prompt: str = "") -> Captioner:
     """Load the model and processor of `folder` (its type read from config.json); every failure is a
     DataError naming the folder."""
     import torch
@@ -126,14 +171,26 @@ def load_captioner(folder: str | Path, device: str = "cpu", *, florence_task: st
     folder = Path(folder)
     kind = detect_model_type(folder)
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    tokenizer = image_processor = processor = None
     try:
         if kind == "blip":
             from transformers import BlipForConditionalGeneration as Model
             from transformers import BlipProcessor as Processor
-        else:
+        elif kind == "florence2":
             from transformers import Florence2ForConditionalGeneration as Model
             from transformers import Florence2Processor as Processor
-        processor = Processor.from_pretrained(str(folder))
+        else:
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            if kind == "qwen2_5_vl":
+                from transformers import Qwen2_5_VLForConditionalGeneration as Model
+            else:
+                from transformers import Qwen2VLForConditionalGeneration as Model
+            Processor = None
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            image_processor = AutoImageProcessor.from_pretrained(str(folder))
+        if Processor is not None:
+            processor = Processor.from_pretrained(str(folder))
         model = Model.from_pretrained(str(folder), dtype=torch_dtype)
     except Exception as exc:  # safetensors, tokenizers and transformers each raise their own kinds
         first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}" if str(exc).strip() else type(exc).__name__
@@ -147,7 +204,9 @@ def load_captioner(folder: str | Path, device: str = "cpu", *, florence_task: st
                         "available GPU", folder) from None
     model.eval()
     return Captioner(kind=kind, folder=folder, model=model, processor=processor, device=device, dtype=torch_dtype,
-                     task=FLORENCE_TASKS.get(florence_task, FLORENCE_TASKS["detailed"]))
+                     task=FLORENCE_TASKS.get(florence_task, FLORENCE_TASKS["detailed"]), tokenizer=tokenizer,
+                     image_processor=image_processor, prompt=(vlm_prompt or "").strip(),
+                     style=vlm_style if vlm_style in VLM_PROMPTS else "sentence")
 
 
 def caption_images(captioner: Captioner, paths: Sequence[Path], *, batch_size: int = 4, max_length: int = 75,
