@@ -388,6 +388,15 @@ def test_qwen_prompts_and_tag_answers(qwen, monkeypatch):
     assert all(VLM_PROMPTS["tags"] in t and t.count("<|vision_start|>") == 1 for t in seen)
     # each image gets one <|image_pad|> per merged 28x28 patch, so the two prompts differ in length
     assert len({t.count("<|image_pad|>") for t in seen}) == 2
+    # big images are shrunk to VLM_MAX_PIXELS (the model's default would allow 12.8 MP)
+    from app.ml.data import captioning
+
+    monkeypatch.setattr(captioning, "VLM_MAX_PIXELS", 28 * 28 * 4)
+    seen.clear()
+    cap.caption([Image.new("RGB", (300, 200))], max_length=3)
+    assert seen[0].count("<|image_pad|>") <= 4
+    monkeypatch.undo()
+    monkeypatch.setattr(cap.tokenizer.__class__, "__call__", spy)
     cap = load_captioner(qwen, vlm_prompt="Name the main colour.")
     seen.clear()
     cap.caption([Image.new("RGB", (60, 40))], max_length=3)

@@ -32,6 +32,8 @@ VLM_PROMPTS = {
     "tags": "List what is visible in this image as short comma-separated tags (subject, clothing, pose, setting, "
             "style), most important first. Answer with the tags only.",
 }
+VLM_MAX_PIXELS = 768 * 768  # Qwen-VL sees images up to this many pixels (~750 tokens): ample for a caption,
+# where the model's default (12.8 MP, 16k tokens) would make every image cost seconds and gigabytes
 # Qwen2(.5)-VL's chat format, written out: the folder's chat template may be the text-only one
 _QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                 "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
@@ -148,7 +150,12 @@ class Captioner:
     def _caption_qwen(self, images, max_length: int, num_beams: int) -> list[str]:
         """What Qwen2(.5)-VL's processor does, done here: its video half needs torchvision, which
         captioning does not: one <|image_pad|> per merged patch of each image, left padding."""
-        vision = self.image_processor(images=images, return_tensors="pt")
+        size = getattr(self.image_processor, "size", None)
+        lo, hi = getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)
+        kwargs = {}
+        if hi and hi > VLM_MAX_PIXELS:
+            kwargs["size"] = {"shortest_edge": min(lo or VLM_MAX_PIXELS, VLM_MAX_PIXELS), "longest_edge": VLM_MAX_PIXELS}
+        vision = self.image_processor(images=images, return_tensors="pt", **kwargs)
         merge = int(getattr(self.image_processor, "merge_size", 2)) ** 2
         base = _QWEN_PROMPT.format(prompt=self.prompt or VLM_PROMPTS[self.style])
         texts = [base.replace("<|image_pad|>", "<|image_pad|>" * (int(g.prod()) // merge))
