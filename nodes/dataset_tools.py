@@ -84,8 +84,8 @@ def _caption_fingerprint(params: dict) -> str:
 
 @node(type="Caption", category="dataset", fingerprint=_caption_fingerprint,
       description="Captions the dataset's images with a captioning model (BLIP, Florence-2 or Qwen2.5-VL from a "
-                  "Hugging Face folder you downloaded). The captions flow on in the DATASET; .txt files are written beside the "
-                  "images only when write_beside is set, an existing caption first saved as .bak.",
+                  "Hugging Face folder you downloaded). The captions flow on in the DATASET; .txt files are written "
+                  "beside the images only when write_beside is set, an existing caption first saved as .bak.",
       inputs=[
           Socket("dataset", "DATASET"),
           Path("model_folder", kind="folder",

@@ -247,7 +247,8 @@ def test_an_unavailable_device_is_a_clear_error(tmp_path, blip):
         pytest.skip("this machine has CUDA")
     data = make_images(tmp_path / "data", 1)
     r, _ = run(caption_graph(data, blip, device="cuda"), workspace=tmp_path / "ws")
-    assert r.status == "error" and "cannot use device 'cuda'" in r.error()["message"] and str(blip) in r.error()["message"]
+    msg = r.error()["message"]
+    assert r.status == "error" and "cannot use device 'cuda'" in msg and str(blip) in msg
 
 
 def test_validate_reports_a_missing_model_folder(tmp_path):

@@ -154,7 +154,8 @@ class Captioner:
         lo, hi = getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)
         kwargs = {}
         if hi and hi > VLM_MAX_PIXELS:
-            kwargs["size"] = {"shortest_edge": min(lo or VLM_MAX_PIXELS, VLM_MAX_PIXELS), "longest_edge": VLM_MAX_PIXELS}
+            kwargs["size"] = {"shortest_edge": min(lo or VLM_MAX_PIXELS, VLM_MAX_PIXELS),
+                              "longest_edge": VLM_MAX_PIXELS}
         vision = self.image_processor(images=images, return_tensors="pt", **kwargs)
         merge = int(getattr(self.image_processor, "merge_size", 2)) ** 2
         base = _QWEN_PROMPT.format(prompt=self.prompt or VLM_PROMPTS[self.style])
