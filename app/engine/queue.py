@@ -104,10 +104,14 @@ class RunQueue:
 
     # ---- reading -------------------------------------------------------------------------------
     def entries(self) -> list[dict]:
-        """All entries in queue order; a running entry whose runner is gone is marked interrupted."""
+        """All entries in queue order; a running entry whose runner is gone is marked interrupted
+        (the file is written only then: the editor reads it every second)."""
         if not self.path.exists():
             return []
-        with self.edit() as data:
+        with self._locked():
+            data = self._read()
+            if _mark_dead(data):
+                self._write(data)
             return [dict(e) for e in data["entries"]]
 
     def get(self, entry_id) -> dict:
@@ -227,16 +231,21 @@ def _same_host(entry: dict) -> bool:
     return not entry.get("host") or entry.get("host") == socket.gethostname()
 
 
-def _mark_dead(data: dict) -> None:
-    """A running entry whose runner process is gone was interrupted (kill -9, crash, power cut)."""
+def _mark_dead(data: dict) -> bool:
+    """A running entry whose runner process is gone was interrupted (kill -9, crash, power cut).
+    True when something changed."""
+    changed = False
     for e in data["entries"]:
         if e.get("state") == "running" and _same_host(e) and not _alive(int(e.get("pid") or 0)):
+            changed = True
             e.update(state="interrupted", ended=e.get("ended") or _now(), exit_code=None,
                      message=f"the runner (pid {e.get('pid')}) ended during the run; 'launch.py queue resume "
                              f"{e['id']}' continues from its newest backup")
     r = data.get("runner")
     if r and _same_host(r) and not _alive(int(r.get("pid") or 0)):
         data["runner"] = None
+        changed = True
+    return changed
 
 
 def _unique_workspace(data: dict, workspace: str) -> str:

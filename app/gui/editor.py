@@ -580,6 +580,7 @@ class Editor:
                 dpg.delete_item(menu)
                 action()
             dpg.add_menu_item(label="Run up to here", callback=lambda: do(lambda: self.run_to(nid)))
+            dpg.add_menu_item(label="Sweep a param into the queue...", callback=lambda: do(lambda: queue_panel.SweepDialog(self)))
             if self.doc.graph.nodes[nid].type == "Concept":
                 dpg.add_menu_item(label="Browse dataset...", callback=lambda: do(lambda: self.open_dataset_browser(nid)))
             dpg.add_menu_item(label="Rename...", callback=lambda: do(self.rename_focused))

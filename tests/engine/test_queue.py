@@ -86,3 +86,16 @@ def test_killed_runner_leaves_interrupted_entry_that_resumes_from_its_backup(tmp
     steps = [e["values"]["step"] for e in events(ws / "events.jsonl")
              if e["event"] == "metric" and "loss" in e.get("values", {})]
     assert steps[-2:] == [step + 1, step + 2]  # the resumed run went on from the backup's step
+
+
+def test_queued_sweep_runs_share_upstream_work_in_one_runner(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    qfile, ws = tmp_path / "queue.json", tmp_path / "ws"
+    assert main(["queue", "--file", str(qfile), "add", str(recipe), "--workspace", str(ws),
+                 "--sweep", "LoRAInject.rank=2,4"]) == 0
+    assert main(["queue", "--file", str(qfile), "run"]) == 0
+    assert [e["state"] for e in RunQueue(qfile).entries()] == ["done", "done"]
+    first, second = events(ws / "rank=2" / "events.jsonl"), events(ws / "rank=4" / "events.jsonl")
+    assert {e["type"] for e in first if e["event"] == "node_cached"} == set()
+    assert {e["type"] for e in second if e["event"] == "node_cached"} >= {"LoadModel", "Concept", "Bucketer", "Optimizer"}
+    assert json.loads((ws / "rank=4" / "recipe.json").read_text())["nodes"]["5"]["params"]["rank"] == 4
