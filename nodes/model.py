@@ -18,20 +18,24 @@ def _model_files(params: dict) -> str:
                   "(A1111/Civitai layout) or a built-in tiny model for demos and tests.",
       inputs=[
           Path("source", "builtin:tiny-sd", kind="file_or_folder",
-               tooltip="a diffusers folder, a .safetensors checkpoint, or builtin:tiny-sd / builtin:tiny-sdxl"),
-          Enum("family", ["auto", "sd15", "sd2", "sd2-v", "sdxl"],
+               tooltip="a diffusers folder, a .safetensors checkpoint, or builtin:tiny-sd / builtin:tiny-sdxl / "
+                       "builtin:tiny-flux"),
+          Enum("family", ["auto", "sd15", "sd2", "sd2-v", "sdxl", "flux-dev", "flux-schnell"],
                tooltip="auto: detected from the checkpoint's keys; sd2-v: SD 2.x 768 with v-prediction"),
           Path("vae", "", kind="file_or_folder", optional=True, tooltip="a separate VAE to use instead"),
-          Enum("unet_dtype", DTYPES, "fp32", tooltip="weight precision of the UNet"),
+          Enum("unet_dtype", DTYPES, "fp32", tooltip="weight precision of the UNet (Flux: of the transformer)"),
           Enum("text_encoder_dtype", DTYPES, "fp32", tooltip="weight precision of the text encoder(s)"),
           Enum("vae_dtype", DTYPES, "fp32", tooltip="weight precision of the VAE (the SDXL VAE overflows in fp16)"),
           Path("tokenizer", "", kind="folder", optional=True, advanced=True,
                tooltip="a tokenizer folder (tokenizer.json or vocab.json + merges.txt; for SDXL one CLIP tokenizer "
                        "or tokenizer/ and tokenizer_2/ subfolders); wins over one beside the model. Empty: the "
                        "model's own, one beside the checkpoint, else fetched once from the Hugging Face hub"),
+          Int("text_max_length", 0, min=0, max=512, advanced=True,
+              tooltip="Flux: prompt tokens T5 reads (0 = the model's default: 512 dev, 256 schnell); part of the "
+                      "Cache key. SD families read 75-token pieces (TrainLoop's max_tokens) and ignore it"),
       ],
       outputs=[Output("model", "MODEL")])
-def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dtype, tokenizer=""):
+def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dtype, tokenizer="", text_max_length=0):
     from app.engine.errors import NodeError
     from app.ml.models import ModelLoadError
     from app.ml.models import load_model as load
@@ -40,7 +44,8 @@ def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dty
     try:
         bundle = load(source, family=None if family == "auto" else family, vae=vae or None,
                       dtypes={"unet": unet_dtype, "text_encoder": text_encoder_dtype, "vae": vae_dtype},
-                      tokenizer=tokenizer or None, log=ctx.log, check_cancel=ctx.check_cancel)
+                      tokenizer=tokenizer or None, text_max_length=text_max_length or None, log=ctx.log,
+                      check_cancel=ctx.check_cancel)
     except (ModelLoadError, FileNotFoundError) as e:
         raise NodeError(str(e)) from None
     ctx.log(f"loaded {bundle.family.display_name} from {source}")
@@ -64,8 +69,9 @@ def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dty
           Float("rank_dropout", 0.0, min=0.0, max=1.0, advanced=True),
           Float("module_dropout", 0.0, min=0.0, max=1.0, advanced=True),
           Int("lokr_factor", -1, min=-1, max=64, advanced=True, tooltip="LoKr factor; -1 = automatic"),
-          Enum("unet_layers", ["attn-mlp", "attn-only", "full", "custom", "none"],
-               tooltip="which UNet layers get adapters"),
+          Enum("unet_layers", ["attn-mlp", "attn-only", "full", "single-blocks", "custom", "none"],
+               tooltip="which layers of the denoiser (UNet, or Flux's transformer) get adapters; single-blocks: "
+                       "Flux's single-stream blocks only"),
           String("unet_custom", "", tooltip="layer names or a regex, when unet_layers is custom"),
           Enum("text_encoder_layers", ["none", "attn-only", "attn-mlp", "full", "custom"],
                tooltip="train adapters in the (first) text encoder too"),

@@ -339,7 +339,7 @@ def _sample_during_training(ctx, bundle, adapters, prompts, p, buckets, step, wr
     from app.ml.sampling import sample_images, save_samples
 
     size = parse_resolution(buckets.settings.resolution).max_target if buckets.settings.resolution else None
-    q = bundle.family.vae_scale_factor
+    q = bundle.family.pixel_multiple  # 8 px for SD, 16 for Flux (8x VAE, then 2x2 packing)
     size = max(q, (size or bundle.family.default_resolution) // q * q)
     result = sample_images(bundle, prompts, width=size, height=size, steps=p["sample_steps"], cfg=p["sample_cfg"],
                            seed=p["sample_seed"], sampler=p["sample_sampler"], adapters=adapters,

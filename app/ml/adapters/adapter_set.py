@@ -1,7 +1,8 @@
 """``AdapterSet``: the trainable adapter weights of one network, separate from any model.
 
 This is what flows on a NETWORK socket. It holds its own small modules, the names of the base
-layers they adapt (per component: ``unet``, ``text_encoder``, ``text_encoder_2``), the config that
+layers they adapt (per component: the denoiser ``unet`` or ``transformer``, ``text_encoder``,
+``text_encoder_2``), the config that
 made them and the identity of the base model they were made for. It never holds the base model:
 the bundle stays shared and unmodified, and ``attached()`` (in ``attach.py``) connects the two only
 for as long as a consumer (training step, sampler, saver) runs. Re-running LoRAInject with another
@@ -20,12 +21,12 @@ from .config import AdapterConfig, AdapterError
 from .modules import AdapterModule, make_module
 from .targets import select_targets
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 def component_modules(bundle) -> dict[str, nn.Module]:
     """The adaptable components of a ModelBundle by name (the VAE is never adapted)."""
-    out = {"unet": bundle.unet}
+    out = {bundle.family.denoiser: bundle.denoiser}
     for spec, te in zip(bundle.family.text_encoders, bundle.text_encoders):
         out[spec.name] = te
     return out
@@ -108,18 +109,21 @@ def create_adapter_set(bundle, config: AdapterConfig, *, device: "torch.device |
     weights in fp16 collect zeros). Raises ``AdapterError`` if the presets select nothing at all.
     """
     comps = component_modules(bundle)
-    aset = AdapterSet(config, bundle.family, getattr(bundle, "identity", ""), bundle.unet.config)
+    aset = AdapterSet(config, bundle.family, getattr(bundle, "identity", ""), bundle.denoiser.config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config.seed))
         for component, preset in config.targets.items():
             if preset == "none":
                 continue
+            if component == "unet":  # the targets' key for "the denoiser", whatever the family calls it
+                component = bundle.family.denoiser
             if component not in comps:
                 if component == "text_encoder_2":
                     continue  # a single-encoder family simply has no second encoder
                 raise AdapterError(f"{bundle.family.display_name} has no component {component!r}")
             model = comps[component]
-            names = select_targets(model, component, preset, config.custom.get(component, ()), config.adapts_3x3_convs)
+            custom = config.custom.get(component, config.custom.get("unet", ()) if component == bundle.family.denoiser else ())
+            names = bundle.family.adapter_targets(model, component, preset, custom, config.adapts_3x3_convs)
             for name in names:
                 base = model.get_submodule(name)
                 is_3x3 = isinstance(base, nn.Conv2d) and tuple(base.kernel_size) != (1, 1)
@@ -132,5 +136,5 @@ def create_adapter_set(bundle, config: AdapterConfig, *, device: "torch.device |
                 aset.add(component, name, module)
     if len(aset) == 0:
         raise AdapterError("the layer presets selected no layers; choose a preset other than 'none' for the UNet or a text encoder")
-    device = device if device is not None else bundle.unet.device
+    device = device if device is not None else bundle.denoiser.device
     return aset.to(device=device, dtype=dtype)

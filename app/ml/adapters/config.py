@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 ALGORITHMS = ("lora", "locon", "loha", "lokr", "dora")
-PRESETS = ("none", "attn-only", "attn-mlp", "full", "custom")
+PRESETS = ("none", "attn-only", "attn-mlp", "full", "custom", "single-blocks")  # single-blocks: Flux only
 
 
 class AdapterError(ValueError):

@@ -116,8 +116,9 @@ def load_adapter_file(path: "str | os.PathLike", bundle, *, trainable: bool = Tr
     trained further and saved again. Raises ``AdapterError`` naming every key that matches no layer.
     """
     tensors, meta = read_tensor_file(path)
+    tensors = bundle.family.read_adapter_tensors(tensors, meta, where=Path(path).name)
     comps = component_modules(bundle)
-    table = alias_table(comps, bundle.family, bundle.unet.config)
+    table = alias_table(comps, bundle.family, bundle.denoiser.config)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         prefix, param = _split(key)
@@ -197,12 +198,12 @@ def load_adapter_file(path: "str | os.PathLike", bundle, *, trainable: bool = Tr
         custom={c: tuple(f"^{n.replace('.', chr(92) + '.')}$" for n in ns) for c, ns in by_comp.items()},
         seed=seed,
     )
-    aset = AdapterSet(config, bundle.family, getattr(bundle, "identity", ""), bundle.unet.config)
+    aset = AdapterSet(config, bundle.family, getattr(bundle, "identity", ""), bundle.denoiser.config)
     order = {c: {n: i for i, n in enumerate(dict(comps[c].named_modules()))} for c in by_comp}
     for component, name, module in sorted(built, key=lambda b: (b[0], order[b[0]][b[1]])):
         aset.add(component, name, module)
     aset.requires_grad_(trainable)
-    return aset.to(device=bundle.unet.device)
+    return aset.to(device=bundle.denoiser.device)
 
 
 def _peft_alpha(meta: Mapping, component: str, name: str, rank: int) -> float:

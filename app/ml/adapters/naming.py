@@ -71,7 +71,9 @@ def alias_table(bundle_components: Mapping, family, unet_config: Mapping) -> dic
             if not isinstance(m, (nn.Linear, nn.Conv2d)):
                 continue
             target = (component, name)
-            if component == "unet":
+            if component == family.denoiser and component != "unet":
+                table[f"{component}.{name}"] = target  # the family's own reader maps its file layouts to these
+            elif component == "unet":
                 table[f"unet.{name}"] = target
                 table["lora_unet_" + name.replace(".", "_")] = target
                 try:

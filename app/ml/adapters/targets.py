@@ -87,4 +87,7 @@ def select_targets(
         return in_transformer
     if preset == "full":
         return names
+    if preset == "single-blocks":
+        raise AdapterError(f"layer preset 'single-blocks' is for Flux's transformer; the {component} has no single-stream "
+                           "blocks (choose attn-only, attn-mlp, full or custom)")
     raise AdapterError(f"unknown layer preset {preset!r} for {component}")

@@ -53,6 +53,7 @@ def load_model(
     tokenizer: "str | os.PathLike | None" = None,
     prediction_type: str | None = None,
     config: "str | os.PathLike | None" = None,
+    text_max_length: int | None = None,
     check_cancel: "Callable[[], None] | None" = None,
     log: "Callable[[str], None] | None" = None,
 ) -> ModelBundle:
@@ -71,6 +72,8 @@ def load_model(
     ``config``: for single files, a diffusers-layout folder of component configs (``unet/config.json``,
     ``vae/config.json``, ``text_encoder/config.json``, ...; weights not needed) to use instead of the
     shipped full-size configs, for non-standard architectures. Its tokenizer folders are used too.
+    ``text_max_length``: prompt tokens of families with a settable length (Flux's T5: 512 dev, 256 schnell;
+    the builtin tiny model 32); None = the family's default. Part of the text identity (cache key).
     ``log``: progress lines (a tokenizer being fetched from the hub, and where tokenizers came from).
     """
     src = str(source)
@@ -100,6 +103,8 @@ def load_model(
     if vae is not None:
         parts["vae"], parts["ids"]["vae"] = _load_vae_override(Path(vae).expanduser(), parts["vae"].config)
 
+    if text_max_length:
+        fam.set_text_length(parts["tokenizers"], text_max_length, src)
     resolved = _resolve_dtypes(dtypes, fam)
     identities: dict[str, str] = {}
     denoiser = parts["unet"]  # the family's denoiser (a Flux transformer too) under the loaders' internal name

@@ -59,7 +59,12 @@ def save_adapter(
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
     dt = parse_save_dtype(dtype)
-    tensors = {k: v.to(dt).contiguous() for k, v in adapter_tensors(adapters, layout, unet_naming=unet_naming).items()}
+    if adapters.family is not None:  # the family owns its key maps (Flux: fused BFL blocks)
+        raw, layout_meta = adapters.family.adapter_file(adapters, layout, unet_naming)
+    else:
+        raw = adapter_tensors(adapters, layout, unet_naming=unet_naming)
+        layout_meta = {PEFT_METADATA_KEY: json.dumps(peft_metadata(adapters), indent=2, sort_keys=True)} if layout == "peft" else {}
+    tensors = {k: v.to(dt).contiguous() for k, v in raw.items()}
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_file(path, overwrite, size_hint=size) as target:
         meta = lora_metadata(
@@ -67,7 +72,6 @@ def save_adapter(
             base_model_name=base_model_name, extra=extra_metadata,
         )
         meta["nodetrainer_dtype"] = {v: k for k, v in SAVE_DTYPES.items()}[dt]
-        if layout == "peft":
-            meta[PEFT_METADATA_KEY] = json.dumps(peft_metadata(adapters), indent=2, sort_keys=True)
+        meta.update(layout_meta)
         save_file(tensors, str(target.tmp), metadata=meta)
     return target.final

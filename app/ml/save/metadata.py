@@ -24,17 +24,21 @@ def _recipe_text(recipe: Any) -> str:
 
 def modelspec(family, *, kind: str, title: str, resolution: "int | tuple[int, int] | None" = None) -> dict[str, str]:
     """``resolution``: what was trained (see ``training_metadata``); the family's default only when unknown."""
-    arch = _ARCH.get(family.id, family.id) + (f"/{kind}" if kind else "")
+    base = getattr(family, "modelspec_architecture", "") or _ARCH.get(family.id, family.id)
+    arch = base + (f"/{kind}" if kind else "")
     width, height = _size(resolution or family.default_resolution)
-    return {
+    impl = getattr(family, "modelspec_implementation", "") or (IMPL_SAI if family.id == "sdxl" else "diffusers")
+    meta = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": arch,
-        "modelspec.implementation": IMPL_SAI if family.id == "sdxl" else "diffusers",
+        "modelspec.implementation": impl,
         "modelspec.title": title,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": "v" if family.prediction_type == "v_prediction" else "epsilon",
     }
+    if family.prediction_type in ("epsilon", "v_prediction"):  # flow models: kohya writes none
+        meta["modelspec.prediction_type"] = "v" if family.prediction_type == "v_prediction" else "epsilon"
+    return meta
 
 
 def _size(resolution: "int | tuple[int, int]") -> tuple[int, int]:
@@ -60,7 +64,7 @@ def _network_module_and_args(aset) -> tuple[str, dict[str, str]]:
         args = {}
         if cfg.algorithm == "locon":
             args = {"conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
-        return "networks.lora", args
+        return getattr(aset.family, "kohya_network_module", "networks.lora") if aset.family else "networks.lora", args
     args = {"algo": "lora" if cfg.algorithm == "dora" else cfg.algorithm,
             "conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
     if cfg.algorithm == "dora":

@@ -91,7 +91,7 @@ class AdapterTrainable:
     def param_groups(self, optimizer_settings: dict) -> list[dict]:
         groups = []
         for component, params in self.adapter.parameter_groups().items():
-            key = "lr" if component == "unet" else "text_encoder_lr"
+            key = "text_encoder_lr" if component.startswith("text_encoder") else "lr"
             lr = float(optimizer_settings.get(key, optimizer_settings["lr"]))
             groups.append({"name": component, "params": list(params), "lr": lr})
         return groups

@@ -72,6 +72,9 @@ class ModelFamily:
     denoiser: str = "unet"  # component name of the denoiser: "unet" | "transformer"
     objective: str = "noise"  # "noise" (DDPM epsilon / v) | "flow" (rectified flow matching)
     pixel_multiple: int = 8  # image sides must be multiples of this (VAE factor, times patching)
+    modelspec_architecture: str = ""  # modelspec.architecture as kohya writes it; "" = the SD table in save/metadata.py
+    modelspec_implementation: str = ""
+    kohya_network_module: str = "networks.lora"  # ss_network_module of a plain LoRA
 
     @property
     def kohya_metadata(self) -> dict[str, str]:
@@ -108,6 +111,10 @@ class ModelFamily:
         """Refuse components that do not belong together (a ``ModelLoadError`` naming ``source``)."""
         raise NotImplementedError
 
+    def set_text_length(self, tokenizers, length: int, source: str) -> None:
+        """Prompt tokens the text encoder(s) read (Flux: T5's padded length). CLIP families read 77-token
+        pieces whatever is asked (TrainLoop's max_tokens sets how many), so they keep theirs."""
+
     def encode_prompts(self, bundle, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
                        chunks: int = 1) -> dict[str, Any]:
         """Prompt embeddings as this family's denoiser consumes them (float32 tensors by name)."""
@@ -125,6 +132,39 @@ class ModelFamily:
     def make_objective(self, bundle, settings):
         """The training objective for this family from TrainLoop settings (see app/ml/train/objective.py)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ adapters (LoRA & co.)
+
+    lora_presets: tuple[str, ...] = ("attn-mlp", "attn-only", "full", "custom", "none")
+
+    def adapter_targets(self, model, component: str, preset: str, custom, allow_3x3: bool) -> list[str]:
+        """Module names of one component that a LoRAInject layer preset selects."""
+        from app.ml.adapters.targets import select_targets
+
+        return select_targets(model, component, preset, custom, allow_3x3)
+
+    def adapter_file(self, aset, layout: str, unet_naming: str | None = None) -> tuple[dict, dict[str, str]]:
+        """An adapter's file tensors in ``layout`` and the metadata that layout needs (kohya, peft, comfyui)."""
+        import json
+
+        from app.ml.adapters.io import PEFT_METADATA_KEY, adapter_tensors, peft_metadata
+
+        tensors = adapter_tensors(aset, layout, unet_naming=unet_naming)
+        meta = {PEFT_METADATA_KEY: json.dumps(peft_metadata(aset), indent=2, sort_keys=True)} if layout == "peft" else {}
+        return tensors, meta
+
+    def read_adapter_tensors(self, tensors: Mapping[str, Any], metadata: Mapping[str, str], where: str) -> Mapping[str, Any]:
+        """A LoRA file's tensors in names the generic reader resolves (``app/ml/adapters/io.py``);
+        refuses, by name, LoRAs made for a family of another architecture."""
+        from .detection import foreign_lora_family
+
+        from app.ml.adapters.config import AdapterError
+
+        other = foreign_lora_family(tensors, self)
+        if other:
+            raise AdapterError(f"{where}: this is a LoRA for {other}, not for {self.display_name}; "
+                             f"load it with a {other} model.")
+        return tensors
 
     def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                        cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None) -> tuple[Any, str]:

@@ -79,6 +79,28 @@ _UNSUPPORTED_MARKERS: tuple[tuple[str, str], ...] = (
 _V_PRED_ARCHITECTURE_HINTS = ("768-v", "-v-", "v-prediction", "v_prediction")
 
 
+_LORA_MARKERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # (a key part that only this architecture's LoRAs have, what it is, family ids it suits)
+    ("double_blocks", "Flux.1", ("flux-dev", "flux-schnell")),
+    ("single_blocks", "Flux.1", ("flux-dev", "flux-schnell")),
+    ("transformer.transformer_blocks.", "Flux.1", ("flux-dev", "flux-schnell")),
+    ("transformer.single_transformer_blocks.", "Flux.1", ("flux-dev", "flux-schnell")),
+    ("lora_unet_down_blocks_", "Stable Diffusion (a UNet)", ("sd15", "sd2", "sd2-v", "sdxl")),
+    ("lora_unet_input_blocks_", "Stable Diffusion (a UNet)", ("sd15", "sd2", "sd2-v", "sdxl")),
+    ("unet.down_blocks.", "Stable Diffusion (a UNet)", ("sd15", "sd2", "sd2-v", "sdxl")),
+    ("diffusion_model.input_blocks.", "Stable Diffusion (a UNet)", ("sd15", "sd2", "sd2-v", "sdxl")),
+)
+
+
+def foreign_lora_family(keys: Iterable[str], family: ModelFamily) -> str | None:
+    """The architecture a LoRA file's keys were made for, when it is not ``family``'s (else None)."""
+    for key in keys:
+        for marker, what, ids in _LORA_MARKERS:
+            if marker in key and family.id not in ids:
+                return what
+    return None
+
+
 def _summarise_keys(keys: list[str], limit: int = 6) -> str:
     roots = sorted({".".join(k.split(".")[:2]) for k in keys})
     shown = ", ".join(roots[:limit])

@@ -36,6 +36,15 @@ class FluxFamily(ModelFamily):
                                      f"gives {got}; the components do not belong together.")
 
     # ------------------------------------------------------------------ text
+    def set_text_length(self, tokenizers, length: int, source: str) -> None:
+        """T5 pads/cuts prompts to ``length`` tokens (dev 512, schnell 256 by default); the length is part of
+        the text identity, so cached embeddings of another length are not reused."""
+        from .base import ModelLoadError
+
+        if not 1 <= int(length) <= 512:
+            raise ModelLoadError(f"{source}: text_max_length {length} is out of range; Flux's T5 reads 1 to 512 tokens.")
+        tokenizers[1].model_max_length = int(length)
+
     def encode_prompts(self, bundle, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
                        chunks: int = 1) -> dict[str, Any]:
         """``{"prompt_embeds": B x L x D_t5, "pooled_prompt_embeds": B x D_clip}`` as FluxPipeline encodes them:
@@ -93,6 +102,92 @@ class FluxFamily(ModelFamily):
         from app.ml.train.objective import FlowObjective
 
         return FlowObjective(settings.flow, settings.objective)
+
+    # ------------------------------------------------------------------ adapters
+    lora_presets: tuple[str, ...] = ("attn-mlp", "attn-only", "full", "single-blocks", "custom", "none")
+
+    def adapter_targets(self, model, component: str, preset: str, custom, allow_3x3: bool) -> list[str]:
+        """Transformer presets on its Linear layers: ``attn-only`` (q/k/v/out of both streams), ``attn-mlp``
+        (plus the MLPs: kohya's and ai-toolkit's usual set), ``full`` (every Linear in the blocks and the
+        embedders), ``single-blocks`` (the single-stream blocks only), ``custom`` (names or regexes)."""
+        import re
+
+        from app.ml.adapters.config import AdapterError
+        from app.ml.adapters.targets import select_targets
+
+        if component != self.denoiser or preset in ("custom", "none"):
+            return select_targets(model, component, preset, custom, allow_3x3)
+        linear = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
+        attn = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                          r"add_v_proj|to_add_out)$")
+        mlp = re.compile(r"^transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)$|"
+                         r"^single_transformer_blocks\.\d+\.(proj_mlp|proj_out)$")
+        if preset == "attn-only":
+            return [n for n in linear if attn.search(n)]
+        if preset == "attn-mlp":
+            return [n for n in linear if attn.search(n) or mlp.search(n)]
+        if preset == "single-blocks":
+            return [n for n in linear if n.startswith("single_transformer_blocks.")]
+        if preset == "full":
+            return linear
+        raise AdapterError(f"unknown layer preset {preset!r} for the Flux transformer; choose one of "
+                           f"{', '.join(self.lora_presets)}")
+
+    def _lora_weights(self, aset) -> dict:
+        from app.ml.adapters.config import AdapterError
+        from app.ml.adapters.modules import LoRAModule
+        from app.ml.flux.lora_keys import LoraWeights
+
+        loras = {}
+        for e in aset.entries():
+            m = e.module
+            if e.component != self.denoiser:
+                raise AdapterError(f"Flux LoRA files are written for the transformer only; {e.component} adapters "
+                                   "cannot be saved yet (set text_encoder_layers to none)")
+            if not isinstance(m, LoRAModule) or m.dora_scale is not None:
+                raise AdapterError(f"Flux LoRA files hold plain LoRA (fused into BFL blocks exactly); "
+                                   f"{aset.config.algorithm} adapters on Flux cannot be saved yet")
+            loras[e.name] = LoraWeights(m.lora_down.weight.detach().float().cpu(),
+                                        m.lora_up.weight.detach().float().cpu(), float(m.alpha))
+        return loras
+
+    def adapter_file(self, aset, layout: str, unet_naming: str | None = None) -> tuple[dict, dict[str, str]]:
+        """kohya: ``lora_unet_double_blocks_0_img_attn_qkv`` (BFL names, q/k/v(/mlp) fused exactly); comfyui:
+        ``diffusion_model.double_blocks.0…``; peft: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``."""
+        from app.ml.adapters.config import AdapterError
+        from app.ml.flux import lora_keys
+
+        loras = self._lora_weights(aset)
+        try:
+            if layout == "kohya":
+                return lora_keys.to_kohya(loras), {}
+            if layout == "comfyui":
+                return lora_keys.to_comfy(loras), {}
+            if layout == "peft":
+                return lora_keys.to_peft(loras)
+        except lora_keys.FluxLoraKeyError as e:
+            raise AdapterError(str(e)) from None
+        raise AdapterError(f"unknown LoRA layout {layout!r}; choose kohya, peft or comfyui")
+
+    def read_adapter_tensors(self, tensors, metadata, where: str):
+        """Any Flux LoRA layout (kohya/BFL, ComfyUI, PEFT; fused blocks split exactly) as
+        ``transformer.<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+        import torch
+
+        from app.ml.adapters.config import AdapterError
+        from app.ml.flux import lora_keys
+
+        tensors = super().read_adapter_tensors(tensors, metadata, where)
+        try:
+            loras = lora_keys.from_file_tensors(tensors, metadata, where=where)
+        except lora_keys.FluxLoraKeyError as e:
+            raise AdapterError(str(e)) from None
+        out = {}
+        for name, lo in loras.items():
+            out[f"{self.denoiser}.{name}.lora_down.weight"] = lo.down
+            out[f"{self.denoiser}.{name}.lora_up.weight"] = lo.up
+            out[f"{self.denoiser}.{name}.alpha"] = torch.tensor(float(lo.alpha))
+        return out
 
     # ------------------------------------------------------------------ sampling
     def build_pipeline(self, bundle, scheduler=None):
@@ -169,6 +264,9 @@ FLUX_DEV = FluxFamily(
     denoiser="transformer",
     objective="flow",
     pixel_multiple=16,
+    modelspec_architecture="flux-1-dev",
+    modelspec_implementation="https://github.com/black-forest-labs/flux",
+    kohya_network_module="networks.lora_flux",
     notes="Guidance-distilled: train with guidance 1.0, sample with about 3.5.",
 )
 FLUX_SCHNELL = replace(
@@ -176,6 +274,7 @@ FLUX_SCHNELL = replace(
     id="flux-schnell",
     display_name="Flux.1 schnell",
     config_dir="flux1-schnell",
+    modelspec_architecture="flux-1-schnell",
     guidance_embeds=False,
     t5_max_length=256,
     notes="Timestep-distilled: sample in 4 steps; it has no guidance input.",
