@@ -245,6 +245,9 @@ def _build_tiny_flux() -> dict[str, Any]:
 
     parts = flux_tiny.build_tiny_flux(guidance=True)
     parts["tokenizer_2"].model_max_length = flux_tiny.T5_MAX_LENGTH
+    # as for tiny-sd (see TINY_VAE_SCALING_FACTOR): the random VAE's latents have a std near 0.23, so the real
+    # Flux factor 0.3611 would leave them at ~0.08 against unit noise and the tiny model could barely learn
+    parts["vae"].register_to_config(scaling_factor=TINY_VAE_SCALING_FACTOR)
     scheduler = flux_tiny.component_config("scheduler")
     return {
         "family": FLUX_DEV,
