@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.graph.recipe import load_recipe
@@ -67,5 +68,21 @@ def test_tiny_demo_is_the_readme_command(tmp_path):
     assert (tmp_path / "tiny_demo_lora.safetensors").exists()
     before = sorted((tmp_path / "Sample_2").glob("*.png"))
     after = sorted((tmp_path / "Sample_8").glob("*.png"))
-    assert len(before) == 2 and len(after) == 2
+    assert len(before) == 4 and len(after) == 4  # red cross, blue cross, yellow cross, red circle
     assert before[0].read_bytes() != after[0].read_bytes()  # training changed what the model makes
+    # what the README's before/after picture shows: blobs for the unknown word "cross" before, crosses after
+    fill_before = [corner_fill(p) for p in before[:2]]
+    fill_after = [corner_fill(p) for p in after[:2]]
+    assert min(fill_before) > 0.3 and max(fill_after) < min(fill_before) - 0.1, (fill_before, fill_after)
+
+
+def corner_fill(png: Path) -> float:
+    """How much of the four corner ninths of the drawn shape's bounding box is drawn (a cross: none)."""
+    from PIL import Image
+
+    px = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32)
+    ink = np.abs(px - np.median(px.reshape(-1, 3), axis=0)).sum(-1) > 120
+    ys, xs = np.nonzero(ink)
+    m = ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    a, b = max(1, m.shape[0] // 3), max(1, m.shape[1] // 3)
+    return float(np.mean([m[:a, :b].mean(), m[:a, -b:].mean(), m[-a:, :b].mean(), m[-a:, -b:].mean()]))

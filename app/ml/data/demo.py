@@ -14,16 +14,19 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("cross",)  # drawn only for the demo LoRA's data: builtin:shapes-sd never saw one
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3))  # (w, h)
 
 
 def make_shapes_dataset(folder: str | Path, n_per_class: int = 4, size: int = 64, seed: int = 0,
                         colours: tuple[str, ...] = ("red", "blue"), shapes: tuple[str, ...] = SHAPES,
-                        radius: tuple[float, float] = (0.25, 0.4)) -> list[Path]:
+                        radius: tuple[float, float] = (0.25, 0.4),
+                        aspects: tuple[tuple[int, int], ...] = ASPECTS) -> list[Path]:
     """Write `<colour>_<shape>_<i>.png` + `.txt` ("red circle") files; returns the image paths.
 
     Sizes are about size*size pixels at aspects 1:1, 4:3, 3:4, 3:2, 2:3 (rounded to 8). `radius`:
     the shape's radius range as a fraction of the shorter side (larger = a stronger colour signal).
+    `aspects`: the (w, h) aspects drawn from; ``((1, 1),)`` gives square images only.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -35,7 +38,7 @@ def make_shapes_dataset(folder: str | Path, n_per_class: int = 4, size: int = 64
         fill = COLOURS[colour]
         for shape in shapes:
             for i in range(n_per_class):
-                aw, ah = ASPECTS[int(rng.integers(len(ASPECTS)))]
+                aw, ah = aspects[int(rng.integers(len(aspects)))]
                 norm = math.sqrt(aw * ah)
                 w = max(8, int(round(size * aw / norm / 8)) * 8)
                 h = max(8, int(round(size * ah / norm / 8)) * 8)
@@ -51,8 +54,8 @@ def shape_image(rng: np.random.Generator, fill: tuple[int, int, int], shape: str
                 radius: tuple[float, float] = (0.25, 0.4)) -> Image.Image:
     """One ``w`` x ``h`` image: a light, slightly noisy background with one filled shape at a random
     place and size (also what ``train_shapes_sd.py`` trains the ``builtin:shapes-sd`` base on)."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+    if shape not in SHAPES + NEW_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES + NEW_SHAPES)}")
     bg = rng.integers(200, 250, size=3)
     noise = rng.integers(-8, 9, size=(h, w, 3))
     arr = np.clip(bg[None, None, :] + noise, 0, 255).astype(np.uint8)
@@ -65,6 +68,10 @@ def shape_image(rng: np.random.Generator, fill: tuple[int, int, int], shape: str
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
         draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "cross":
+        arm = r / 3
+        draw.rectangle((cx - r, cy - arm, cx + r, cy + arm), fill=fill)
+        draw.rectangle((cx - arm, cy - r, cx + arm, cy + r), fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
     return img
