@@ -13,7 +13,7 @@ from tests.experiments_recipe import tiny_recipe
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
-    recipe = tiny_recipe(tmp, trainloop={"max_steps": 2})
+    recipe = tiny_recipe(tmp, trainloop={"max_steps": 2, "save_every": 1, "save_unit": "steps"})
     ws = tmp / "ws"
     assert main(["run", str(recipe), "--workspace", str(ws), "--sweep", "LoRAInject.rank=2,4",
                  "--sweep", "Optimizer.lr=1e-3,1e-4"]) == 0
@@ -53,3 +53,34 @@ def test_compare_names_a_workspace_without_output(runs, tmp_path, capsys):
     empty.mkdir()
     assert main(["compare", str(wss[0]), str(empty), "--out", str(tmp_path / "cmp"), "--no-images"]) == 2
     assert f"{empty}: no saved model or LoRA" in capsys.readouterr().err
+
+
+def test_compare_a_chosen_step_uses_the_periodic_saves(runs, tmp_path, capsys):
+    _, wss = runs
+    out = tmp_path / "cmp"
+    assert main(["compare", str(wss[0]), str(wss[1]), "--out", str(out), "--step", "1", "--steps", "1",
+                 "--size", "64"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["output"].rsplit("/", 2)[1:] for r in summary["runs"]] == [["saves", "step_0000001.safetensors"]] * 2
+    assert main(["compare", str(wss[0]), str(wss[1]), "--out", str(out), "--step", "7"]) == 2
+    assert "no save of step 7 (saved steps: 1)" in capsys.readouterr().err
+
+
+def test_compare_full_fine_tunes_samples_their_saved_checkpoints(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    data = json.loads(recipe.read_text())
+    del data["nodes"]["5"]  # no LoRAInject: TrainLoop fine-tunes the model itself
+    data["links"] = [l for l in data["links"] if "5" not in (l["from_node"], l["to_node"])]
+    data["links"].append({"id": 99, "from_node": "1", "from_output": "model", "to_node": "7", "to_input": "model"})
+    # a diffusers folder: a single file of the tiny model would be read as a full-size SD 1.5
+    data["nodes"]["9"]["params"].update(what="full_model", layout="diffusers_folder", path="ft")
+    recipe.write_text(json.dumps(data))
+    for lr in ("1e-3", "1e-4"):
+        assert main(["run", str(recipe), "--workspace", str(tmp_path / lr / "run"), "--set", f"Optimizer.lr={lr}"]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "1e-3" / "run"), str(tmp_path / "1e-4" / "run"), "--out", str(out),
+                 "--steps", "1", "--size", "64", "--prompts", "red circle"]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["run", "run (2)"]  # one folder name twice
+    assert all(r["output"].endswith("/ft") for r in summary["runs"])
+    assert summary["differing"] == ["Optimizer.lr"]

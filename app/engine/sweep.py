@@ -209,9 +209,10 @@ def run_sweep(registry, variants: list[Variant], *, recipe: str, recipe_dir: str
         for n in again:
             emit({"event": "log", "level": "info", "node": n,
                   "message": f"{v.graph.label(n)} (node {n}): the same as in {done_keys[keys[n]]}, not repeated"})
-        done_keys.update((k, v.name) for k in keys.values() if k not in done_keys)
         run_targets = [n for n in wanted if n not in again]
         result = executor.run(v.graph, run_targets, emit=emit, recipe_dir=recipe_dir, workspace=ws)
+        for n in result.executed + result.cached:  # only what really ran counts as done
+            done_keys.setdefault(keys[n], v.name)
         results.append((v, result))
         if result.status == "cancelled":
             break

@@ -82,7 +82,13 @@ def _recipe(ws: Path, output: Path) -> dict:
             return json.loads(p.read_text(encoding="utf-8"))
         except ValueError as e:
             raise CompareError(f"{p}: not a recipe ({e})") from None
-    text = safetensors_metadata(output).get("nodetrainer_recipe") if output.is_file() else None
+    if output.is_file():
+        text = safetensors_metadata(output).get("nodetrainer_recipe")
+    else:  # a diffusers folder keeps the same metadata in nodetrainer.json
+        try:
+            text = json.loads((output / "nodetrainer.json").read_text(encoding="utf-8")).get("nodetrainer_recipe")
+        except (OSError, ValueError, AttributeError):
+            text = None
     if text:
         try:
             return json.loads(text)
