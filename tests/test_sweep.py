@@ -80,3 +80,21 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, capsys):
     assert "no node 'Nope'" in capsys.readouterr().err
     assert main(["run", str(recipe), "--workspace", str(ws), "--sweep", "LoRAInject.rank=4,0"]) == 2
     assert not ws.exists()
+
+
+def test_a_variant_that_did_not_run_leaves_its_once_only_nodes_to_the_next(tmp_path):
+    from app.engine.sweep import expand, run_sweep
+    from app.graph.recipe import load_recipe
+    from app.graph.registry import load_registry
+
+    reg = load_registry()
+    recipe = tiny_recipe(tmp_path)
+    graph, _ = load_recipe(recipe, reg)
+    variants = expand(graph, reg, ["LoRAInject.rank=2,4"])
+    variants[0].graph.set_param("3", "folder", str(tmp_path / "gone"))  # the first variant is invalid
+    logs: dict[str, list] = {}
+    results = run_sweep(reg, variants, recipe=str(recipe), recipe_dir=str(tmp_path), root=tmp_path / "ws",
+                        emit_for=lambda v: logs.setdefault(v.name, []).append)
+    assert [r.status for _, r in results] == ["invalid", "done"]
+    assert "2" in results[1][1].executed  # "Sample before" runs in the variant that really runs
+    assert not any("not repeated" in e.get("message", "") for e in logs["rank=4"])
