@@ -245,7 +245,8 @@ def _queue_add(args, reg, queue) -> int:
             graph, ws, name = item.graph, root / item.name, item.name
             meta, sets = sweep_meta(args.recipe, item, args.set, args.sweep), list(args.set) + item.sets
         planned.append((graph, ws, meta, sets, name))
-    problems = [p for graph, ws, _, _, name in planned for p in _check(graph, reg, ws, recipe_dir, args.allow_output, name or "")]
+    problems = [p for graph, ws, _, _, name in planned for p in _check(graph, reg, ws, recipe_dir, args.allow_output,
+                                                                       name or "")]
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
@@ -323,7 +324,8 @@ def cmd_import(args, registry_factory) -> int:
     from app.importers import ImportError_, import_config
 
     if not args.import_kind:
-        print("error: say what to import: 'import onetrainer CONFIG.json' or 'import kohya CONFIG.toml'", file=sys.stderr)
+        print("error: say what to import: 'import onetrainer CONFIG.json' or 'import kohya CONFIG.toml'",
+              file=sys.stderr)
         return EXIT_INVALID
     try:
         result = import_config(args.import_kind, args.config, dataset=getattr(args, "dataset", None),

@@ -38,6 +38,12 @@ def _has(params, expected):
     return {k: params.get(k) for k in expected} == expected
 
 
+def _objective(recipe) -> dict:
+    """The noise and loss params: a NoiseObjective node's where the catalogue has one, else TrainLoop's."""
+    nodes = _nodes(recipe, "NoiseObjective") or _nodes(recipe, "TrainLoop")
+    return nodes[0]["params"]
+
+
 def _nodes(recipe, type_):
     return [n for n in recipe["nodes"].values() if n["type"] == type_]
 
@@ -56,6 +62,7 @@ def test_every_setting_is_mapped_or_listed(tmp_path, name):
     result = import_config(tool, FIX / config, dataset=FIX / dataset if dataset else None)
     accounted = " ".join(result.mapped) + " " + " ".join(result.not_imported)
     assert meta["not_imported"] == result.not_imported
+    assert not [n for n in result.not_imported if "has no param" in n]  # every target param exists
     source = FIX / config
     keys = (tomllib.loads(source.read_text()) if source.suffix == ".toml" else json.loads(source.read_text()))
     flat = {}
@@ -70,9 +77,10 @@ def test_every_setting_is_mapped_or_listed(tmp_path, name):
 def test_mappings_of_the_sd15_lora_configs(tmp_path):
     _, ot = _import(tmp_path, "ot_sd15_lora")
     inject, = _nodes(ot, "LoRAInject")
-    assert _has(inject["params"], {"rank": 16, "alpha": 1.0, "unet_layers": "attn-mlp", "text_encoder_layers": "attn-mlp"})
+    assert _has(inject["params"], {"rank": 16, "alpha": 1.0, "unet_layers": "attn-mlp",
+                                   "text_encoder_layers": "attn-mlp"})
     opt, = _nodes(ot, "Optimizer")
-    assert opt["params"]["schedule"] == "cosine" and opt["params"]["lr"] == 0.0003 and opt["params"]["text_encoder_lr"] == 0.0001
+    assert _has(opt["params"], {"schedule": "cosine", "lr": 0.0003, "text_encoder_lr": 0.0001})
     assert (opt["params"]["stop_text_encoder_after"], opt["params"]["stop_text_encoder_unit"]) == (30, "epochs")
     concepts = _nodes(ot, "Concept")
     assert [c["params"].get("concept_type", "standard") for c in concepts] == ["standard", "validation"]
@@ -80,15 +88,16 @@ def test_mappings_of_the_sd15_lora_configs(tmp_path):
     aug, = _nodes(ot, "Augment")  # only the first concept augments
     assert _has(aug["params"], {"flip": "random", "crop_jitter": True, "brightness": 0.1})
     train, = _nodes(ot, "TrainLoop")
-    assert _has(train["params"], {"weighting": "min_snr", "min_snr_gamma": 5.0, "offset_noise": 0.05,
-                                    "sample_every": 10, "sample_unit": "epochs", "sample_sampler": "dpmpp_2m",
-                                    "sample_prompts": "a landscape in my style\na portrait in my style"})
+    assert _has(_objective(ot), {"weighting": "min_snr", "min_snr_gamma": 5.0, "offset_noise": 0.05})
+    assert _has(train["params"], {"sample_every": 10, "sample_unit": "epochs", "sample_sampler": "dpmpp_2m",
+                                  "sample_prompts": "a landscape in my style\na portrait in my style"})
     assert _nodes(ot, "Cache")
     _, k = _import(tmp_path, "kohya_sd15_lora")
     inject, = _nodes(k, "LoRAInject")
     assert _has(inject["params"], {"algorithm": "locon", "rank": 32, "alpha": 16.0, "conv_rank": 8, "conv_alpha": 4.0})
     train, = _nodes(k, "TrainLoop")
-    assert _has(train["params"], {"epochs": 10, "max_tokens": "225", "sample_steps": 28, "sample_cfg": 7.5, "sample_seed": 1,
+    assert _has(train["params"], {"epochs": 10, "max_tokens": "225", "sample_steps": 28, "sample_cfg": 7.5,
+                                  "sample_seed": 1,
                                     "sample_prompts": "mychar standing in a field\nmychar sitting on a chair, smiling",
                                     "backup_every": 2})
     assert [c["params"].get("concept_type", "standard") for c in _nodes(k, "Concept")] == ["standard", "prior"]
@@ -109,6 +118,7 @@ def test_lycoris_and_dataset_toml(tmp_path, capsys):
     assert "768" in [a["params"].get("resolution") for a in _nodes(r, "Augment")]  # the second dataset's resolution
     opt, = _nodes(r, "Optimizer")
     assert _has(opt["params"], {"optimizer": "prodigy", "lr": 1.0, "d_coef": 2.0})
+    assert _has(_objective(r), {"loss": "huber", "huber_delta": 0.1, "weighting": "debiased", "max_noising": 0.9})
 
 
 def test_unsupported_configs_are_refused_by_name(tmp_path):
@@ -135,7 +145,9 @@ def test_imported_recipe_trains_a_step_on_the_tiny_model(tmp_path, name):
         if node["type"] == "LoadModel":
             p.update(source=tiny, vae="")
         elif node["type"] == "Concept":
-            p.update(folder=str(data), caption_file="", name=f"concept {nid}", prompt_source="per_image" if p.get("prompt_source") == "concept_file" else p.get("prompt_source", "per_image"))
+            source = p.get("prompt_source", "per_image")
+            p.update(folder=str(data), caption_file="", name=f"concept {nid}",
+                     prompt_source="per_image" if source == "concept_file" else source)
         elif node["type"] == "Augment":
             p.update(resolution="64" if p.get("resolution") else "", preview_images=0)
         elif node["type"] == "Bucketer":

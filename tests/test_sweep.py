@@ -67,7 +67,10 @@ def test_each_variant_has_its_own_complete_recipe_that_reruns_it(swept, tmp_path
     log = tmp_path / "one.jsonl"
     assert main(["run", str(ws / name / "recipe.json"), "--workspace", str(tmp_path / "again"),
                  "--events", str(log)]) == 0
-    loss = lambda evs: [e["values"]["loss"] for e in evs if e["event"] == "metric" and "loss" in e.get("values", {})]  # noqa: E731
+
+    def loss(evs):
+        return [e["values"]["loss"] for e in evs if e["event"] == "metric" and "loss" in e.get("values", {})]
+
     assert loss(events(log)) == loss(events(ws / name / "events.jsonl"))
 
 

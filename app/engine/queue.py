@@ -402,7 +402,8 @@ def describe(e: dict) -> dict:
     return {"id": str(e["id"]), "state": e["state"] + ("*" if e.get("cancel_requested") else ""),
             "title": e.get("title", ""), "progress": progress,
             "eta": fmt_duration(e.get("eta_s")) if e["state"] == "running" else "",
-            "elapsed": fmt_duration(elapsed), "loss": loss, "exit": "" if e.get("exit_code") is None else str(e["exit_code"]),
+            "elapsed": fmt_duration(elapsed), "loss": loss,
+            "exit": "" if e.get("exit_code") is None else str(e["exit_code"]),
             "workspace": e["workspace"], "message": e.get("message", "")}
 
 

@@ -69,4 +69,5 @@ def open_compare_dialog(editor) -> int:
             return
         editor.compare_view = CompareView(editor.textures, folder)
 
-    return dialogs.file_dialog("Open a comparison folder", picked, folder=True, default_path=str(Path("workspace").resolve()))
+    return dialogs.file_dialog("Open a comparison folder", picked, folder=True,
+                               default_path=str(Path("workspace").resolve()))

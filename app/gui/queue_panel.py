@@ -50,7 +50,8 @@ def add_to_queue(editor, sweeps: list[str] = (), queue=None) -> list[dict]:
     root = _workspace_for(editor)
     try:
         planned = ([(v.graph, root / v.name, sweep_meta(source, v, [], list(sweeps)), v.sets, v.name)
-                    for v in expand(graph, editor.registry, list(sweeps))] if sweeps else [(graph, root, None, [], None)])
+                    for v in expand(graph, editor.registry, list(sweeps))]
+                   if sweeps else [(graph, root, None, [], None)])
     except UsageError as e:
         editor.say(f"Sweep: {e}", error=True)
         return []
@@ -84,7 +85,8 @@ class SweepDialog:
             numeric = [p.name for p in spec.params if p.type in ("INT", "FLOAT")][:1] if spec else []
             if numeric:
                 hint = f"{node.title or node.type}.{numeric[0]}={node.params.get(numeric[0], '')}"
-        self.window = dpg.add_window(label="Add sweep to queue", width=520, height=260, on_close=lambda s: dpg.delete_item(s))
+        self.window = dpg.add_window(label="Add sweep to queue", width=520, height=260,
+                                     on_close=lambda s: dpg.delete_item(s))
         dpg.add_text("One swept param per line: NODE.PARAM=VALUE1,VALUE2,... (NODE: title, type or id).\n"
                      "Every combination becomes a queued run in its own sub-workspace; nodes upstream\n"
                      "of every swept param run once for all of them.", parent=self.window)
@@ -170,7 +172,8 @@ class QueuePanel:
                 dpg.add_text(d["loss"])
                 with dpg.group(horizontal=True):
                     dpg.add_button(label="^", user_data=(e["id"], i), callback=lambda s, a, u: self.move(u[0], u[1]))
-                    dpg.add_button(label="v", user_data=(e["id"], i + 2), callback=lambda s, a, u: self.move(u[0], u[1]))
+                    dpg.add_button(label="v", user_data=(e["id"], i + 2),
+                                   callback=lambda s, a, u: self.move(u[0], u[1]))
                     if e["state"] in ("queued", "running"):
                         dpg.add_button(label="Cancel", user_data=e["id"], callback=lambda s, a, u: self.cancel(u))
                     if e["state"] in ("interrupted", "cancelled", "failed"):
@@ -248,7 +251,8 @@ class QueuePanel:
         log = self.queue.path.with_name("runner.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as out:
-            proc = subprocess.Popen([sys.executable, str(LAUNCH), "queue", "--file", str(self.queue.path.resolve()), "run"],
+            proc = subprocess.Popen([sys.executable, str(LAUNCH), "queue", "--file",
+                                     str(self.queue.path.resolve()), "run"],
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
         self.editor.say(f"The queue runner started (pid {proc.pid}); its log is {log}.")
         return proc
@@ -266,7 +270,8 @@ class QueuePanel:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.compare_log = log
         with open(log, "w", encoding="utf-8") as out:
-            self.compare_proc = subprocess.Popen([sys.executable, str(LAUNCH), "compare", *(e["workspace"] for e in entries),
+            self.compare_proc = subprocess.Popen([sys.executable, str(LAUNCH), "compare",
+                                                  *(e["workspace"] for e in entries),
                                                   "--out", str(self.compare_out)], stdout=out, stderr=subprocess.STDOUT)
         self.editor.say(f"Comparing {len(entries)} runs into {self.compare_out} ...")
         return self.compare_proc

@@ -24,7 +24,7 @@ class ImportResult:
     recipe: dict
     mapped: list[str] = field(default_factory=list)  # "KEY -> Node.param"
     not_imported: list[str] = field(default_factory=list)  # "KEY = VALUE (why)"
-    problems: list[str] = field(default_factory=list)  # validation problems of the written recipe (e.g. missing folders)
+    problems: list[str] = field(default_factory=list)  # validation of the written recipe (missing folders...)
 
 
 def read_config(path: str | Path) -> dict:

@@ -84,6 +84,18 @@ class Builder:
             self.set(nid, name, value)
         return nid
 
+    def objective(self, train: str) -> str:
+        """Where the noise and loss settings go: a NoiseObjective node linked into TrainLoop's
+        ``objective`` where the catalogue has one, else TrainLoop itself (its params before that split)."""
+        if getattr(self, "_objective", None) is None:
+            loop = self.reg.get("TrainLoop")
+            if self.reg.get("NoiseObjective") is not None and loop.input("objective") is not None:
+                self._objective = self.node("NoiseObjective", 2)
+                self.link(self._objective, "objective", train, "objective")
+            else:
+                self._objective = train
+        return self._objective
+
     def link(self, a: str, out: str, b: str, inp: str) -> None:
         self.graph.add_link(a, out, b, inp)
 

@@ -52,7 +52,8 @@ RUNTIME_KEYS = {
 }
 
 
-def convert(data: dict, path: Path, registry, *, dataset: dict | None = None, dataset_path: Path | None = None) -> ImportResult:
+def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
+            dataset_path: Path | None = None) -> ImportResult:
     base = path.resolve().parent
     flat = {}
     for k, v in data.items():  # sd-scripts' TOML may group settings in tables; the keys are unique
@@ -132,7 +133,8 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None, da
         key = next(k for k in OPTIMIZERS if k.replace("_", "") == name.lower().replace("_", ""))
         b.set(opt, "optimizer", OPTIMIZERS[key], "optimizer_type")
     else:
-        b.skip("optimizer_type", name, f"not available; AdamW is used (available: {', '.join(sorted(set(OPTIMIZERS.values())))})")
+        b.skip("optimizer_type", name,
+               f"not available; AdamW is used (available: {', '.join(sorted(set(OPTIMIZERS.values())))})")
     _optimizer_args(b, s.get("optimizer_args", []) or [], opt)
     lr = s.get("learning_rate", 0.0001)
     unet_lr = s.get("unet_lr")
@@ -185,29 +187,31 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None, da
             b.skip("max_token_length", mtl, "75, 150 or 225 tokens are available")
     if not lora:
         b.set(train, "train_text_encoder", bool(s.get("train_text_encoder", False)), "train_text_encoder")
+    if s.has("masked_loss") and s.peek("masked_loss") is not None:
+        b.set(train, "masked_training", s.get("masked_loss"), "masked_loss")
+    obj = b.objective(train)  # noise and loss
     for key, param in (("noise_offset", "offset_noise"), ("ip_noise_gamma", "perturbation_noise"),
-                       ("zero_terminal_snr", "zero_terminal_snr"), ("huber_c", "huber_delta"),
-                       ("masked_loss", "masked_training")):
+                       ("zero_terminal_snr", "zero_terminal_snr"), ("huber_c", "huber_delta")):
         if s.has(key) and s.peek(key) is not None:
-            b.set(train, param, s.get(key), key)
+            b.set(obj, param, s.get(key), key)
     if vpred:
-        b.set(train, "prediction", "v_prediction", "v_parameterization")
+        b.set(obj, "prediction", "v_prediction", "v_parameterization")
     gamma = s.get("min_snr_gamma")
     if gamma:
-        b.set(train, "weighting", "min_snr", "min_snr_gamma")
-        b.set(train, "min_snr_gamma", gamma, "min_snr_gamma")
+        b.set(obj, "weighting", "min_snr", "min_snr_gamma")
+        b.set(obj, "min_snr_gamma", gamma, "min_snr_gamma")
     elif s.get("debiased_estimation_loss", False):
-        b.set(train, "weighting", "debiased", "debiased_estimation_loss")
+        b.set(obj, "weighting", "debiased", "debiased_estimation_loss")
     loss = str(s.get("loss_type", "l2")).lower()
     if loss in ("l2", "l1", "huber", "smooth_l1"):
-        b.set(train, "loss", {"l2": "mse", "l1": "mae"}.get(loss, "huber"), "loss_type")
+        b.set(obj, "loss", {"l2": "mse", "l1": "mae"}.get(loss, "huber"), "loss_type")
         if loss == "smooth_l1":
             b.note("loss_type smooth_l1 is imported as huber (the same shape, scaled differently)")
     else:
         b.skip("loss_type", loss, "mse (l2), mae (l1) and huber are available")
     for key, param in (("min_timestep", "min_noising"), ("max_timestep", "max_noising")):
         if s.peek(key) is not None:
-            b.set(train, param, float(s.get(key)) / 1000.0, key)
+            b.set(obj, param, float(s.get(key)) / 1000.0, key)
     if s.has("multires_noise_iterations") and s.peek("multires_noise_iterations"):
         b.skip("multires_noise_iterations", s.get("multires_noise_iterations"),
                "pyramid noise is not available; offset_noise is the nearest")
@@ -356,7 +360,8 @@ def _concept_settings(b: Builder, node: str, sub: Settings, aug_node_col: int, l
         if sub.has(key) and sub.peek(key) is not None:
             b.set(node, param, sub.get(key), f"{label}{key}")
     if sub.peek("keep_tokens_separator"):
-        b.skip(f"{label}keep_tokens_separator", sub.get("keep_tokens_separator"), "Concept.keep_tags counts tags instead")
+        b.skip(f"{label}keep_tokens_separator", sub.get("keep_tokens_separator"),
+               "Concept.keep_tags counts tags instead")
     if sub.has("caption_separator"):
         b.set(node, "delimiter", sub.get("caption_separator"), f"{label}caption_separator")
     flip, color, crop = sub.get("flip_aug", False), sub.get("color_aug", False), sub.get("random_crop", False)
@@ -441,7 +446,8 @@ def _dataset_toml(b: Builder, dataset: dict, dpath: Path, bucketer: str, main: S
             c = b.node("Concept", 0)
             folder = sset.get("image_dir") or sset.get("metadata_file")
             if sset.peek("metadata_file") and not sset.peek("image_dir"):
-                b.skip(f"{sset.label}metadata_file", folder, "captions from a metadata JSON are not read; give image_dir")
+                b.skip(f"{sset.label}metadata_file", folder,
+                       "captions from a metadata JSON are not read; give image_dir")
             b.set(c, "folder", local_path(str(folder or ""), base), f"{sset.label}image_dir")
             if sset.has("num_repeats"):
                 b.set(c, "repeats", sset.get("num_repeats"), f"{sset.label}num_repeats")
@@ -476,7 +482,8 @@ def _dataset_toml(b: Builder, dataset: dict, dpath: Path, bucketer: str, main: S
         if d_index > 0:
             for key in ("batch_size", "enable_bucket", "bucket_reso_steps", "bucket_no_upscale"):
                 if key in ds and ds[key] != datasets[0].get(key):
-                    b.skip(f"{d.label}{key}", ds[key], "one Bucketer serves every dataset: the first dataset's value is used")
+                    b.skip(f"{d.label}{key}", ds[key],
+                           "one Bucketer serves every dataset: the first dataset's value is used")
 
 
 def _sampling(b: Builder, s: Settings, train: str, base: Path) -> None:
@@ -507,7 +514,8 @@ def _sampling(b: Builder, s: Settings, train: str, base: Path) -> None:
                         elif flag == "d":
                             b.set(train, "sample_seed", int(value), "sample_prompts --d")
                         else:
-                            b.skip(f"sample_prompts --{flag}", value, "sampling follows the training resolution and the first prompt's --s/--l/--d")
+                            b.skip(f"sample_prompts --{flag}", value,
+                                   "sampling follows the training resolution and the first prompt's --s/--l/--d")
                     except ValueError:
                         b.skip(f"sample_prompts --{flag}", value, "cannot read the value")
         if prompts:
@@ -526,5 +534,6 @@ def _sampling(b: Builder, s: Settings, train: str, base: Path) -> None:
         else:
             b.skip("sample_sampler", sampler, f"available: {', '.join(sorted(set(SAMPLERS.values())))}")
     if s.has("sample_at_first"):
-        b.skip("sample_at_first", s.get("sample_at_first"), "TrainLoop always samples before training when it has prompts")
+        b.skip("sample_at_first", s.get("sample_at_first"),
+               "TrainLoop always samples before training when it has prompts")
 

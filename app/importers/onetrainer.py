@@ -22,7 +22,8 @@ OPTIMIZERS = {"ADAMW": "adamw", "ADAMW_8BIT": "adamw8bit", "ADAFACTOR": "adafact
               "SCHEDULE_FREE_ADAMW": "schedulefree_adamw"}
 SCHEDULES = {"CONSTANT": "constant", "LINEAR": "linear", "COSINE": "cosine", "COSINE_WITH_RESTARTS": "cosine_restarts",
              "COSINE_WITH_HARD_RESTARTS": "cosine_restarts"}
-SAMPLERS = {"DDIM": "ddim", "EULER": "euler", "EULER_A": "euler_a", "DPMPP": "dpmpp_2m", "DPMPP_KARRAS": "dpmpp_2m_karras",
+SAMPLERS = {"DDIM": "ddim", "EULER": "euler", "EULER_A": "euler_a", "DPMPP": "dpmpp_2m",
+            "DPMPP_KARRAS": "dpmpp_2m_karras",
             "DPMPP_SDE_KARRAS": "dpmpp_sde_karras", "UNIPC": "unipc"}
 LAYER_PRESETS = {"full": "full", "attn-mlp": "attn-mlp", "attn-only": "attn-only"}
 # settings of the OneTrainer program itself, not of the training: why each is left out
@@ -33,31 +34,41 @@ PROGRAM_KEYS = {
     "tensorboard": "TrainLoop always writes TensorBoard logs into the workspace",
     "tensorboard_expose": "TensorBoard server setting", "tensorboard_always_on": "TensorBoard server setting",
     "tensorboard_port": "TensorBoard server setting", "train_device": "the device is chosen automatically",
-    "temp_device": "the device is chosen automatically", "attention_mechanism": "the attention kernel is chosen automatically",
+    "temp_device": "the device is chosen automatically",
+    "attention_mechanism": "the attention kernel is chosen automatically",
     "continue_last_backup": "resume explicitly: TrainLoop.resume_from or 'launch.py queue resume'",
     "clear_cache_before_training": "the Cache node is keyed by content: stale entries are never used",
     "only_cache": "run with --target on the Cache node instead", "caching_threads": "chosen automatically",
-    "latent_caching_epochs": "Cache.variations is the number of cached augmentations", "multi_gpu": "use 'accelerate launch'",
-    "device_indexes": "use 'accelerate launch'", "prevent_overwrites": "Save never overwrites unless if_exists=overwrite",
+    "latent_caching_epochs": "Cache.variations is the number of cached augmentations",
+    "multi_gpu": "use 'accelerate launch'",
+    "device_indexes": "use 'accelerate launch'",
+    "prevent_overwrites": "Save never overwrites unless if_exists=overwrite",
 }
+_TIMESTEP_WHY = "the timestep distribution's own parameters differ: set TrainLoop.timestep_bias/timestep_scale by hand"
 # left-over keys (by their last part) that need a word more than "no equivalent"
 REASONS = {
     "__version": "OneTrainer's config format version (read by this importer)",
     "include": "every part of the model is loaded", "model_name": "the parts come from base_model_name",
-    "loss_scaler": "the loss is not scaled by batch size", "learning_rate_scaler": "the learning rate is not scaled by batch size",
-    "lora_weight_dtype": "adapters train in fp32", "sample_image_format": "samples are PNGs with the recipe in their text",
+    "loss_scaler": "the loss is not scaled by batch size",
+    "learning_rate_scaler": "the learning rate is not scaled by batch size",
+    "lora_weight_dtype": "adapters train in fp32",
+    "sample_image_format": "samples are PNGs with the recipe in their text",
     "samples_to_tensorboard": "samples are written to the workspace and shown in the editor",
-    "non_ema_sampling": "with EMA, samples use the EMA weights", "rolling_backup": "TrainLoop.backups_kept keeps the newest backups",
-    "backup_before_save": "a backup is made when a run is stopped", "save_skip_first": "periodic saves start at the first interval",
-    "save_filename_prefix": "periodic saves are named by step", "fused": "chosen by NodeTrainer", "foreach": "chosen by NodeTrainer",
+    "non_ema_sampling": "with EMA, samples use the EMA weights",
+    "rolling_backup": "TrainLoop.backups_kept keeps the newest backups",
+    "backup_before_save": "a backup is made when a run is stopped",
+    "save_skip_first": "periodic saves start at the first interval",
+    "save_filename_prefix": "periodic saves are named by step", "fused": "chosen by NodeTrainer",
+    "foreach": "chosen by NodeTrainer",
     "stochastic_rounding": "not available", "text_encoder_layer_skip": "no clip-skip setting",
     "text_encoder_2_layer_skip": "no clip-skip setting",
-    "noising_weight": "the timestep distribution's own parameters differ: set TrainLoop.timestep_bias/timestep_scale by hand",
-    "noising_bias": "the timestep distribution's own parameters differ: set TrainLoop.timestep_bias/timestep_scale by hand",
+    "noising_weight": _TIMESTEP_WHY,
+    "noising_bias": _TIMESTEP_WHY,
     "validation": "validation loss is computed for validation concepts (TrainLoop.validate_every)",
     "validate_after": "validation loss is computed for validation concepts (TrainLoop.validate_every)",
     "validate_after_unit": "validation loss is computed for validation concepts (TrainLoop.validate_every)",
-    "unet.stop_training_after": "the UNet trains to the end", "unet.stop_training_after_unit": "the UNet trains to the end",
+    "unet.stop_training_after": "the UNet trains to the end",
+    "unet.stop_training_after_unit": "the UNet trains to the end",
     "vae.train": "the VAE is never trained",
 }
 
@@ -66,7 +77,8 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
     base = path.resolve().parent
     b = Builder(registry, "OneTrainer", path)
     s = b.track(Settings(flatten(data, keep=("concepts", "samples", "optimizer_defaults", "scheduler_params",
-                                             "additional_embeddings", "secrets", "cloud", "quantization", "embedding"))))
+                                             "additional_embeddings", "secrets", "cloud", "quantization",
+                                             "embedding"))))
     method = str(s.get("training_method", "FINE_TUNE")).upper()
     if method not in ("LORA", "FINE_TUNE"):
         raise ImportError_(f"{path}: training_method {method} is not supported (NodeTrainer trains LoRAs and "
@@ -209,7 +221,8 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
         b.set(opt, "stop_text_encoder_after", stop, "text_encoder.stop_training_after")
         b.set(opt, "stop_text_encoder_unit", stop_unit, "text_encoder.stop_training_after_unit")
     elif stop:
-        b.skip("text_encoder.stop_training_after", stop, "only epochs or steps are mapped; the text encoder trains to the end")
+        b.skip("text_encoder.stop_training_after", stop,
+               "only epochs or steps are mapped; the text encoder trains to the end")
 
     # ---- training ----------------------------------------------------------------------------------
     train = b.node("TrainLoop", 3)
@@ -248,24 +261,27 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
     if ema != "OFF":
         b.set(train, "ema_on_cpu", ema == "CPU", "ema")
     for key, param in (("ema_decay", "ema_decay"), ("ema_update_step_interval", "ema_every"),
-                       ("offset_noise_weight", "offset_noise"), ("perturbation_noise_weight", "perturbation_noise"),
-                       ("rescale_noise_scheduler_to_zero_terminal_snr", "zero_terminal_snr"),
-                       ("min_noising_strength", "min_noising"), ("max_noising_strength", "max_noising"),
                        ("masked_training", "masked_training"), ("unmasked_probability", "unmasked_probability"),
-                       ("unmasked_weight", "unmasked_weight"), ("normalize_masked_area_loss", "normalize_masked_area"),
-                       ("huber_delta", "huber_delta")):
+                       ("unmasked_weight", "unmasked_weight"), ("normalize_masked_area_loss", "normalize_masked_area")):
         if s.has(key):
             b.set(train, param, s.get(key), key)
+    obj = b.objective(train)  # noise and loss
+    for key, param in (("offset_noise_weight", "offset_noise"), ("perturbation_noise_weight", "perturbation_noise"),
+                       ("rescale_noise_scheduler_to_zero_terminal_snr", "zero_terminal_snr"),
+                       ("min_noising_strength", "min_noising"), ("max_noising_strength", "max_noising"),
+                       ("huber_delta", "huber_delta")):
+        if s.has(key):
+            b.set(obj, param, s.get(key), key)
     if s.get("force_v_prediction", False):
-        b.set(train, "prediction", "v_prediction", "force_v_prediction")
+        b.set(obj, "prediction", "v_prediction", "force_v_prediction")
     elif s.get("force_epsilon_prediction", False):
-        b.set(train, "prediction", "epsilon", "force_epsilon_prediction")
+        b.set(obj, "prediction", "epsilon", "force_epsilon_prediction")
     td = str(s.get("timestep_distribution", "UNIFORM")).upper()
     if td in ("UNIFORM", "LOGIT_NORMAL", "SIGMOID"):
-        b.set(train, "timesteps", td.lower(), "timestep_distribution")
+        b.set(obj, "timesteps", td.lower(), "timestep_distribution")
     else:
         b.skip("timestep_distribution", td, "uniform, logit_normal and sigmoid are available")
-    _loss(b, s, train)
+    _loss(b, s, obj)
 
     # ---- sampling, saving, backups -------------------------------------------------------------------
     samples = s.get("samples")
@@ -410,13 +426,15 @@ def _concept(b: Builder, c: dict, i: int, base: Path) -> str | None:
         if ps == "concept_file" and s.peek("text.prompt_path"):
             b.set(node, "caption_file", local_path(s.get("text.prompt_path"), base), f"concepts[{i}].text.prompt_path")
     else:
-        b.skip(f"concepts[{i}].text.prompt_source", source, "per-image, concept file and file name captions are available")
+        b.skip(f"concepts[{i}].text.prompt_source", source,
+               "per-image, concept file and file name captions are available")
     for key, param in (("text.enable_tag_shuffling", "shuffle_tags"), ("text.tag_delimiter", "delimiter"),
                        ("text.keep_tags_count", "keep_tags")):
         if s.has(key):
             b.set(node, param, s.get(key), f"concepts[{i}].{key}")
     if s.get("text.tag_dropout_enable", False):
-        b.set(node, "tag_dropout", s.get("text.tag_dropout_probability", 0.0), f"concepts[{i}].text.tag_dropout_probability")
+        b.set(node, "tag_dropout", s.get("text.tag_dropout_probability", 0.0),
+              f"concepts[{i}].text.tag_dropout_probability")
     else:
         s.get("text.tag_dropout_probability")
     if s.has("text.prompt_path"):
@@ -444,10 +462,12 @@ def _concept(b: Builder, c: dict, i: int, base: Path) -> str | None:
     else:
         s.get("image.resolution_override")
     # the "fixed" switches of OneTrainer apply the maximum every time; the random ones draw up to it
-    fixed = [k for k in ("rotate", "brightness", "contrast", "saturation", "hue") if s.get(f"image.enable_fixed_{k}", False)]
+    fixed = [k for k in ("rotate", "brightness", "contrast", "saturation", "hue") if s.get(f"image.enable_fixed_{k}",
+                                                                                           False)]
     if fixed:
         aug["mode"] = "fixed"
-    active = aug["flip"] != "off" or aug["crop_jitter"] or any(aug.get(k) for k in ("rotation", "brightness", "contrast",
+    active = aug["flip"] != "off" or aug["crop_jitter"] or any(aug.get(k) for k in ("rotation", "brightness",
+                                                                                    "contrast",
                                                                                      "saturation", "hue", "resolution"))
     out = node
     if active:
@@ -488,7 +508,8 @@ def _samples(b: Builder, samples: list, train: str) -> None:
                 continue
             why = ("TrainLoop samples every prompt with the first sample's settings at the training resolution"
                    if first is not s or k in ("width", "height", "negative_prompt", "random_seed", "frames", "length",
-                                               "sample_inpainting", "base_image_path", "mask_image_path", "text_encoder_1_layer_skip",
+                                               "sample_inpainting", "base_image_path", "mask_image_path",
+                                               "text_encoder_1_layer_skip",
                                                "text_encoder_2_layer_skip", "force_last_timestep")
                    else "no NodeTrainer equivalent known to this importer")
             b.skip(f"samples[{i}].{k}", v, why)

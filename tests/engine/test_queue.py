@@ -29,13 +29,15 @@ def test_queue_add_list_move_cancel_persist(tmp_path, capsys):
     assert entries[2]["recipe"]["nodes"]["5"]["params"]["rank"] == 4  # the snapshot holds the override
     assert main(["queue", "--file", str(qfile), "move", "3", "1"]) == 0
     assert main(["queue", "--file", str(qfile), "cancel", "1"]) == 0
-    assert [(e["id"], e["state"]) for e in RunQueue(qfile).entries()] == [(3, "queued"), (1, "cancelled"), (2, "queued")]
+    assert [(e["id"], e["state"]) for e in RunQueue(qfile).entries()] == [(3, "queued"), (1, "cancelled"), (2,
+                                                                                                            "queued")]
     capsys.readouterr()
     assert main(["queue", "--file", str(qfile), "list"]) == 0
     out = capsys.readouterr().out
     assert "cancelled" in out and "rank=4" in out
     # the same workspace twice while waiting: the second gets its own
-    assert main(["queue", "--file", str(qfile), "add", str(recipe), "--workspace", str(tmp_path / "sw" / "rank=2")]) == 0
+    assert main(["queue", "--file", str(qfile), "add", str(recipe), "--workspace",
+                 str(tmp_path / "sw" / "rank=2")]) == 0
     assert RunQueue(qfile).entries()[-1]["workspace"].endswith("rank=2-2")
     with pytest.raises(QueueError, match="no entry 99"):
         q.cancel(99)
@@ -76,7 +78,8 @@ def test_killed_runner_leaves_interrupted_entry_that_resumes_from_its_backup(tmp
     step = json.loads(open(os.path.join(backup, "backup.json")).read())["step"]
     # finish it quickly: the snapshot is what runs, so shorten it there
     q.update(1, recipe={**entry["recipe"], "nodes": {**entry["recipe"]["nodes"], "7": {
-        **entry["recipe"]["nodes"]["7"], "params": {**entry["recipe"]["nodes"]["7"]["params"], "max_steps": step + 2}}}})
+        **entry["recipe"]["nodes"]["7"], "params": {**entry["recipe"]["nodes"]["7"]["params"],
+                                                    "max_steps": step + 2}}}})
     assert main(["queue", "--file", str(qfile), "run"]) == 0
     entry = q.get(1)
     assert (entry["state"], entry["exit_code"]) == ("done", 0), entry
@@ -97,5 +100,6 @@ def test_queued_sweep_runs_share_upstream_work_in_one_runner(tmp_path):
     assert [e["state"] for e in RunQueue(qfile).entries()] == ["done", "done"]
     first, second = events(ws / "rank=2" / "events.jsonl"), events(ws / "rank=4" / "events.jsonl")
     assert {e["type"] for e in first if e["event"] == "node_cached"} == set()
-    assert {e["type"] for e in second if e["event"] == "node_cached"} >= {"LoadModel", "Concept", "Bucketer", "Optimizer"}
+    assert {e["type"] for e in second if e["event"] == "node_cached"} >= {"LoadModel", "Concept", "Bucketer",
+                                                                          "Optimizer"}
     assert json.loads((ws / "rank=4" / "recipe.json").read_text())["nodes"]["5"]["params"]["rank"] == 4

@@ -66,7 +66,8 @@ def test_compare_view_shows_grid_plot_and_table(editor, tmp_path):
     Image.new("RGB", (400, 200), "blue").save(folder / "loss.png")
     (folder / "compare.md").write_text("| run | Optimizer.lr | final loss |\n|---|---|---|\n| a | 0.001 | 0.1 |\n"
                                        "| b | 0.0001 | 0.2 |\n")
-    (folder / "compare.json").write_text(json.dumps({"runs": [{"name": "a"}, {"name": "b"}], "prompts": ["x"], "seed": 1,
+    (folder / "compare.json").write_text(json.dumps({"runs": [{"name": "a"}, {"name": "b"}], "prompts": ["x"],
+                                                     "seed": 1,
                                                      "grid": str(folder / "grid.png"),
                                                      "loss_plot": str(folder / "loss.png")}))
     view = compare_view.CompareView(editor.textures, folder)
