@@ -18,7 +18,7 @@ teaches the word "green".
 Run ``python app/ml/models/assets/train_shapes_sd.py`` from the repository root (options: ``--help``);
 it writes ``shapes_sd/{unet,vae,text_encoder}.safetensors`` (fp16, about 3 MB) and ``model.json``.
 Seeds are fixed, so a rerun on the same machine and torch version gives the same weights. On 2 CPU
-cores shared with other work the default settings took 17 minutes with ``--threads 1`` (faster than 2
+cores shared with other work the default settings took 16 minutes with ``--threads 1`` (faster than 2
 threads on a busy machine; ``model.json`` records the settings and the measured time).
 """
 
