@@ -84,3 +84,17 @@ def test_compare_full_fine_tunes_samples_their_saved_checkpoints(tmp_path):
     assert [r["name"] for r in summary["runs"]] == ["run", "run (2)"]  # one folder name twice
     assert all(r["output"].endswith("/ft") for r in summary["runs"])
     assert summary["differing"] == ["Optimizer.lr"]
+
+
+def test_validation_losses_without_a_step_belong_to_the_last_training_step(tmp_path):
+    from app.ml.compare import Run, _from_events
+
+    log = tmp_path / "events.jsonl"
+    log.write_text("\n".join(json.dumps(e) for e in [
+        {"event": "metric", "values": {"loss": 0.5, "smooth_loss": 0.6, "step": 3}},
+        {"event": "metric", "values": {"validation_loss": 0.7}},
+        {"event": "metric", "values": {"loss": 0.4, "step": 6}},
+        {"event": "metric", "values": {"validation_loss": 0.65, "step": 6}}]) + "\n")
+    run = Run("r", tmp_path, {}, tmp_path, True)
+    assert _from_events(log, run)
+    assert run.validation == [(3, 0.7), (6, 0.65)] and run.losses == [(3, 0.5), (6, 0.4)]

@@ -100,6 +100,7 @@ def _recipe(ws: Path, output: Path) -> dict:
 def _from_events(path: Path, run: Run) -> bool:
     if not path.is_file():
         return False
+    last_step = 0  # a validation metric may come without a step: it belongs to the last training step
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             e = json.loads(line)
@@ -108,9 +109,10 @@ def _from_events(path: Path, run: Run) -> bool:
         if e.get("event") != "metric":
             continue
         v = e.get("values") or {}
-        step = v.get("step")
+        step = v.get("step", last_step if "validation_loss" in v else None)
         if step is None:
             continue
+        last_step = step
         if v.get("loss") is not None:
             run.losses.append((int(step), float(v["loss"])))
         if v.get("smooth_loss") is not None:
