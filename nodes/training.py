@@ -4,7 +4,8 @@ import time
 
 from app.engine.errors import Cancelled
 
-from app.ml.train.names import LOSSES, OPTIMIZERS, SCHEDULES, TIMESTEP_DISTRIBUTIONS, WEIGHTINGS
+from app.ml.train.names import (FLOW_SHIFTS, FLOW_TIMESTEPS, FLOW_WEIGHTINGS, LOSSES, NOISE_OBJECTIVE_PARAMS, OPTIMIZERS,
+                                 SCHEDULES, TIMESTEP_DISTRIBUTIONS, WEIGHTINGS)
 from app.graph.spec import Bool, Enum, Float, Int, Output, Path, Socket, String, node
 
 PENDING = "is declared but not implemented yet: it arrives with the training issue"
@@ -48,13 +49,95 @@ UNITS = ["epochs", "steps", "minutes"]
 SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras", "unipc"]
 
 
-@node(type="TrainLoop", category="training",
+def _objective_choice(ctx, kind: str, params: dict) -> dict:
+    """What flows on an OBJECTIVE socket: the kind, the params and the node's name for error messages."""
+    return {"kind": kind, "node": f"{ctx.title or ctx.node_type} (node {ctx.node_id})", "params": dict(params)}
+
+
+# The noise objective's params are those TrainLoop version 1 had, with the same names and defaults, so an
+# unlinked TrainLoop on an SD model trains exactly as before.
+_NOISE_INPUTS = [
+    Enum("prediction", ["auto", "epsilon", "v_prediction"], tooltip="auto: from the model"),
+    Bool("zero_terminal_snr", False, advanced=True, tooltip="rescale the schedule (use with v-prediction)"),
+    Float("offset_noise", 0.0, min=0.0, max=1.0, tooltip="0.05-0.1 helps very dark/bright images"),
+    Float("perturbation_noise", 0.0, min=0.0, max=1.0, advanced=True),
+    Enum("timesteps", list(TIMESTEP_DISTRIBUTIONS)),
+    Float("timestep_bias", 0.0, min=-5.0, max=5.0, advanced=True),
+    Float("timestep_scale", 1.0, min=0.0, max=10.0, advanced=True),
+    Float("min_noising", 0.0, min=0.0, max=1.0, tooltip="lowest timestep, as a fraction of the schedule"),
+    Float("max_noising", 1.0, min=0.0, max=1.0, tooltip="highest timestep, as a fraction of the schedule"),
+    Enum("loss", list(LOSSES)),
+    Float("huber_delta", 0.1, min=0.0, max=10.0, advanced=True),
+    Enum("weighting", list(WEIGHTINGS), tooltip="min_snr: min-SNR-gamma; debiased: debiased estimation"),
+    Float("min_snr_gamma", 5.0, min=0.0, max=100.0),
+]
+NOISE_DEFAULTS = {i.name: i.default for i in _NOISE_INPUTS}
+assert tuple(NOISE_DEFAULTS) == NOISE_OBJECTIVE_PARAMS
+
+
+@node(type="NoiseObjective", category="training",
+      description="The DDPM training objective of Stable Diffusion models (SD 1.5, 2.x, SDXL): epsilon or "
+                  "v-prediction, offset and perturbation noise, the timestep distribution, the loss and its "
+                  "min-SNR / debiased weighting. Link it to TrainLoop's objective; unlinked, TrainLoop uses these "
+                  "defaults for SD models.",
+      inputs=_NOISE_INPUTS,
+      outputs=[Output("objective", "OBJECTIVE")])
+def noise_objective(ctx, **params):
+    return _objective_choice(ctx, "noise", params)
+
+
+@node(type="FlowObjective", category="training",
+      description="The rectified-flow (flow-matching) objective of Flux: sigma drawn uniform, sigmoid or "
+                  "logit-normal, shifted by a fixed value or by Flux's resolution-dependent schedule; target "
+                  "noise - image; the guidance value dev's guidance embedder sees while training (1.0 as kohya, "
+                  "SimpleTuner and ai-toolkit train it); MSE / Huber loss with optional SD3 weighting. Link it to "
+                  "TrainLoop's objective; unlinked, TrainLoop uses these defaults for Flux models.",
+      inputs=[
+          Enum("timesteps", list(FLOW_TIMESTEPS),
+               tooltip="sigmoid: sigmoid(scale x normal) (kohya); logit_normal: sigmoid(mean + scale x normal) (SD3)"),
+          Float("logit_mean", 0.0, min=-5.0, max=5.0, advanced=True, tooltip="logit_normal only"),
+          Float("logit_scale", 1.0, min=0.01, max=10.0, tooltip="spread of the sigmoid / logit-normal draw"),
+          Enum("shift", list(FLOW_SHIFTS),
+               tooltip="resolution: Flux's dynamic shift from the image token count; fixed: shift_value"),
+          Float("shift_value", 3.1582, min=0.01, max=100.0, tooltip="fixed shift s (kohya discrete_flow_shift)"),
+          Enum("weighting", list(FLOW_WEIGHTINGS), tooltip="SD3-style loss weighting over sigma"),
+          Float("guidance", 1.0, min=0.0, max=100.0, tooltip="the guidance value fed to Flux dev while training"),
+          Enum("loss", list(LOSSES)),
+          Float("huber_delta", 0.1, min=0.0, max=10.0, advanced=True),
+      ],
+      outputs=[Output("objective", "OBJECTIVE")])
+def flow_objective(ctx, **params):
+    return _objective_choice(ctx, "flow", params)
+
+
+def _move_objective_to_its_node(params: dict, graph=None, node=None) -> dict:
+    """TrainLoop 1 -> 2: the noise objective's params leave TrainLoop. If any differs from its default,
+    a NoiseObjective node holding them is added and linked to TrainLoop's objective (the same training)."""
+    moved = {k: params.pop(k) for k in NOISE_OBJECTIVE_PARAMS if k in params}
+    changed = {k: v for k, v in moved.items() if v != NOISE_DEFAULTS[k]}
+    if changed and graph is not None:
+        nid = graph.new_node_id()
+        graph.add_node("NoiseObjective", 1, changed, node_id=nid)
+        graph.add_link(nid, "objective", node.id, "objective")
+        pos = ((graph.ui.get("nodes") or {}).get(node.id) or {}).get("pos")
+        if pos is not None:
+            graph.ui["nodes"][nid] = {"pos": [pos[0], pos[1] + 520]}
+    return params
+
+
+_move_objective_to_its_node.graph_step = True  # app/graph/recipe.py: this step may add nodes and links
+
+
+@node(type="TrainLoop", version=2, category="training", migrations={1: _move_objective_to_its_node},
       description="Trains the model's adapter (from LoRAInject) or, without one, the model itself (full "
-                  "fine-tune), with periodic samples, saves and resumable backups. Stopping leaves a backup.",
+                  "fine-tune), with periodic samples, saves and resumable backups. Stopping leaves a backup. "
+                  "The objective comes from a NoiseObjective or FlowObjective node, or the model family's default.",
       inputs=[
           Socket("model", "MODEL", tooltip="a model with an adapter to train, or a base model to fine-tune"),
           Socket("buckets", "BUCKETS"),
           Socket("optimizer", "OPTIMIZER"),
+          Socket("objective", "OBJECTIVE", optional=True,
+                 tooltip="NoiseObjective (SD) or FlowObjective (Flux); unlinked: the model family's default"),
           Int("epochs", 10, min=1, max=100_000),
           Int("max_steps", 0, min=0, max=100_000_000, tooltip="train exactly this many steps; 0 = run the epochs"),
           Int("grad_accumulation", 1, min=1, max=1024, tooltip="effective batch = batch size x this"),
@@ -67,19 +150,6 @@ SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sd
           Enum("max_tokens", ["75", "150", "225"],
                tooltip="caption tokens read: longer ones are encoded in 75-token pieces, as A1111 and ComfyUI "
                        "do with long prompts (kohya's max_token_length)"),
-          Enum("prediction", ["auto", "epsilon", "v_prediction"], tooltip="auto: from the model"),
-          Bool("zero_terminal_snr", False, advanced=True, tooltip="rescale the schedule (use with v-prediction)"),
-          Float("offset_noise", 0.0, min=0.0, max=1.0, tooltip="0.05-0.1 helps very dark/bright images"),
-          Float("perturbation_noise", 0.0, min=0.0, max=1.0, advanced=True),
-          Enum("timesteps", list(TIMESTEP_DISTRIBUTIONS)),
-          Float("timestep_bias", 0.0, min=-5.0, max=5.0, advanced=True),
-          Float("timestep_scale", 1.0, min=0.0, max=10.0, advanced=True),
-          Float("min_noising", 0.0, min=0.0, max=1.0, tooltip="lowest timestep, as a fraction of the schedule"),
-          Float("max_noising", 1.0, min=0.0, max=1.0, tooltip="highest timestep, as a fraction of the schedule"),
-          Enum("loss", list(LOSSES)),
-          Float("huber_delta", 0.1, min=0.0, max=10.0, advanced=True),
-          Enum("weighting", list(WEIGHTINGS), tooltip="min_snr: min-SNR-gamma; debiased: debiased estimation"),
-          Float("min_snr_gamma", 5.0, min=0.0, max=100.0),
           Bool("masked_training", False, tooltip="weight the loss by <stem>-masklabel.png masks"),
           Float("unmasked_probability", 0.1, min=0.0, max=1.0, tooltip="fraction of steps that ignore the mask"),
           Float("unmasked_weight", 0.1, min=0.0, max=1.0, tooltip="loss weight of the black (masked-out) area"),
@@ -105,7 +175,7 @@ SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sd
           Path("resume_from", "", kind="folder", optional=True, tooltip="a backup folder to continue from exactly"),
       ],
       outputs=[Output("model", "MODEL", "the trained model"), Output("run", "TRAINED", "losses, backups, outputs")])
-def train_loop(ctx, model, buckets, optimizer, **p):
+def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     from app.engine.errors import NodeError
     from app.ml import dist
     from app.ml.handle import ModelHandle, as_handle
@@ -148,7 +218,8 @@ def train_loop(ctx, model, buckets, optimizer, **p):
         validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True)
     if rank == 0:
         _warn_long_captions(ctx, bundle, source, chunks)
-    settings = _train_settings(p, bundle, optimizer, source)
+    _check_bucket_sizes(ctx, bundle, source)
+    settings = _train_settings(p, bundle, optimizer, source, objective, ctx)
     workdir = ctx.node_dir()
     resolution = _trained_resolution(buckets, source)
     writer = _tensorboard(workdir, ctx) if rank == 0 else None
@@ -293,26 +364,69 @@ def _warn_long_captions(ctx, bundle, source, chunks: int) -> None:
                  f"raise max_tokens, or put the important words first: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
 
 
-def _train_settings(p: dict, bundle, optimizer: dict, source):
-    from app.ml.train.loop import TrainSettings
+def _check_bucket_sizes(ctx, bundle, source) -> None:
+    """Flux packs 2x2 latent patches: every bucket side must be a multiple of 16 px (8 for SD)."""
+    from app.engine.errors import NodeError
+
+    q = bundle.family.pixel_multiple
+    bad = sorted({it.bucket for it in source.plan(0).items if it.bucket[0] % q or it.bucket[1] % q})
+    if bad:
+        shown = ", ".join(f"{w}x{h}" for w, h in bad[:5])
+        raise NodeError(f"{bundle.family.display_name} needs image sides that are multiples of {q} px, but the "
+                        f"Bucketer gives {shown}: set the Bucketer's quantization to {q} or 64 and a resolution that "
+                        f"is a multiple of {q}")
+
+
+def _objective_settings(p: dict, bundle, objective: dict | None, ctx):
+    """(ObjectiveSettings, FlowSettings) from the linked objective node, else the family's default."""
+    from app.engine.errors import NodeError
+    from app.ml.flux.flow import FlowSettings, FlowSettingsError
     from app.ml.train.objective import ObjectiveSettings
 
-    prediction = bundle.prediction_type if p["prediction"] == "auto" else p["prediction"]
-    objective = ObjectiveSettings(
-        prediction=prediction, offset_noise=p["offset_noise"], perturbation_noise=p["perturbation_noise"],
-        timesteps=p["timesteps"], timestep_bias=p["timestep_bias"], timestep_scale=p["timestep_scale"],
-        min_noising=p["min_noising"], max_noising=p["max_noising"], loss=p["loss"], huber_delta=p["huber_delta"],
-        weighting=p["weighting"], min_snr_gamma=p["min_snr_gamma"],
-        unmasked_probability=p["unmasked_probability"] if p["masked_training"] else 1.0,
-        unmasked_weight=p["unmasked_weight"], normalize_masked_area=p["normalize_masked_area"])
+    family = bundle.family
+    kind = objective["kind"] if objective else family.objective
+    if kind != family.objective:
+        wants = {"noise": "DDPM noise (NoiseObjective)", "flow": "flow matching (FlowObjective)"}
+        raise NodeError(f"{objective['node']} is a {wants[kind]} objective, but the model reaching "
+                        f"{ctx.title or ctx.node_type} (node {ctx.node_id}) is {family.display_name}, which is trained "
+                        f"with {wants[family.objective]}: link a "
+                        f"{'FlowObjective' if family.objective == 'flow' else 'NoiseObjective'} instead, or unlink it "
+                        "to use the model's default")
+    o = dict(objective["params"]) if objective else {}
+    masks = dict(unmasked_probability=p["unmasked_probability"] if p["masked_training"] else 1.0,
+                 unmasked_weight=p["unmasked_weight"], normalize_masked_area=p["normalize_masked_area"])
+    if kind == "flow":
+        try:
+            flow = FlowSettings(timesteps=o.get("timesteps", "sigmoid"), logit_mean=o.get("logit_mean", 0.0),
+                                logit_scale=o.get("logit_scale", 1.0), shift=o.get("shift", "resolution"),
+                                shift_value=o.get("shift_value", 3.1582), weighting=o.get("weighting", "none"),
+                                guidance=o.get("guidance", 1.0)).check(objective["node"] if objective else "TrainLoop")
+        except FlowSettingsError as e:
+            raise NodeError(str(e)) from None
+        return ObjectiveSettings(prediction="flow", loss=o.get("loss", "mse"), huber_delta=o.get("huber_delta", 0.1),
+                                 **masks), flow, False
+    o = {**NOISE_DEFAULTS, **o}
+    prediction = bundle.prediction_type if o["prediction"] == "auto" else o["prediction"]
+    settings = ObjectiveSettings(
+        prediction=prediction, offset_noise=o["offset_noise"], perturbation_noise=o["perturbation_noise"],
+        timesteps=o["timesteps"], timestep_bias=o["timestep_bias"], timestep_scale=o["timestep_scale"],
+        min_noising=o["min_noising"], max_noising=o["max_noising"], loss=o["loss"], huber_delta=o["huber_delta"],
+        weighting=o["weighting"], min_snr_gamma=o["min_snr_gamma"], **masks)
+    return settings, FlowSettings(), o["zero_terminal_snr"]
+
+
+def _train_settings(p: dict, bundle, optimizer: dict, source, objective_choice=None, ctx=None):
+    from app.ml.train.loop import TrainSettings
+
+    objective, flow, zero_terminal_snr = _objective_settings(p, bundle, objective_choice, ctx)
     stop_te = optimizer.get("stop_text_encoder_after", 0)
     if stop_te and optimizer.get("stop_text_encoder_unit") == "epochs":
         stop_te = sum(-(-source.iterations(e) // p["grad_accumulation"]) for e in range(stop_te))
     return TrainSettings(
         epochs=p["epochs"], max_steps=p["max_steps"], grad_accumulation=p["grad_accumulation"],
         clip_grad_norm=p["clip_grad_norm"], seed=p["seed"], train_dtype=p["train_dtype"],
-        gradient_checkpointing=p["gradient_checkpointing"], zero_terminal_snr=p["zero_terminal_snr"],
-        objective=objective, ema=p["ema"], ema_decay=p["ema_decay"], ema_every=p["ema_every"],
+        gradient_checkpointing=p["gradient_checkpointing"], zero_terminal_snr=zero_terminal_snr,
+        objective=objective, flow=flow, ema=p["ema"], ema_decay=p["ema_decay"], ema_every=p["ema_every"],
         ema_on_cpu=p["ema_on_cpu"], sample_every=p["sample_every"], sample_unit=p["sample_unit"],
         save_every=p["save_every"], save_unit=p["save_unit"], backup_every=p["backup_every"],
         backup_unit=p["backup_unit"], validate_every=p["validate_every"], validate_unit=p["validate_unit"],

@@ -215,10 +215,13 @@ def _upgrade_format(data: dict, version: int) -> dict:
 def migrate(graph: Graph, registry) -> list[Problem]:
     """Upgrade nodes saved by older versions of their node type, one step at a time.
 
-    A spec's `migrations[v]` takes the params of version v and returns those of version v + 1.
+    A spec's `migrations[v]` takes the params of version v and returns those of version v + 1. A step
+    marked ``graph_step = True`` is called as ``step(params, graph=graph, node=node)`` and may also add
+    nodes and links to the graph (params that moved into a node of their own, say); it must leave the
+    graph as it found it when it raises, so it adds them only after everything it needs is checked.
     """
     problems = []
-    for node in graph.nodes.values():
+    for node in list(graph.nodes.values()):
         spec = registry.get(node.type)
         if spec is None or node.version == spec.version:
             continue
@@ -233,7 +236,8 @@ def migrate(graph: Graph, registry) -> list[Problem]:
                 step = spec.migrations.get(v)
                 if step is None:
                     raise LookupError(f"no migration from version {v} to {v + 1}")
-                params = step(dict(params))
+                params = step(dict(params), graph=graph, node=node) if getattr(step, "graph_step", False) \
+                    else step(dict(params))
                 if not isinstance(params, dict):
                     raise TypeError(f"migration from version {v} did not return params")
         except Exception as e:  # a recipe must never take the program down

@@ -10,6 +10,7 @@ SOCKET_TYPES = {
     "DATASET": "one or more concepts: image files, captions, masks and their settings",
     "BUCKETS": "aspect-ratio buckets and the batches drawn from them",
     "OPTIMIZER": "an optimizer and learning-rate schedule recipe",
+    "OBJECTIVE": "a training objective: DDPM noise (epsilon / v) or flow matching, with its timesteps and loss",
     "TRAINED": "the result of a training run: history, backups and output paths",
     "IMAGES": "generated or preview images",
 }
@@ -29,6 +30,7 @@ SOCKET_COLOURS = {
     "DATASET": (90, 200, 120),
     "BUCKETS": (70, 170, 220),
     "OPTIMIZER": (240, 170, 60),
+    "OBJECTIVE": (240, 130, 170),
     "TRAINED": (230, 90, 90),
     "IMAGES": (240, 220, 90),
 }
