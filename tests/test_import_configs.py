@@ -23,6 +23,8 @@ CASES = {  # name: (tool, config, dataset, tiny model, adapter?)
     "kohya_sd15_finetune": ("kohya", "kohya_sd15_finetune.toml", "kohya_sd15_dataset.toml", "builtin:tiny-sd", False),
     "kohya_sdxl_finetune": ("kohya", "kohya_sdxl_finetune.toml", None, "builtin:tiny-sdxl", False),
     "kohya_ss_gui": ("kohya", "kohya_ss_sdxl_lora_gui.json", None, "builtin:tiny-sdxl", True),
+    "ot_flux_lora": ("onetrainer", "onetrainer_flux_lora.json", None, "builtin:tiny-flux", True),
+    "kohya_flux_lora": ("kohya", "kohya_flux_lora.toml", None, "builtin:tiny-flux", True),
 }
 
 
@@ -151,7 +153,7 @@ def test_imported_recipe_trains_a_step_on_the_tiny_model(tmp_path, name):
         elif node["type"] == "Augment":
             p.update(resolution="64" if p.get("resolution") else "", preview_images=0)
         elif node["type"] == "Bucketer":
-            p.update(resolution="64", batch_size=1, quantization=8)
+            p.update(resolution="64", batch_size=1, quantization=16 if "flux" in tiny else 8)
         elif node["type"] == "TrainLoop":
             p.update(max_steps=1, sample_prompts="", train_dtype="fp32", save_every=0, backup_every=0)
         elif node["type"] == "Optimizer" and p.get("optimizer", "").endswith("8bit"):
@@ -161,3 +163,16 @@ def test_imported_recipe_trains_a_step_on_the_tiny_model(tmp_path, name):
     saved = list((tmp_path / "ws").glob("*.safetensors")) + [p for p in (tmp_path / "ws").iterdir() if p.is_dir()
                                                            and (p / "model_index.json").exists()]
     assert saved, sorted(p.name for p in (tmp_path / "ws").iterdir())
+
+
+def test_flux_configs_become_flux_recipes(tmp_path):
+    for name in ("ot_flux_lora", "kohya_flux_lora"):
+        _, r = _import(tmp_path, name)
+        load, = _nodes(r, "LoadModel")
+        assert load["params"]["family"] == "flux-dev"
+        flow = _nodes(r, "FlowObjective")
+        if flow:  # where the catalogue has the flow objective as a node
+            assert _has(flow[0]["params"], {"shift": "fixed"})
+            assert flow[0]["params"]["shift_value"] in (3.0, 3.1582)
+    _, k = _import(tmp_path, "kohya_flux_lora")
+    assert _nodes(k, "LoadModel")[0]["params"]["vae"] == "/models/ae.safetensors"

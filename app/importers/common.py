@@ -84,17 +84,26 @@ class Builder:
             self.set(nid, name, value)
         return nid
 
-    def objective(self, train: str) -> str:
-        """Where the noise and loss settings go: a NoiseObjective node linked into TrainLoop's
-        ``objective`` where the catalogue has one, else TrainLoop itself (its params before that split)."""
+    def objective(self, train: str, flow: bool = False) -> str:
+        """Where the noise and loss settings go: a NoiseObjective (Flux: FlowObjective) node linked into
+        TrainLoop's ``objective`` where the catalogue has one, else TrainLoop itself (its params before
+        that split)."""
         if getattr(self, "_objective", None) is None:
             loop = self.reg.get("TrainLoop")
-            if self.reg.get("NoiseObjective") is not None and loop.input("objective") is not None:
-                self._objective = self.node("NoiseObjective", 2)
+            kind = "FlowObjective" if flow else "NoiseObjective"
+            if self.reg.get(kind) is not None and loop.input("objective") is not None:
+                self._objective = self.node(kind, 2)
                 self.link(self._objective, "objective", train, "objective")
             else:
                 self._objective = train
         return self._objective
+
+    def set_flow(self, obj: str, param: str, value: Any, key: str) -> bool:
+        """A setting of Flux's objective: on the FlowObjective node, or listed where there is none."""
+        if self.graph.nodes[obj].type != "FlowObjective":
+            self.skip(key, value, "this catalogue has no FlowObjective node: TrainLoop trains Flux with its defaults")
+            return False
+        return self.set(obj, param, value, key)
 
     def link(self, a: str, out: str, b: str, inp: str) -> None:
         self.graph.add_link(a, out, b, inp)
@@ -108,7 +117,10 @@ class Builder:
             value = int(value)
         if inp is not None and inp.type == "FLOAT" and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        problem = f"{node.type} has no param {param!r}" if inp is None else check_param_value(inp, value)
+        if inp is None and node.type == "FlowObjective":
+            problem = "Flux's flow-matching objective has no such setting"
+        else:
+            problem = f"{node.type} has no param {param!r}" if inp is None else check_param_value(inp, value)
         key = self.shown.get(key, key) if key is not None else None
         if problem:
             if key is not None:

@@ -49,6 +49,9 @@ RUNTIME_KEYS = {
     "max_bucket_reso": "Bucketer picks buckets by aspect ratio (Bucketer.aspects), not by side limits",
     "cache_latents_to_disk": "the Cache node always caches on disk, in the workspace",
     "vae_batch_size": "Cache.encode_batch is the batch size of encoding",
+    "fp8_base": "weights are loaded in LoadModel's precision (fp8 is not available)",
+    "blocks_to_swap": "memory use is managed by NodeTrainer", "split_mode": "memory use is managed by NodeTrainer",
+    "apply_t5_attn_mask": "the Flux family's prompt encoding decides the T5 mask",
 }
 
 
@@ -94,8 +97,21 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
         raise ImportError_(f"{path}: no pretrained_model_name_or_path: which base model does it train?")
     b.set(load, "source", local_path(str(source), base, model=True), "pretrained_model_name_or_path")
     v2, vpred, sdxl = s.get("v2", False), s.get("v_parameterization", False), s.get("sdxl", False)
+    flux = str(module).endswith("lora_flux") or any(s.has(k) for k in ("ae", "t5xxl", "flux1_checkbox")) \
+        or bool(s.get("flux1_checkbox", False))
     family = "sdxl" if sdxl else ("sd2-v" if v2 and vpred else "sd2" if v2 else "auto")
-    b.set(load, "family", family, "v2/v_parameterization/sdxl")
+    if flux:
+        family = "flux-schnell" if "schnell" in str(source).lower() else "flux-dev"
+    b.set(load, "family", family, "v2/v_parameterization/sdxl" if not flux else "network_module/ae/t5xxl (Flux)")
+    if flux:
+        if s.peek("ae"):
+            b.set(load, "vae", local_path(s.get("ae"), base), "ae")
+        for key in ("clip_l", "t5xxl"):
+            if s.has(key):
+                b.skip(key, s.get(key), "LoadModel reads the text encoders of a diffusers folder or of the checkpoint; "
+                                        "give it a model that holds them")
+        if s.has("t5xxl_max_token_length"):
+            b.set(load, "text_max_length", int(s.get("t5xxl_max_token_length")), "t5xxl_max_token_length")
     if s.peek("vae"):
         b.set(load, "vae", local_path(s.get("vae"), base), "vae")
     else:
@@ -189,7 +205,9 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
         b.set(train, "train_text_encoder", bool(s.get("train_text_encoder", False)), "train_text_encoder")
     if s.has("masked_loss") and s.peek("masked_loss") is not None:
         b.set(train, "masked_training", s.get("masked_loss"), "masked_loss")
-    obj = b.objective(train)  # noise and loss
+    obj = b.objective(train, flow=flux)  # noise and loss
+    if flux:
+        _flux_objective(b, s, obj)
     for key, param in (("noise_offset", "offset_noise"), ("ip_noise_gamma", "perturbation_noise"),
                        ("zero_terminal_snr", "zero_terminal_snr"), ("huber_c", "huber_delta")):
         if s.has(key) and s.peek(key) is not None:
@@ -197,7 +215,9 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
     if vpred:
         b.set(obj, "prediction", "v_prediction", "v_parameterization")
     gamma = s.get("min_snr_gamma")
-    if gamma:
+    if flux and gamma:
+        b.skip("min_snr_gamma", gamma, "Flux's flow-matching objective weights by sigma (FlowObjective.weighting)")
+    elif gamma:
         b.set(obj, "weighting", "min_snr", "min_snr_gamma")
         b.set(obj, "min_snr_gamma", gamma, "min_snr_gamma")
     elif s.get("debiased_estimation_loss", False):
@@ -260,6 +280,33 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
                     f"{len(b.skipped)} setting(s) not imported are listed in meta.imported.")
 
 
+def _flux_objective(b: Builder, s: Settings, obj: str) -> None:
+    """flux_train_network.py's timestep sampling, shift, sigmoid scale, guidance and prediction type."""
+    sampling = str(s.get("timestep_sampling", "sigma")).lower()
+    if sampling in ("sigmoid", "uniform"):
+        b.set_flow(obj, "timesteps", sampling, "timestep_sampling")
+        b.set_flow(obj, "shift", "none", "timestep_sampling")
+    elif sampling == "shift":
+        b.set_flow(obj, "timesteps", "sigmoid", "timestep_sampling")
+        b.set_flow(obj, "shift", "fixed", "timestep_sampling")
+    elif sampling == "flux_shift":
+        b.set_flow(obj, "timesteps", "sigmoid", "timestep_sampling")
+        b.set_flow(obj, "shift", "resolution", "timestep_sampling")
+    else:
+        b.skip("timestep_sampling", sampling, "sigmoid, uniform, shift and flux_shift are mapped")
+    if s.has("discrete_flow_shift"):
+        b.set_flow(obj, "shift_value", float(s.get("discrete_flow_shift")), "discrete_flow_shift")
+    if s.has("sigmoid_scale"):
+        b.set_flow(obj, "logit_scale", float(s.get("sigmoid_scale")), "sigmoid_scale")
+    if s.has("guidance_scale"):
+        b.set_flow(obj, "guidance", float(s.get("guidance_scale")), "guidance_scale")
+    pred = s.get("model_prediction_type", "raw")
+    if str(pred) == "raw":
+        b.mapped.append("model_prediction_type = raw -> FlowObjective (the velocity is the target)")
+    else:
+        b.skip("model_prediction_type", pred, "only raw prediction (the velocity as target) is trained")
+
+
 def _network(b: Builder, s: Settings, inject: str, module: str, lora_type, base: Path) -> None:
     args = {}
     for item in s.get("network_args", []) or []:
@@ -287,7 +334,7 @@ def _network(b: Builder, s: Settings, inject: str, module: str, lora_type, base:
             algo = "lora"
         else:
             b.mapped.append("network_args.algo -> LoRAInject.algorithm")
-    elif module not in ("networks.lora", ""):
+    elif module not in ("networks.lora", "networks.lora_flux", ""):
         b.skip("network_module", module, "networks.lora and lycoris.kohya are mapped; a plain LoRA is used")
     args.pop("algo", None)
     if str(args.pop("dora_wd", "")).lower() in ("true", "1"):

@@ -15,7 +15,7 @@ from app.importers.common import Builder, Settings, flatten, local_path, show, u
 
 MODEL_TYPES = {"STABLE_DIFFUSION_15": "sd15", "STABLE_DIFFUSION_15_INPAINTING": None, "STABLE_DIFFUSION_20": "sd2-v",
                "STABLE_DIFFUSION_20_BASE": "sd2", "STABLE_DIFFUSION_21": "sd2-v", "STABLE_DIFFUSION_21_BASE": "sd2",
-               "STABLE_DIFFUSION_XL_10_BASE": "sdxl"}
+               "STABLE_DIFFUSION_XL_10_BASE": "sdxl", "FLUX_DEV_1": "flux-dev", "FLUX_FILL_DEV_1": None}
 DTYPES = {"FLOAT_32": "fp32", "FLOAT_16": "fp16", "BFLOAT_16": "bf16"}
 OPTIMIZERS = {"ADAMW": "adamw", "ADAMW_8BIT": "adamw8bit", "ADAFACTOR": "adafactor", "PRODIGY": "prodigy",
               "LION": "lion", "LION_8BIT": "lion8bit", "SGD_NESTEROV": "sgd_nesterov", "DADAPT_ADAM": "dadapt_adam",
@@ -88,13 +88,15 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
         raise ImportError_(f"{path}: model_type {model_type} is not supported here (supported: "
                            f"{', '.join(k for k, v in MODEL_TYPES.items() if v)})")
     lora = method == "LORA"
+    flux = MODEL_TYPES[model_type].startswith("flux")
     b.mapped.append(f"training_method -> {'a LoRAInject node' if lora else 'a full fine-tune (no adapter)'}")
 
     # ---- model -----------------------------------------------------------------------------------
     load = b.node("LoadModel", 0)
     b.set(load, "source", local_path(str(s.get("base_model_name", "")), base, model=True), "base_model_name")
     b.set(load, "family", MODEL_TYPES[model_type], "model_type")
-    for part, param in (("unet", "unet_dtype"), ("text_encoder", "text_encoder_dtype"), ("vae", "vae_dtype")):
+    denoiser = ("transformer" if s.has("transformer.weight_dtype") else "prior") if flux else "unet"
+    for part, param in ((denoiser, "unet_dtype"), ("text_encoder", "text_encoder_dtype"), ("vae", "vae_dtype")):
         _dtype(b, s, load, f"{part}.weight_dtype", param)
     if s.peek("vae.model_name"):
         b.set(load, "vae", local_path(s.get("vae.model_name"), base), "vae.model_name")
@@ -146,8 +148,8 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
             b.set(inject, "unet_custom", custom, "layer_filter")
         elif preset is not None:
             b.skip("layer_filter_preset", preset, "unknown preset: full, attn-mlp and attn-only are mapped")
-        if not s.get("unet.train", True):
-            b.set(inject, "unet_layers", "none", "unet.train")
+        if not s.get(f"{denoiser}.train", True):
+            b.set(inject, "unet_layers", "none", f"{denoiser}.train")
         te_train = s.get("text_encoder.train", s.get("train_text_encoder", False))
         b.set(inject, "text_encoder_layers", "attn-mlp" if te_train else "none", "text_encoder.train")
         if s.has("text_encoder_2.train"):
@@ -200,9 +202,9 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
         v = s.get(f"optimizer.{key}")
         if v is not None:
             b.set(opt, param, v, f"optimizer.{key}")
-    lr = s.get("unet.learning_rate")
+    lr = s.get(f"{denoiser}.learning_rate")
     base_lr = s.get("learning_rate", 0.0001)
-    b.set(opt, "lr", base_lr if lr is None else lr, "unet.learning_rate" if lr is not None else "learning_rate")
+    b.set(opt, "lr", base_lr if lr is None else lr, f"{denoiser}.learning_rate" if lr is not None else "learning_rate")
     te_lr = s.get("text_encoder.learning_rate", s.get("text_encoder_learning_rate"))
     b.set(opt, "text_encoder_lr", base_lr if te_lr is None else te_lr, "text_encoder.learning_rate")
     sched = str(s.get("learning_rate_scheduler", "CONSTANT")).upper()
@@ -242,7 +244,7 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
     if gc is not None:
         b.set(train, "gradient_checkpointing", str(gc).upper() not in ("OFF", "FALSE"), "gradient_checkpointing")
     if not lora:
-        b.set(train, "train_unet", bool(s.get("unet.train", s.get("train_unet", True))), "unet.train")
+        b.set(train, "train_unet", bool(s.get(f"{denoiser}.train", s.get("train_unet", True))), f"{denoiser}.train")
         b.set(train, "train_text_encoder", bool(s.get("text_encoder.train", s.get("train_text_encoder", False))),
               "text_encoder.train")
     # SDXL's second text encoder: NodeTrainer sets both encoders together
@@ -265,7 +267,9 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
                        ("unmasked_weight", "unmasked_weight"), ("normalize_masked_area_loss", "normalize_masked_area")):
         if s.has(key):
             b.set(train, param, s.get(key), key)
-    obj = b.objective(train)  # noise and loss
+    obj = b.objective(train, flow=flux)  # noise and loss
+    if flux:
+        _flow_objective(b, s, obj)
     for key, param in (("offset_noise_weight", "offset_noise"), ("perturbation_noise_weight", "perturbation_noise"),
                        ("rescale_noise_scheduler_to_zero_terminal_snr", "zero_terminal_snr"),
                        ("min_noising_strength", "min_noising"), ("max_noising_strength", "max_noising"),
@@ -278,7 +282,7 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
         b.set(obj, "prediction", "epsilon", "force_epsilon_prediction")
     td = str(s.get("timestep_distribution", "UNIFORM")).upper()
     if td in ("UNIFORM", "LOGIT_NORMAL", "SIGMOID"):
-        b.set(obj, "timesteps", td.lower(), "timestep_distribution")
+        (b.set_flow if flux else b.set)(obj, "timesteps", td.lower(), "timestep_distribution")
     else:
         b.skip("timestep_distribution", td, "uniform, logit_normal and sigmoid are available")
     _loss(b, s, obj)
@@ -345,6 +349,18 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
                            f"{len(b.skipped)} setting(s) not imported are listed in meta.imported.")
 
 
+def _flow_objective(b: Builder, s: Settings, obj: str) -> None:
+    """Flux: the shift of the sigma schedule and the guidance value trained with."""
+    if s.get("dynamic_timestep_shifting", False):
+        b.set_flow(obj, "shift", "resolution", "dynamic_timestep_shifting")
+    elif s.has("timestep_shift"):
+        b.set_flow(obj, "shift", "fixed", "timestep_shift")
+        b.set_flow(obj, "shift_value", float(s.get("timestep_shift")), "timestep_shift")
+    if s.has("transformer.guidance_scale") or s.has("prior.guidance_scale"):
+        key = "transformer.guidance_scale" if s.has("transformer.guidance_scale") else "prior.guidance_scale"
+        b.set_flow(obj, "guidance", float(s.get(key)), key)
+
+
 def _dtype(b: Builder, s: Settings, nid: str, key: str, param: str) -> None:
     if not s.has(key):
         return
@@ -369,7 +385,8 @@ def _loss(b: Builder, s: Settings, train: str) -> None:
     fn = str(s.get("loss_weight_fn", "CONSTANT")).upper()
     strength = s.get("loss_weight_strength", 5.0)
     if fn == "CONSTANT":
-        b.set(train, "weighting", "constant", "loss_weight_fn")
+        flow = b.graph.nodes[train].type == "FlowObjective"
+        b.set(train, "weighting", "none" if flow else "constant", "loss_weight_fn")
     elif fn == "MIN_SNR_GAMMA":
         b.set(train, "weighting", "min_snr", "loss_weight_fn")
         b.set(train, "min_snr_gamma", strength, "loss_weight_strength")
