@@ -128,3 +128,18 @@ def test_demo_lora_teaches_cross(base, tmp_path):
     assert np.nanmedian(pooled_after) < 0.25 and sum(v < 0.25 for v in pooled_after) >= 4, after  # most are crosses
     blue = [colour_shares(img) for img in after_images["blue cross"]]
     assert all(s["blue"] > 0.1 for s in blue), blue  # and in the asked colour
+
+
+def test_missing_or_foreign_weights_name_the_file_and_the_script(tmp_path):
+    from safetensors.torch import save_file
+
+    from app.ml.models.families import ModelLoadError
+    from app.ml.models.tiny import _load_trained_weights, shapes_sd_spec
+
+    spec = shapes_sd_spec()
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(ModelLoadError, match=r"unet\.safetensors is missing; rebuild it with .*train_shapes_sd\.py"):
+        _load_trained_weights(spec, {"unet": module}, tmp_path)
+    save_file({"other.weight": torch.zeros(2, 2)}, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"unet\.safetensors does not fit the model"):
+        _load_trained_weights(spec, {"unet": module}, tmp_path)
