@@ -10,7 +10,8 @@ SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sd
 def _model_files(params: dict) -> str:
     from app.ml.fingerprint import path_fingerprint
 
-    return path_fingerprint(params["source"]) + path_fingerprint(params["vae"]) + path_fingerprint(params["tokenizer"])
+    return "".join(path_fingerprint(params.get(name) or "") for name in ("source", "vae", "tokenizer", "ae", "clip_l",
+                                                                           "t5xxl"))
 
 
 @node(type="LoadModel", category="model", fingerprint=_model_files,
@@ -30,12 +31,19 @@ def _model_files(params: dict) -> str:
                tooltip="a tokenizer folder (tokenizer.json or vocab.json + merges.txt; for SDXL one CLIP tokenizer "
                        "or tokenizer/ and tokenizer_2/ subfolders); wins over one beside the model. Empty: the "
                        "model's own, one beside the checkpoint, else fetched once from the Hugging Face hub"),
+          Path("ae", "", kind="file", optional=True, advanced=True,
+               tooltip="Flux split files: the VAE (ae.safetensors); empty: found beside the transformer file"),
+          Path("clip_l", "", kind="file", optional=True, advanced=True,
+               tooltip="Flux split files: the CLIP-L text encoder (clip_l.safetensors); empty: found beside it"),
+          Path("t5xxl", "", kind="file", optional=True, advanced=True,
+               tooltip="Flux split files: the T5-XXL text encoder (t5xxl_fp16 / t5xxl_fp8_e4m3fn); empty: found beside it"),
           Int("text_max_length", 0, min=0, max=512, advanced=True,
               tooltip="Flux: prompt tokens T5 reads (0 = the model's default: 512 dev, 256 schnell); part of the "
                       "Cache key. SD families read 75-token pieces (TrainLoop's max_tokens) and ignore it"),
       ],
       outputs=[Output("model", "MODEL")])
-def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dtype, tokenizer="", text_max_length=0):
+def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dtype, tokenizer="", ae="", clip_l="",
+               t5xxl="", text_max_length=0):
     from app.engine.errors import NodeError
     from app.ml.models import ModelLoadError
     from app.ml.models import load_model as load
@@ -44,7 +52,8 @@ def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dty
     try:
         bundle = load(source, family=None if family == "auto" else family, vae=vae or None,
                       dtypes={"unet": unet_dtype, "text_encoder": text_encoder_dtype, "vae": vae_dtype},
-                      tokenizer=tokenizer or None, text_max_length=text_max_length or None, log=ctx.log,
+                      tokenizer=tokenizer or None, text_max_length=text_max_length or None,
+                      split_files={"ae": ae, "clip_l": clip_l, "t5xxl": t5xxl}, log=ctx.log,
                       check_cancel=ctx.check_cancel)
     except (ModelLoadError, FileNotFoundError) as e:
         raise NodeError(str(e)) from None

@@ -35,6 +35,7 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # builtin:tiny-sd (two lette
 # hold). Plugins are not checked: a plugin's plain "file" path may as well be one it writes.
 READ_INPUTS = {
     ("LoadModel", "source"), ("LoadModel", "vae"), ("LoadModel", "tokenizer"),
+    ("LoadModel", "ae"), ("LoadModel", "clip_l"), ("LoadModel", "t5xxl"),
     ("Concept", "folder"), ("Concept", "caption_file"),
     ("LoRAInject", "init_from"), ("TrainLoop", "resume_from"), ("Cache", "folder"),
     ("Caption", "model_folder"), ("Masks", "model_folder"),
@@ -162,6 +163,14 @@ def _family_of(path: Path) -> Any:
     from app.ml.models.families import detect_diffusers_family, detect_single_file_family
 
     if path.is_dir():
+        index = _read_json(path / "model_index.json") or {}
+        if str(index.get("_class_name", "")).startswith("Flux"):  # a diffusers FLUX.1 folder
+            from app.ml.models.families import get_family
+
+            cfg = _read_json(path / "transformer" / "config.json")
+            if cfg is None:
+                raise HeaderError("a Flux folder without transformer/config.json")
+            return get_family("flux-dev" if cfg.get("guidance_embeds") else "flux-schnell")
         unet = _read_json(path / "unet" / "config.json")
         if unet is None:
             hint = " It holds .safetensors files: choose one of those instead." if any(path.glob("*.safetensors")) else ""
@@ -174,7 +183,37 @@ def _family_of(path: Path) -> Any:
     if path.suffix.lower() != ".safetensors":
         return None  # pickled checkpoints cannot be read cheaply (or safely) here
     keys, meta = safetensors_header(path)
+    flux = _flux_file(path)
+    if flux is not None and flux.kind == "flux-transformer":
+        from app.ml.models.families import get_family
+
+        return get_family("flux-dev" if flux.variant == "dev" else "flux-schnell")
     return detect_single_file_family(keys, source=path.name, metadata=meta)
+
+
+def _flux_file(path: Path):
+    """What a .safetensors file is as a Flux part (transformer, VAE, CLIP, T5), from its header; None if unreadable."""
+    from app.ml.flux import detect
+
+    try:
+        return detect.detect_file(path)
+    except detect.DetectError:
+        return None
+
+
+def check_flux_part(slot: str):
+    """LoadModel's ae / clip_l / t5xxl: the header must show the part that slot needs (named otherwise)."""
+    def check(path: Path, params: dict) -> str | None:
+        from app.ml.flux import detect
+
+        kind = {"ae": "vae", "clip_l": "clip", "t5xxl": "t5"}[slot]
+        try:
+            detect.expect_file(path, kind, variant="L" if slot == "clip_l" else None)
+        except detect.DetectError as e:
+            return str(e).replace(f"LoadModel: {path}", "it").replace("this slot", f"'{slot}'")
+        return None
+
+    return check
 
 
 def _same_weights(a: str, b: str) -> bool:
@@ -257,5 +296,8 @@ _CONTENT_CHECKS: dict[tuple[str, str], Callable[[Path, dict], "str | None"]] = {
     ("LoadModel", "source"): check_model_source,
     ("LoadModel", "vae"): check_vae,
     ("LoadModel", "tokenizer"): check_tokenizer,
+    ("LoadModel", "ae"): check_flux_part("ae"),
+    ("LoadModel", "clip_l"): check_flux_part("clip_l"),
+    ("LoadModel", "t5xxl"): check_flux_part("t5xxl"),
     ("LoRAInject", "init_from"): check_adapter_file,
 }

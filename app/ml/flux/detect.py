@@ -5,6 +5,7 @@ reading gigabytes of weights).
 ComfyUI users keep Flux as separate files (``flux1-dev.safetensors``, ``ae.safetensors``,
 ``clip_l.safetensors``, ``t5xxl_fp16.safetensors``) whose names say little; the keys and shapes in
 the JSON header say exactly what each is. Only the header is read (8 bytes of length + JSON).
+Free of torch: recipe validation (``app/graph/inputs_check.py``) uses it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .keys import ALL_IN_ONE_PREFIXES
+ALL_IN_ONE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # keys.py uses the same
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -61,6 +62,12 @@ def _shape(header: Mapping[str, Mapping], key: str) -> list[int] | None:
     return list(entry.get("shape", [])) if entry else None
 
 
+def _dim(header: Mapping[str, Mapping], key: str, i: int) -> int | None:
+    """Size ``i`` of a tensor's shape; None when the tensor or that dimension is absent (a damaged header)."""
+    shape = _shape(header, key) or []
+    return shape[i] if len(shape) > i else None
+
+
 def _find_prefix(keys, suffix: str) -> str | None:
     for k in keys:
         if k.endswith(suffix):
@@ -76,19 +83,18 @@ def detect(header: Mapping[str, Mapping]) -> FileKind:
     p = _find_prefix(keys, "double_blocks.0.img_attn.qkv.weight")
     if p is not None and (p == "" or p in ALL_IN_ONE_PREFIXES):
         variant = "dev" if f"{p}guidance_in.in_layer.weight" in header else "schnell"
-        width = (_shape(header, f"{p}img_in.weight") or [None])[0]
+        width = _dim(header, f"{p}img_in.weight", 0)
         return FileKind("flux-transformer", f"Flux.1 {variant} transformer (BFL layout)", variant, "bfl", p, {"width": width})
     # Flux transformer, diffusers layout
     if "x_embedder.weight" in header and any(k.startswith("single_transformer_blocks.") for k in keys):
         variant = "dev" if "time_text_embed.guidance_embedder.linear_1.weight" in header else "schnell"
-        width = (_shape(header, "x_embedder.weight") or [None])[0]
+        width = _dim(header, "x_embedder.weight", 0)
         return FileKind("flux-transformer", f"Flux.1 {variant} transformer (diffusers layout)", variant, "diffusers", "", {"width": width})
 
     # VAE (BFL ae.safetensors / A1111 "first_stage_model." / diffusers): the decoder's input width is the latent channels
     p = _find_prefix(keys, "decoder.conv_in.weight")
     if p is not None and (p in ("", "vae.", "first_stage_model.")):
-        shape = _shape(header, f"{p}decoder.conv_in.weight") or []
-        channels = shape[1] if len(shape) > 1 else None
+        channels = _dim(header, f"{p}decoder.conv_in.weight", 1)
         layout = "diffusers" if any(k.startswith(f"{p}decoder.up_blocks.") for k in keys) else "original"
         family = {16: "Flux/SD3 VAE", 4: "SD/SDXL VAE"}.get(channels, "VAE")
         return FileKind("vae", f"{family} ({channels} latent channels)", layout=layout, prefix=p, details={"latent_channels": channels})
@@ -96,7 +102,7 @@ def detect(header: Mapping[str, Mapping]) -> FileKind:
     # T5 encoder (transformers names; optionally with a "text_encoders.t5xxl.transformer." style prefix)
     p = _find_prefix(keys, "encoder.block.0.layer.0.SelfAttention.q.weight")
     if p is not None:
-        d_model = (_shape(header, f"{p}encoder.block.0.layer.0.SelfAttention.q.weight") or [None, None])[1]
+        d_model = _dim(header, f"{p}encoder.block.0.layer.0.SelfAttention.q.weight", 1)
         blocks = len({k.split(".")[len(p.split(".")) + 1] for k in keys if k.startswith(f"{p}encoder.block.")})
         return FileKind("t5", f"T5 text encoder (width {d_model}, {blocks} blocks)", prefix=p,
                         details={"d_model": d_model, "blocks": blocks})
@@ -106,7 +112,7 @@ def detect(header: Mapping[str, Mapping]) -> FileKind:
         p = _find_prefix(keys, suffix)
         if p is not None:
             full = p + suffix[: -len("embeddings.token_embedding.weight")]
-            hidden = (_shape(header, p + suffix) or [None, None])[1]
+            hidden = _dim(header, p + suffix, 1)
             layers = len({k[len(full) + len("encoder.layers."):].split(".")[0] for k in keys if k.startswith(f"{full}encoder.layers.")})
             variant = {768: "L", 1280: "G"}.get(hidden)
             if variant is None:  # not a full-size model: OpenCLIP-G carries a text projection, CLIP-L as Flux uses it does not

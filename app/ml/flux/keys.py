@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-ALL_IN_ONE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+from .detect import ALL_IN_ONE_PREFIXES  # one definition, in the torch-free module
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n))
 
 

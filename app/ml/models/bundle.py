@@ -105,7 +105,9 @@ class ModelBundle:
     def text_identity(self) -> str:
         """Identity of everything that turns a prompt into embeddings (encoders and tokenizers)."""
         names = [te.name for te in self.family.text_encoders] + [te.tokenizer for te in self.family.text_encoders]
-        h = hashlib.sha256("|".join(self.identities.get(n, "") for n in names).encode())
+        key = "|".join(self.identities.get(n, "") for n in names)
+        extra = self.family.text_key(self)  # e.g. Flux's T5 length; "" keeps SD identities as they were
+        h = hashlib.sha256((key + ("|" + extra if extra else "")).encode())
         return h.hexdigest()[:32]
 
     @property

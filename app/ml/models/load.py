@@ -52,6 +52,7 @@ def load_model(
     *,
     tokenizer: "str | os.PathLike | None" = None,
     prediction_type: str | None = None,
+    split_files: "Mapping[str, str | os.PathLike | None] | None" = None,
     config: "str | os.PathLike | None" = None,
     text_max_length: int | None = None,
     check_cancel: "Callable[[], None] | None" = None,
@@ -72,6 +73,8 @@ def load_model(
     ``config``: for single files, a diffusers-layout folder of component configs (``unet/config.json``,
     ``vae/config.json``, ``text_encoder/config.json``, ...; weights not needed) to use instead of the
     shipped full-size configs, for non-standard architectures. Its tokenizer folders are used too.
+    ``split_files``: Flux split files, ``{"ae": ..., "clip_l": ..., "t5xxl": ...}`` (each optional: by default
+    ``ae.safetensors``, ``clip_l.safetensors``, ``t5xxl_*.safetensors`` beside the transformer file).
     ``text_max_length``: prompt tokens of families with a settable length (Flux's T5: 512 dev, 256 schnell;
     the builtin tiny model 32); None = the family's default. Part of the text identity (cache key).
     ``log``: progress lines (a tokenizer being fetched from the hub, and where tokenizers came from).
@@ -86,10 +89,20 @@ def load_model(
         path = Path(src).expanduser()
         if not path.exists():
             raise ModelLoadError(f"Model not found: {path}. Give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd.")
-        if path.is_dir():
+        split = {k: str(v) for k, v in (split_files or {}).items() if v}
+        config_dir = Path(config).expanduser() if config else None
+        if path.is_dir() and _is_flux_folder(path):
+            from app.ml.flux.loading import load_folder
+
+            parts = load_folder(path, forced, tokenizer, log)
+        elif path.is_dir():
             parts = _load_diffusers_folder(path, forced, tokenizer, log)
+        elif path.suffix.lower() == ".safetensors" and (split or _is_flux_transformer(path)):
+            from app.ml.flux.loading import load_files
+
+            parts = load_files(path, forced, **split, tokenizer_path=tokenizer, config_dir=config_dir, log=log)
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            parts = _load_single_file(path, forced, tokenizer, Path(config).expanduser() if config else None, log)
+            parts = _load_single_file(path, forced, tokenizer, config_dir, log)
         else:
             raise ModelLoadError(f"{path.name}: not a model file (expected {', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers folder.")
 
@@ -133,6 +146,20 @@ def load_model(
         identities=identities,
         source=src,
     )
+
+
+def _is_flux_folder(folder: Path) -> bool:
+    return str(_read_json(folder / "model_index.json").get("_class_name", "")).startswith("Flux")
+
+
+def _is_flux_transformer(path: Path) -> bool:
+    """From the header only: a Flux transformer file (BFL, all-in-one prefix or diffusers names)."""
+    from app.ml.flux import detect
+
+    try:
+        return detect.detect_file(path).kind == "flux-transformer"
+    except detect.DetectError:
+        return False  # the single-file loader names what is wrong with it
 
 
 def _import_libraries(check: "Callable[[], None]") -> None:

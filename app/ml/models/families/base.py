@@ -115,6 +115,10 @@ class ModelFamily:
         """Prompt tokens the text encoder(s) read (Flux: T5's padded length). CLIP families read 77-token
         pieces whatever is asked (TrainLoop's max_tokens sets how many), so they keep theirs."""
 
+    def text_key(self, bundle) -> str:
+        """What besides the encoders and tokenizers decides the prompt embeddings (part of the text identity)."""
+        return ""
+
     def encode_prompts(self, bundle, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
                        chunks: int = 1) -> dict[str, Any]:
         """Prompt embeddings as this family's denoiser consumes them (float32 tensors by name)."""

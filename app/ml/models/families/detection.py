@@ -68,8 +68,8 @@ SINGLE_FILE_MARKERS: tuple[_Marker, ...] = (
 
 # Layouts we recognise but do not load (yet); naming them beats "unknown layout".
 _UNSUPPORTED_MARKERS: tuple[tuple[str, str], ...] = (
-    ("double_blocks.", "a Flux transformer (Flux support is a later addition)"),
-    ("model.diffusion_model.double_blocks.", "a Flux transformer (Flux support is a later addition)"),
+    ("double_blocks.", "a Flux transformer, which loads from a .safetensors file (with ae, clip_l and t5xxl beside it)"),
+    ("model.diffusion_model.double_blocks.", "a Flux transformer, which loads from a .safetensors file"),
     ("model.diffusion_model.joint_blocks.", "an SD3 transformer (not supported)"),
     ("joint_blocks.", "an SD3 transformer (not supported)"),
     ("lora_unet_", "a LoRA in kohya layout, not a base model"),

@@ -45,6 +45,9 @@ class FluxFamily(ModelFamily):
             raise ModelLoadError(f"{source}: text_max_length {length} is out of range; Flux's T5 reads 1 to 512 tokens.")
         tokenizers[1].model_max_length = int(length)
 
+    def text_key(self, bundle) -> str:
+        return f"t5_length={bundle.tokenizers[1].model_max_length}"
+
     def encode_prompts(self, bundle, prompts: Sequence[str], *, clip_skip: int = 1, with_grad: bool = False,
                        chunks: int = 1) -> dict[str, Any]:
         """``{"prompt_embeds": B x L x D_t5, "pooled_prompt_embeds": B x D_clip}`` as FluxPipeline encodes them:
