@@ -19,23 +19,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from app.ml.tiny_words import WORDS  # the same words as the tiny CLIP tokenizer's
+
 VOCAB_SIZE = 96
 MAX_LENGTH = 512  # Flux dev pads T5 prompts to 512 tokens (schnell: 256)
 _FORMAT = 1  # bump when the training recipe changes, so old cache folders are not reused
-
-WORDS = """
-a an the of in on at with and or to for by from is are this that it its
-red green blue yellow orange purple pink brown black white gray grey gold silver cyan magenta
-circle square triangle rectangle star heart line dot dots stripe stripes ring cross shape shapes
-big small large tiny little bright dark light left right top bottom center middle corner
-photo picture image painting drawing sketch render style art artwork portrait landscape
-man woman person girl boy child face hand eyes hair smile dog cat bird horse car house tree
-flower sky sun moon water sea river mountain city street forest field night day background
-high quality detailed sharp blurry simple plain texture pattern color colour solid
-one two three four five six seven eight nine ten
-0 1 2 3 4 5 6 7 8 9
-ohwx sks token concept class
-""".split()
 
 
 class TokenizerBuildError(RuntimeError):

@@ -20,23 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 from app.ml.models.tokenizers import bytes_to_unicode  # noqa: E402  (the one table the loader uses too)
+from app.ml.tiny_words import WORDS  # noqa: E402  (the T5 tokenizer learns from them too)
 
 OUT_DIR = Path(__file__).resolve().parent / "tiny_clip_tokenizer"
 NUM_MERGES = 320
-
-WORDS = """
-a an the of in on at with and or to for by from is are this that it its
-red green blue yellow orange purple pink brown black white gray grey gold silver cyan magenta
-circle square triangle rectangle star heart line dot dots stripe stripes ring cross shape shapes
-big small large tiny little bright dark light left right top bottom center middle corner
-photo picture image painting drawing sketch render style art artwork portrait landscape
-man woman person girl boy child face hand eyes hair smile dog cat bird horse car house tree
-flower sky sun moon water sea river mountain city street forest field night day background
-high quality detailed sharp blurry simple plain texture pattern color colour solid
-one two three four five six seven eight nine ten
-0 1 2 3 4 5 6 7 8 9
-ohwx sks token concept class
-""".split()
 
 
 def learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
