@@ -165,6 +165,9 @@ def sample(ctx, model, prompt, negative_prompt, width, height, steps, cfg, seed,
                                progress=lambda i, n: ctx.progress(i, n, "sampling"), check_cancel=ctx.check_cancel)
     except ValueError as e:
         raise NodeError(str(e)) from None
+    notes = sorted({p["sampler_impl"].split("; ", 1)[1] for p in result.params if "; " in p.get("sampler_impl", "")})
+    for note in notes:  # e.g. Flux: the negative prompt is not used
+        ctx.log(note)
     paths = save_samples(result, ctx.node_dir(), recipe=ctx.recipe)
     show_images(ctx, result)
     ctx.log(f"{len(paths)} image(s) in {paths[0].parent}")

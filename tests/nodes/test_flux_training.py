@@ -117,3 +117,30 @@ def test_flux_lora_saved_in_each_layout_continues_training(tmp_path):
         cont["nodes"]["5"]["params"]["init_from"] = str(path)
         _, _, again = _run(cont, tmp_path / f"{layout}_cont")
         assert again.status == "done", again
+
+
+def test_sizes_that_are_not_multiples_of_16_are_refused_by_name(tmp_path):
+    data = flux_lora_recipe({"max_steps": 1}, save=None)
+    data["nodes"]["3"]["params"].update({"resolution": "40", "quantization": 8})
+    _, _, result = _run(data, tmp_path / "train")
+    assert result.status != "done"
+    text = str(result.__dict__)
+    assert "Flux.1 dev needs image sides that are multiples of 16 px" in text and "40x40" in text, text
+    sample = recipe({"1": ("LoadModel", {"source": "builtin:tiny-flux"}),
+                     "2": ("Sample", {"prompt": "red", "width": 72, "height": 64, "steps": 1, "seed": 1})},
+                    [("1", "model", "2", "model")])
+    _, _, result = _run(sample, tmp_path / "sample")
+    assert result.status != "done" and "multiples of 16 for Flux.1 dev" in str(result.__dict__)
+
+
+def test_sample_notes_that_flux_ignores_the_negative_prompt(tmp_path):
+    events = []
+    reg = load_registry(include_user=False)
+    data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-flux"}),
+                   "2": ("Sample", {"prompt": "red", "negative_prompt": "blurry", "width": 64, "height": 64,
+                                    "steps": 2, "cfg": 3.5, "seed": 1})}, [("1", "model", "2", "model")])
+    graph, problems = loads_recipe(json.dumps(data), registry=reg)
+    assert not problems
+    assert Executor(reg).run(graph, emit=events.append, workspace=tmp_path).status == "done"
+    logs = [e["message"] for e in events if e["event"] == "log" and e["node"] == "2"]
+    assert any("negative prompt ignored" in m for m in logs), logs

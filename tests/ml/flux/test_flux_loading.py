@@ -97,3 +97,16 @@ def test_validation_never_imports_torch():
     code = ("import sys, app.graph.inputs_check, app.ml.flux.detect; "
             "sys.exit(1 if {'torch', 'diffusers', 'transformers'} & set(sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_an_fp8_transformer_file_loads_upcast(ref, saved, tmp_path):
+    files = tmp_path / "fp8"
+    files.mkdir()
+    for name in ("ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"):
+        (files / name).write_bytes((saved / "files" / name).read_bytes())
+    bfl = keys.diffusers_to_bfl(ref.denoiser.state_dict())
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in bfl.items()}, str(files / "flux1-dev-fp8.safetensors"))
+    b = load_model(files / "flux1-dev-fp8.safetensors", config=saved / "folder", text_max_length=32)
+    want = {k: v.to(torch.float8_e4m3fn).float() for k, v in ref.denoiser.state_dict().items()}
+    got = b.denoiser.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want) and got["x_embedder.weight"].dtype == torch.float32
