@@ -17,7 +17,7 @@ from app.gui.previews import MetricsView, Textures, draw_preview
 from app.gui.runstate import NodeRun
 from app.gui.theme import ERROR_TEXT, MUTED_TEXT, PIN_SHAPES, Themes
 from app.gui.view import DEFAULT_NODE_SIZE, FONT_SIZE, View, font_file, font_size_for
-from app.gui.widgets import add_param_widget, set_widget_value, widget_value
+from app.gui.widgets import add_param_widget, add_sweep_mark, set_widget_value, show_sweep_mark, widget_value
 
 NODE_WIDTH = 260  # wrap width for messages inside a node
 # Recipes place nodes about 300 x 220 grid units apart, so a node shows its first few params and
@@ -46,6 +46,7 @@ class NodeItems:
     preview_version: int = -1
     look: tuple = ("", False)
     params: dict[str, int] = field(default_factory=dict)
+    marks: dict[str, int] = field(default_factory=dict)  # param -> its sweep mark (shown while marked)
     widths: list[tuple[int, int]] = field(default_factory=list)  # (item, width at zoom 1) to scale
     wraps: list[tuple[int, int]] = field(default_factory=list)  # (text, wrap width at zoom 1)
 
@@ -179,6 +180,10 @@ class Canvas:
                              on_change=lambda name, v: self.on_param(nid, name, v),
                              on_browse=lambda name, kind: self.on_browse(nid, name, kind), parent=parent)
         self.nodes[nid].params[inp.name] = w
+        mark = self.nodes[nid].marks[inp.name] = add_sweep_mark(parent)
+        values = C.sweep_marks(doc.graph).get(C.sweep_key(nid, inp.name))
+        if values:
+            show_sweep_mark(mark, w, values if isinstance(values, list) else [values])
 
     def _register_pin(self, attr: int, pin: Pin) -> None:
         theme = self.themes.pins.get(pin.type)
@@ -242,6 +247,29 @@ class Canvas:
             value = widget_value(inp, node.params.get(name, inp.default))
             if dpg.get_value(item) != value:
                 set_widget_value(item, value)
+        self.refresh_marks(doc, nid)
+
+    def refresh_marks(self, doc, nid: str) -> None:
+        """Each param's sweep mark as the recipe's ui.sweeps says (after marking, undo, redo)."""
+        parts = self.nodes.get(nid)
+        if parts is None:
+            return
+        marks = C.sweep_marks(doc.graph)
+        for name, mark in parts.marks.items():
+            values = marks.get(C.sweep_key(nid, name))
+            show_sweep_mark(mark, parts.params[name], None if values is None else
+                            values if isinstance(values, list) else [values])
+
+    def hovered_param(self, nid: str) -> str | None:
+        """The param whose field (or sweep mark) is under the mouse, in node `nid`."""
+        parts = self.nodes.get(nid)
+        if parts is None:
+            return None
+        for name, item in parts.params.items():
+            mark = parts.marks.get(name)
+            if dpg.is_item_hovered(item) or (mark and dpg.is_item_shown(mark) and dpg.is_item_hovered(mark)):
+                return name
+        return None
 
     # ---- zoom ---------------------------------------------------------------------------------
     def set_view(self, view: View) -> None:

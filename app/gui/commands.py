@@ -40,6 +40,17 @@ def set_node_pos(graph: Graph, node_id: str, pos) -> None:
     ui_nodes(graph).setdefault(node_id, {})["pos"] = [round(float(pos[0])), round(float(pos[1]))]
 
 
+def sweep_key(node_id: str, param: str) -> str:
+    """How a sweep mark is named in the recipe's ``ui.sweeps``: ``"7.lr"`` (node id, param)."""
+    return f"{node_id}.{param}"
+
+
+def sweep_marks(graph: Graph) -> dict:
+    """The planned sweep carried by the recipe: ``ui.sweeps`` = {"7.lr": [0.0001, 5e-05]} (empty if none)."""
+    marks = graph.ui.get("sweeps")
+    return marks if isinstance(marks, dict) else {}
+
+
 # ---- commands --------------------------------------------------------------------------------
 
 class Command:
@@ -93,10 +104,20 @@ class RemoveNodes(Command):
     label = "delete"
 
     _ui_order: list = field(default_factory=list)
+    _sweeps: Any = _MISSING  # ui.sweeps before: a deleted node's sweep marks go with it
+    _ui_keys: list = field(default_factory=list)
 
     def do(self, graph: Graph) -> None:
         self._node_order = list(graph.nodes)
         self._ui_order = list(ui_nodes(graph))
+        self._ui_keys = list(graph.ui)
+        self._sweeps = _copied(graph.ui.get("sweeps", _MISSING))
+        marks = sweep_marks(graph)
+        gone = [k for k in marks if str(k).rsplit(".", 1)[0] in self.node_ids]
+        for key in gone:
+            del marks[key]
+        if gone and not marks:
+            del graph.ui["sweeps"]
         self._links = [(i, l) for i, l in enumerate(graph.links)
                        if l.from_node in self.node_ids or l.to_node in self.node_ids]
         self._saved = []
@@ -111,6 +132,9 @@ class RemoveNodes(Command):
                 ui_nodes(graph)[node.id] = ui
         graph.nodes = _reordered(graph.nodes, self._node_order)
         graph.ui["nodes"] = _reordered(ui_nodes(graph), self._ui_order)
+        if self._sweeps is not _MISSING:
+            graph.ui["sweeps"] = copy.deepcopy(self._sweeps)
+        _reorder_in_place(graph.ui, self._ui_keys)
         for index, link in self._links:
             graph.links.insert(index, link)
 
@@ -122,6 +146,16 @@ def _reordered(d: dict, order: list) -> dict:
     """Dict order is file order: put restored entries back where they were."""
     rank = {k: i for i, k in enumerate(order)}
     return dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def _copied(value):
+    return value if value is _MISSING else copy.deepcopy(value)  # a deep copy of the marker is another object
+
+
+def _reorder_in_place(d: dict, order: list) -> None:
+    items = _reordered(d, order)
+    d.clear()
+    d.update(items)
 
 
 @dataclass
@@ -271,6 +305,46 @@ class EditGroup(Command):
             groups.insert(self.index, self._old)
         else:
             groups[self.index] = self._old
+
+
+@dataclass
+class SetSweep(Command):
+    """Marks a param to be swept over ``values`` (None: removes the mark). Stored in the recipe's ui
+    section, so a shared recipe carries the planned sweep; the last mark removed takes the key with it,
+    so a recipe without marks never gains one."""
+
+    node_id: str
+    param: str
+    values: list | None
+    _old: Any = _MISSING  # ui.sweeps before, exactly (undo gives back the same bytes)
+    _ui_keys: list = field(default_factory=list)
+    label = "sweep mark"
+
+    def do(self, graph: Graph) -> None:
+        self._ui_keys = list(graph.ui)
+        self._old = _copied(graph.ui.get("sweeps", _MISSING))
+        marks = graph.ui.get("sweeps")
+        if not isinstance(marks, dict):
+            marks = {}
+        key = sweep_key(self.node_id, self.param)
+        if self.values is None:
+            marks.pop(key, None)
+        else:
+            marks[key] = copy.deepcopy(list(self.values))
+        if marks:
+            graph.ui["sweeps"] = marks
+        else:
+            graph.ui.pop("sweeps", None)
+
+    def undo(self, graph: Graph) -> None:
+        if self._old is _MISSING:
+            graph.ui.pop("sweeps", None)
+        else:
+            graph.ui["sweeps"] = copy.deepcopy(self._old)
+        _reorder_in_place(graph.ui, self._ui_keys)
+
+    def nodes_touched(self) -> set[str]:
+        return {self.node_id}
 
 
 @dataclass

@@ -190,6 +190,68 @@ class Document:
             return
         self.execute(C.SetParam(node_id, name, value), mergeable=True)
 
+    # ---- sweep marks (the recipe's ui.sweeps: a planned sweep, queued as the product of its values) ----
+    def sweep_marks(self) -> dict:
+        return C.sweep_marks(self.graph)
+
+    def sweep_values(self, node_id: str, param: str, text: str) -> list:
+        """The values typed for a sweep mark ("1e-4, 5e-5", or a JSON list for values with commas),
+        read exactly as `--sweep NODE.PARAM=...` reads them and checked against the param's type and
+        range. Raises UsageError naming the node and what to write instead."""
+        from app.engine.sweep import parse_sweep
+        from app.graph.overrides import UsageError, apply_set
+
+        where = f"{self.graph.label(node_id)} (node {node_id}).{param}"
+        try:
+            _, _, texts = parse_sweep(f"{node_id}.{param}={text}")
+        except UsageError as e:
+            raise UsageError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
+        probe = self.graph.copy()
+        values = []
+        for t in texts:
+            try:
+                apply_set(probe, self.registry, f"{node_id}.{param}={t}")
+            except UsageError as e:
+                raise UsageError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
+            value = probe.nodes[node_id].params[param]
+            if value in values:
+                raise UsageError(f"{where}: {t!r} is the same value as another one listed; list each value once")
+            values.append(value)
+        return values
+
+    def mark_sweep(self, node_id: str, param: str, values: list | None) -> bool:
+        """Marks (or with None unmarks) a param for sweeping, as one undo step. False: nothing changed."""
+        key = C.sweep_key(node_id, param)
+        if self.sweep_marks().get(key) == values or (values is None and key not in self.sweep_marks()):
+            return False
+        self.execute(C.SetSweep(node_id, param, None if values is None else list(values)))
+        return True
+
+    def sweep_args(self) -> list[str]:
+        """The marks as `--sweep` texts (``7.lr=[0.0001, 5e-05]``, a JSON list so any value survives).
+        Raises UsageError naming the file for a mark that no longer fits the recipe."""
+        import json
+
+        from app.graph.overrides import UsageError
+
+        where = f"the sweep marks (ui.sweeps) of {self.path or 'the recipe'}"
+        marks = self.graph.ui.get("sweeps")
+        if marks is None:
+            return []
+        if not isinstance(marks, dict):
+            raise UsageError(f"{where} are not a table of \"NODE.PARAM\": [values]; fix or remove them in the file")
+        out = []
+        for key, values in marks.items():
+            nid, _, param = str(key).rpartition(".")
+            spec = self.spec(nid)
+            if spec is None or spec.input(param) is None or spec.input(param).is_socket:
+                raise UsageError(f"{where}: {key!r} names no param of a node in the recipe; remove that mark "
+                                 f"(right-click the node) or fix the file")
+            if not isinstance(values, list) or not values:
+                raise UsageError(f"{where}: {key!r} holds no list of values; mark the param again")
+            out.append(f"{nid}.{param}=" + json.dumps(values))
+        return out
+
     def move(self, new_positions: dict[str, tuple[float, float]]) -> None:
         moves = {}
         for nid, new in new_positions.items():

@@ -574,12 +574,14 @@ class Editor:
         if nid is None:
             return
         self.focus_node(nid, quiet=True)
+        field = self.canvas.hovered_param(nid)  # right-click on a field: "Sweep this param..." first
         pos = dpg.get_mouse_pos(local=False)
         with dpg.window(popup=True, pos=[int(pos[0]), int(pos[1])], no_title_bar=True, autosize=True) as menu:
             def do(action):
                 dpg.delete_item(menu)
                 action()
             dpg.add_menu_item(label="Run up to here", callback=lambda: do(lambda: self.run_to(nid)))
+            queue_panel.add_mark_items(self, nid, field, do)
             dpg.add_menu_item(label="Sweep a param into the queue...", callback=lambda: do(lambda: queue_panel.SweepDialog(self)))
             if self.doc.graph.nodes[nid].type == "Concept":
                 dpg.add_menu_item(label="Browse dataset...", callback=lambda: do(lambda: self.open_dataset_browser(nid)))

@@ -13,6 +13,7 @@ with File -> Import... (or `launch.py import`).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,9 +33,11 @@ def _workspace_for(editor) -> Path:
     return Path(os.environ.get("NODETRAINER_WORKSPACE") or Path("workspace") / stem).resolve()
 
 
-def add_to_queue(editor, sweeps: list[str] = (), queue=None) -> list[dict]:
+def add_to_queue(editor, sweeps: list[str] | None = None, queue=None) -> list[dict]:
     """Queue the recipe as it is in the editor (a snapshot: later edits do not change it); with sweeps,
-    one entry per combination in sub-workspaces. Returns the new entries ([] when refused)."""
+    one entry per combination in sub-workspaces. Without `sweeps` the recipe's sweep marks (ui.sweeps,
+    set on the nodes' fields) are the sweep, so Run -> Add to queue queues their product. Returns the
+    new entries ([] when refused)."""
     from app.engine.queue import RunQueue
     from app.engine.sweep import complete_recipe, expand, sweep_meta
     from app.graph.overrides import UsageError
@@ -49,6 +52,8 @@ def add_to_queue(editor, sweeps: list[str] = (), queue=None) -> list[dict]:
     source = str(editor.doc.path or "untitled")
     root = _workspace_for(editor)
     try:
+        if sweeps is None:
+            sweeps = editor.doc.sweep_args()
         planned = ([(v.graph, root / v.name, sweep_meta(source, v, [], list(sweeps)), v.sets, v.name)
                     for v in expand(graph, editor.registry, list(sweeps))]
                    if sweeps else [(graph, root, None, [], None)])
@@ -62,8 +67,9 @@ def add_to_queue(editor, sweeps: list[str] = (), queue=None) -> list[dict]:
                        error=True)
             return []
     stem = Path(source).stem
-    added = [queue.add(complete_recipe(g, editor.registry, base, meta), source=source, recipe_dir=str(base),
-                       workspace=str(ws), sets=sets, sweep=name, title=f"{stem} {name}" if name else stem)
+    added = [queue.add(_without_marks(complete_recipe(g, editor.registry, base, meta)), source=source,
+                       recipe_dir=str(base), workspace=str(ws), sets=sets, sweep=name,
+                       title=f"{stem} {name}" if name else stem)
              for g, ws, meta, sets, name in planned]
     editor.say(f"Queued {len(added)} run(s) (entries {', '.join(str(e['id']) for e in added)}); "
                f"Run -> Queue... shows them.")
@@ -71,6 +77,90 @@ def add_to_queue(editor, sweeps: list[str] = (), queue=None) -> list[dict]:
     if panel is not None:
         panel.refresh()
     return added
+
+
+def _without_marks(data: dict) -> dict:
+    """A queued run is one combination: its snapshot keeps no sweep marks (meta.sweep says what was
+    swept), so opening it from the queue and queueing it again runs that one combination."""
+    ui = data.get("ui")
+    if isinstance(ui, dict) and "sweeps" in ui:
+        del ui["sweeps"]
+        if not ui:
+            del data["ui"]
+    return data
+
+
+class SweepMarkDialog:
+    """Right-click a node's field -> Sweep this param...: the values to sweep it over, typed as for
+    `--sweep` (1e-4, 5e-5 or a JSON list), checked against the param's type and range before the mark
+    is set. The mark is an undoable edit of the recipe's ui.sweeps; a refused value keeps the dialog
+    open with the text as typed."""
+
+    def __init__(self, editor, node_id: str, param: str) -> None:
+        from app.engine.sweep import format_value
+
+        self.editor, self.node_id, self.param = editor, node_id, param
+        node = editor.doc.graph.nodes[node_id]
+        current = editor.doc.sweep_marks().get(f"{node_id}.{param}")
+        if isinstance(current, list) and current:
+            text = ", ".join(format_value(v) for v in current)
+            if any(isinstance(v, str) and "," in v for v in current):
+                text = json.dumps(current)
+        else:
+            text = format_value(node.params.get(param, ""))
+        self.window = dpg.add_window(label=f"Sweep {editor.doc.graph.label(node_id)}.{param}", width=460,
+                                     height=170, on_close=lambda s: dpg.delete_item(s))
+        dpg.add_text(f"Values of {param} to try, separated by commas (a JSON list for values that hold\n"
+                     f"commas). Run -> Add to queue then queues one run per combination of the marks.",
+                     parent=self.window)
+        self.text = dpg.add_input_text(default_value=text, width=-1, parent=self.window, on_enter=True,
+                                       callback=lambda: self.submit())
+        with dpg.group(horizontal=True, parent=self.window):
+            dpg.add_button(label="Mark", callback=lambda: self.submit())
+            if current is not None:
+                dpg.add_button(label="Remove the mark", callback=lambda: self.remove())
+
+    def submit(self, text: str | None = None) -> list | None:
+        """Sets the mark; returns its values, or None when refused (the reason is in the status line)."""
+        from app.graph.overrides import UsageError
+
+        text = dpg.get_value(self.text) if text is None else text
+        try:
+            values = self.editor.doc.sweep_values(self.node_id, self.param, text)
+        except UsageError as e:
+            self.editor.say(f"Sweep: {e}", error=True)
+            return None
+        self.editor.doc.mark_sweep(self.node_id, self.param, values)
+        self._done(f"{self.editor.doc.graph.label(self.node_id)}.{self.param} is marked to sweep over "
+                   f"{len(values)} value(s); Run -> Add to queue queues the combinations.")
+        return values
+
+    def remove(self) -> None:
+        self.editor.doc.mark_sweep(self.node_id, self.param, None)
+        self._done(f"The sweep mark on {self.editor.doc.graph.label(self.node_id)}.{self.param} is removed.")
+
+    def _done(self, message: str) -> None:
+        self.editor.after_edit({self.node_id})
+        self.editor.say(message)
+        if dpg.does_item_exist(self.window):
+            dpg.delete_item(self.window)
+
+
+def add_mark_items(editor, node_id: str, hovered: str | None, do) -> None:
+    """The node menu's sweep entries: the field under the mouse first, then every param of the node."""
+    spec = editor.doc.spec(node_id)
+    if spec is None or not spec.params:
+        return
+    marks = editor.doc.sweep_marks()
+    if hovered:
+        verb = "Edit the sweep of" if f"{node_id}.{hovered}" in marks else "Sweep"
+        dpg.add_menu_item(label=f"{verb} {hovered}...",
+                          callback=lambda: do(lambda: SweepMarkDialog(editor, node_id, hovered)))
+    with dpg.menu(label="Sweep a param (mark it)"):
+        for p in spec.params:
+            mark = " (marked)" if f"{node_id}.{p.name}" in marks else ""
+            dpg.add_menu_item(label=p.name + mark, user_data=p.name,
+                              callback=lambda s, a, u: do(lambda: SweepMarkDialog(editor, node_id, u)))
 
 
 class SweepDialog:

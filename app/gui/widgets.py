@@ -91,6 +91,59 @@ def add_param_widget(inp: Input, value: Any, on_change: Callable[[str, Any], Non
     return item
 
 
+SWEEP_COLOUR = (120, 200, 255)
+SWEEP_TINT = (40, 70, 110)  # the field's background while its param is marked for a sweep
+_mark_tips: dict[int, int] = {}  # mark label -> the text of its tooltip
+_tint: list[int] = []
+
+
+def add_sweep_mark(parent: int | str) -> int:
+    """The label under a param's field that says it is marked for a sweep ("<> sweep: 3 values"), with
+    the values in its tooltip; hidden until show_sweep_mark gives it values."""
+    mark = dpg.add_text("", parent=parent, color=SWEEP_COLOUR, show=False)
+    if len(_mark_tips) > 20000:  # marks of deleted nodes
+        for gone in [i for i in _mark_tips if not dpg.does_item_exist(i)]:
+            del _mark_tips[gone]
+    with dpg.tooltip(mark):
+        _mark_tips[mark] = dpg.add_text("", wrap=320)
+    return mark
+
+
+def show_sweep_mark(mark: int, field: int, values: list | None) -> None:
+    """Shows (values) or hides (None) a sweep mark, and tints its field so the mark reads at a glance."""
+    from app.engine.sweep import format_value
+
+    shown = bool(values)
+    text = f"<> sweep: {len(values)} value{'s' if len(values) != 1 else ''}" if shown else ""
+    dpg.set_value(mark, text)
+    dpg.configure_item(mark, show=shown)
+    tip = _mark_tips.get(mark)
+    if tip is not None and dpg.does_item_exist(tip):
+        dpg.set_value(tip, ("swept over: " + ", ".join(format_value(v) for v in values) +
+                            "\nRun -> Add to queue queues one run per combination; right-click the node to "
+                            "edit or remove the mark.") if shown else "")
+    if dpg.does_item_exist(field):
+        dpg.bind_item_theme(field, _tint_theme() if shown else 0)
+
+
+def sweep_mark_text(mark: int) -> tuple[str, str]:
+    """(label, tooltip) of a sweep mark as the user reads them; ("", "") when hidden."""
+    if not dpg.does_item_exist(mark) or not dpg.get_item_configuration(mark)["show"]:
+        return "", ""
+    tip = _mark_tips.get(mark)
+    return dpg.get_value(mark), (dpg.get_value(tip) if tip is not None and dpg.does_item_exist(tip) else "")
+
+
+def _tint_theme() -> int:
+    if _tint and dpg.does_item_exist(_tint[0]) and dpg.get_item_type(_tint[0]).endswith("mvTheme"):
+        return _tint[0]
+    with dpg.theme() as theme:
+        with dpg.theme_component(dpg.mvAll):
+            dpg.add_theme_color(dpg.mvThemeCol_FrameBg, SWEEP_TINT)
+    _tint[:] = [theme]
+    return theme
+
+
 def set_widget_value(item: int, value: Any) -> None:
     """Sets a field made by add_param_widget from code (undo, paste), keeping its tooltip and tail."""
     dpg.set_value(item, value)
