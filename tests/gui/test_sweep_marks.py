@@ -152,3 +152,10 @@ def test_the_mark_command_keeps_a_recipe_without_marks_free_of_the_key():
     assert g.ui == {"nodes": {"1": {"pos": [0, 0]}}, "groups": []}
     C.SetSweep("1", "lr", None).do(g)
     assert "sweeps" not in g.ui
+    # removing the last mark of a file that keeps them before its groups: undo puts the key back in place
+    g.ui = {"nodes": {}, "sweeps": {"1.lr": [1, 2]}, "groups": []}
+    cmd = C.SetSweep("1", "lr", None)
+    cmd.do(g)
+    assert g.ui == {"nodes": {}, "groups": []}
+    cmd.undo(g)
+    assert list(g.ui) == ["nodes", "sweeps", "groups"] and g.ui["sweeps"] == {"1.lr": [1, 2]}
