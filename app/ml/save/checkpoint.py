@@ -1,4 +1,5 @@
-"""Full-model saves: one original-layout (A1111/Civitai) ``.safetensors`` file, or a diffusers folder.
+"""Full-model saves: one ``.safetensors`` file (SD: the original A1111/Civitai layout; Flux: the BFL transformer,
+as ``flux1-dev.safetensors``), or a diffusers folder.
 
 Both take an optional adapter set to merge at a strength: merged weights are computed into new
 tensors (``merged_state_dicts``), so the cached base model is never modified. The single file uses
@@ -18,7 +19,6 @@ import torch
 from safetensors.torch import save_file
 
 from app.ml.adapters import merged_state_dicts
-from app.ml.models.original_layout import to_original_state_dict
 
 from app.atomic import atomic_file, atomic_folder
 from .lora import parse_save_dtype
@@ -32,9 +32,16 @@ def _state_dicts(bundle, adapters, strength) -> dict[str, dict[str, torch.Tensor
 
 
 def _prepare(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, cast. A tensor tied to an earlier one (T5's embed_tokens is its shared embedding)
+    is written once: safetensors refuses shared memory, and loading ties it again."""
     out = {}
+    seen: set[tuple[int, tuple]] = set()
     for k, v in sd.items():
         v = v.detach()
+        tie = (v.data_ptr(), tuple(v.shape))
+        if v.numel() and tie in seen:
+            continue
+        seen.add(tie)
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         out[k] = v.to("cpu").contiguous()
@@ -59,9 +66,7 @@ def save_single_file(
         path = path.with_name(path.name + ".safetensors")
     dt = parse_save_dtype(dtype) if dtype is not None else None
     sds = _state_dicts(bundle, adapters, strength)
-    tes = [sds[spec.name] for spec in bundle.family.text_encoders]
-    original = to_original_state_dict(bundle.family.id, sds["unet"], bundle.unet.config, sds["vae"], bundle.vae.config, tes)
-    tensors = _prepare(original, dt)
+    tensors = _prepare(bundle.family.single_file_state(bundle, sds), dt)  # SD: original layout; Flux: BFL transformer
     with atomic_file(path, overwrite, size_hint=sum(t.numel() * t.element_size() for t in tensors.values())) as target:
         meta = checkpoint_metadata(bundle, title=target.final.stem, recipe=recipe, step=step, epoch=epoch)
         save_file(tensors, str(target.tmp), metadata=meta)
@@ -90,7 +95,7 @@ def save_diffusers(
     with atomic_folder(folder, overwrite, size_hint=size) as target:
         root = target.tmp
         index: dict[str, Any] = {"_class_name": fam.pipeline_class, "_diffusers_version": diffusers.__version__}
-        for name, model in (("unet", bundle.unet), ("vae", bundle.vae)):
+        for name, model in ((fam.denoiser, bundle.denoiser), ("vae", bundle.vae)):
             (root / name).mkdir()
             model.save_config(str(root / name))
             save_file(_prepare(sds[name], dt), str(root / name / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
@@ -102,15 +107,12 @@ def save_diffusers(
             tok.save_pretrained(str(root / spec.tokenizer))
             index[spec.name] = ["transformers", type(te).__name__]
             index[spec.tokenizer] = ["transformers", type(tok).__name__]
-        sched = dict(bundle.scheduler_config)
-        sched.setdefault("_class_name", "PNDMScheduler")
+        sched = {k: v for k, v in dict(bundle.scheduler_config).items() if not (fam.objective == "flow" and k == "prediction_type")}
+        sched.setdefault("_class_name", fam.scheduler_class)
         (root / "scheduler").mkdir()
         (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True))
         index["scheduler"] = ["diffusers", sched["_class_name"]]
-        if fam.id == "sdxl":
-            index["force_zeros_for_empty_prompt"] = True
-        else:
-            index.update({"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False})
+        index.update(fam.model_index_extras())
         (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         meta = checkpoint_metadata(bundle, title=target.final.name, recipe=recipe)
         (root / "nodetrainer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))

@@ -110,3 +110,31 @@ def test_an_fp8_transformer_file_loads_upcast(ref, saved, tmp_path):
     want = {k: v.to(torch.float8_e4m3fn).float() for k, v in ref.denoiser.state_dict().items()}
     got = b.denoiser.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want) and got["x_embedder.weight"].dtype == torch.float32
+
+
+def test_a_flux_model_with_a_merged_lora_saves_as_a_folder_and_a_bfl_file_and_loads_back(ref, saved, tmp_path):
+    from app.ml.adapters import AdapterConfig, attached, create_adapter_set
+    from app.ml.save import save_diffusers, save_single_file
+
+    aset = create_adapter_set(ref, AdapterConfig(rank=4, alpha=4.0, targets={"unet": "attn-only"}))
+    with torch.no_grad():
+        for e in aset.entries():
+            e.module.lora_up.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    folder = save_diffusers(ref, tmp_path / "merged", adapters=[(aset, 1.0)], dtype="fp32")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    back = load_model(folder, text_max_length=32)
+    noisy = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    text = ref.encode_prompts(["red"])
+    cond = ref.family.conditioning(ref, text, pixel_size=(32, 32), batch=1, device="cpu", guidance=1.0)
+    with torch.no_grad():
+        with attached(ref, aset):
+            want = ref.family.predict(ref.denoiser, noisy, torch.tensor([0.5]), cond)
+        got = back.family.predict(back.denoiser, noisy, torch.tensor([0.5]), cond)
+    assert torch.allclose(got, want, atol=1e-5)
+    files = tmp_path / "single"
+    files.mkdir()
+    path = save_single_file(ref, files / "flux1-dev-merged.safetensors", adapters=[(aset, 1.0)], dtype="fp32")
+    for name in ("ae.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"):
+        (files / name).write_bytes((saved / "files" / name).read_bytes())
+    single = load_model(path, config=saved / "folder", text_max_length=32)
+    assert _same(single.denoiser, back.denoiser)

@@ -170,6 +170,22 @@ class ModelFamily:
                              f"load it with a {other} model.")
         return tensors
 
+    # ------------------------------------------------------------------ full-model files
+
+    def single_file_state(self, bundle, state_dicts: Mapping[str, Any]) -> dict[str, Any]:
+        """The tensors of a one-file save (merged per-component state dicts in, file keys out)."""
+        from app.ml.models.original_layout import to_original_state_dict
+
+        tes = [state_dicts[spec.name] for spec in self.text_encoders]
+        return to_original_state_dict(self.id, state_dicts["unet"], bundle.denoiser.config, state_dicts["vae"],
+                                      bundle.vae.config, tes)
+
+    def model_index_extras(self) -> dict[str, Any]:
+        """Pipeline arguments a diffusers folder's ``model_index.json`` carries besides the components."""
+        return {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+
+    scheduler_class: str = "PNDMScheduler"  # written in a diffusers folder when the config names none
+
     def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                        cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None) -> tuple[Any, str]:
         """Denoise one image from noise; returns ``(latents 1 x C x h x w, implementation name)``."""

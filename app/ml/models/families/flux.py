@@ -192,6 +192,19 @@ class FluxFamily(ModelFamily):
             out[f"{self.denoiser}.{name}.alpha"] = torch.tensor(float(lo.alpha))
         return out
 
+    # ------------------------------------------------------------------ full-model files
+    scheduler_class: str = "FlowMatchEulerDiscreteScheduler"
+
+    def single_file_state(self, bundle, state_dicts):
+        """The transformer in the BFL layout, as ``flux1-dev.safetensors`` (ae, clip_l, t5xxl stay separate files,
+        as ComfyUI keeps them)."""
+        from app.ml.flux.keys import diffusers_to_bfl
+
+        return diffusers_to_bfl(state_dicts[self.denoiser], source=f"{self.display_name} transformer")
+
+    def model_index_extras(self) -> dict[str, Any]:
+        return {}
+
     # ------------------------------------------------------------------ sampling
     def build_pipeline(self, bundle, scheduler=None):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline

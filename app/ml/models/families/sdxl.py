@@ -22,6 +22,9 @@ class SDXLFamily(SDFamily):
         return {"encoder_hidden_states": text["prompt_embeds"],
                 "added_cond_kwargs": {"text_embeds": text["pooled_prompt_embeds"], "time_ids": time_ids.to(device)}}
 
+    def model_index_extras(self) -> dict[str, Any]:
+        return {"force_zeros_for_empty_prompt": True}
+
     def build_pipeline(self, bundle, scheduler):
         from diffusers import StableDiffusionXLPipeline
 
