@@ -12,7 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+# the same exit codes, and the one Ctrl-C rule (first: stop at the next check; second: stop now)
+from app.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, _InterruptHandler
+
 SWEEP_HELP = ("run the recipe once per value (repeatable: the cartesian product), each in its own sub-workspace "
               "named after the values, e.g. --sweep Optimizer.lr=1e-4,5e-5 --sweep LoRAInject.rank=8,16; nodes "
               "upstream of every swept param run once for all")
@@ -137,8 +139,7 @@ def cmd_run_sweep(args, reg) -> int:
         return EXIT_INVALID
     print(f"Sweep: {len(variants)} run(s) in {root}: " + ", ".join(v.name for v in variants), file=sys.stderr)
     executor = Executor(reg, keep_outputs=True, allow_output=args.allow_output)
-    stopper = _Stopper(executor.cancel)
-    previous = signal.signal(signal.SIGINT, stopper)
+    previous = signal.signal(signal.SIGINT, _InterruptHandler(executor.cancel))
     all_events = open(args.events, "w", encoding="utf-8") if args.events else None
     files = []
 
@@ -170,19 +171,6 @@ def cmd_run_sweep(args, reg) -> int:
     if len(results) < len(variants) or any(s != "done" for s in statuses):
         return EXIT_FAILED
     return EXIT_OK
-
-
-class _Stopper:
-    def __init__(self, cancel) -> None:
-        self.cancel, self.count = cancel, 0
-
-    def __call__(self, signum, frame) -> None:
-        self.count += 1
-        if self.count == 1:
-            print("\nStopping at the next check... (Ctrl-C again to stop immediately)", file=sys.stderr)
-            self.cancel()
-        else:
-            raise KeyboardInterrupt
 
 
 # ---- queue ---------------------------------------------------------------------------------------
@@ -275,8 +263,7 @@ def _queue_run(args, reg, queue) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
     stop = threading.Event()
-    stopper = _Stopper(stop.set)
-    previous = signal.signal(signal.SIGINT, stopper)
+    previous = signal.signal(signal.SIGINT, _InterruptHandler(stop.set))
 
     def reporter(entry):
         print(f"\n== queue entry {entry['id']}: {entry['title']} ({entry['workspace']}) ==", file=sys.stderr)
