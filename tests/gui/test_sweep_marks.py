@@ -3,6 +3,9 @@ node, kept in the recipe's ui section, undone like any edit, and queued as the p
 (headless Dear PyGui context; the screenshot test runs the editor under Xvfb)."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import dearpygui.dearpygui as dpg
 import pytest
@@ -159,3 +162,35 @@ def test_the_mark_command_keeps_a_recipe_without_marks_free_of_the_key():
     assert g.ui == {"nodes": {}, "groups": []}
     cmd.undo(g)
     assert list(g.ui) == ["nodes", "sweeps", "groups"] and g.ui["sweeps"] == {"1.lr": [1, 2]}
+
+
+from tests.gui.test_gui_xvfb import display, gui_env, launch, needs_xvfb, pixels  # noqa: E402,F401  (Xvfb)
+
+
+def _bluish(counts) -> int:
+    """Pixels of the mark's light blue, antialiased text included (links of that colour are in both shots)."""
+    return sum(n for (r, g, b), n in counts.items() if b > 140 and b - r > 50 and g - r > 30 and r > 80)
+
+
+@needs_xvfb
+def test_a_marked_field_is_drawn_tinted_with_its_mark_in_the_running_editor(display, tmp_path):  # noqa: F811
+    """The same recipe with and without a mark on Optimizer.lr: only the marked one has the tinted
+    field and the light blue "<> sweep: 3 values" under it."""
+    from app.gui.widgets import SWEEP_TINT
+
+    path = tiny_recipe(tmp_path)
+    data = json.loads(path.read_text())
+    shots = {}
+    for name, marks in (("plain", None), ("marked", {"6.lr": [0.001, 0.0005, 0.0002]})):
+        if marks:
+            data["ui"]["sweeps"] = marks
+        path.write_text(json.dumps(data))
+        shots[name] = tmp_path / f"{name}.png"
+        r = launch(["gui", str(path), "--screenshot", str(shots[name]), "--frames", "4"], gui_env(display, tmp_path))
+        assert r.returncode == 0, r.stderr[-2000:]
+    out = os.environ.get("NODETRAINER_SHOT_DIR")
+    if out:  # to look at the picture
+        shutil.copy(shots["marked"], Path(out) / "sweep-mark.png")
+    plain, marked = pixels(shots["plain"])[1], pixels(shots["marked"])[1]
+    assert plain.get(SWEEP_TINT, 0) == 0 and marked.get(SWEEP_TINT, 0) > 300, "the marked field is not tinted"
+    assert _bluish(marked) - _bluish(plain) > 30, "the mark's label is not drawn"
