@@ -238,13 +238,7 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
 
     # ---- sampling, saving --------------------------------------------------------------------------
     _sampling(b, s, train, base)
-    every_e, every_s = s.get("save_every_n_epochs"), s.get("save_every_n_steps")
-    if every_s:
-        b.set(train, "save_every", every_s, "save_every_n_steps")
-        b.set(train, "save_unit", "steps")
-    elif every_e:
-        b.set(train, "save_every", every_e, "save_every_n_epochs")
-        b.set(train, "save_unit", "epochs")
+    every_e, every_s = _every(b, s, train, "save")
     if s.peek("save_state") and (every_s or every_e):
         b.set(train, "backup_every", every_s or every_e, "save_state")
         b.set(train, "backup_unit", "steps" if every_s else "epochs")
@@ -567,13 +561,7 @@ def _sampling(b: Builder, s: Settings, train: str, base: Path) -> None:
                         b.skip(f"sample_prompts --{flag}", value, "cannot read the value")
         if prompts:
             b.set(train, "sample_prompts", "\n".join(prompts), "sample_prompts")
-    every_e, every_s = s.get("sample_every_n_epochs"), s.get("sample_every_n_steps")
-    if every_s:
-        b.set(train, "sample_every", every_s, "sample_every_n_steps")
-        b.set(train, "sample_unit", "steps")
-    elif every_e:
-        b.set(train, "sample_every", every_e, "sample_every_n_epochs")
-        b.set(train, "sample_unit", "epochs")
+    _every(b, s, train, "sample")
     sampler = s.get("sample_sampler")
     if sampler:
         if str(sampler).lower() in SAMPLERS:
@@ -584,3 +572,15 @@ def _sampling(b: Builder, s: Settings, train: str, base: Path) -> None:
         b.skip("sample_at_first", s.get("sample_at_first"),
                "TrainLoop always samples before training when it has prompts")
 
+
+def _every(b: Builder, s: Settings, train: str, what: str) -> tuple:
+    """`{what}_every_n_steps` (preferred) or `_n_epochs` as TrainLoop's `{what}_every` and `{what}_unit`
+    (what: save, sample); both values are returned, for what else depends on them."""
+    every_e, every_s = s.get(f"{what}_every_n_epochs"), s.get(f"{what}_every_n_steps")
+    if every_s:
+        b.set(train, f"{what}_every", every_s, f"{what}_every_n_steps")
+        b.set(train, f"{what}_unit", "steps")
+    elif every_e:
+        b.set(train, f"{what}_every", every_e, f"{what}_every_n_epochs")
+        b.set(train, f"{what}_unit", "epochs")
+    return every_e, every_s

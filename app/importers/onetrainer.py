@@ -159,14 +159,7 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
 
     # ---- data --------------------------------------------------------------------------------------
     bucketer = b.node("Bucketer", 1)
-    concepts = s.get("concepts")
-    concept_file = s.get("concept_file_name")
-    if not concepts and concept_file:
-        concepts = _read_list(base / concept_file, b, "concept_file_name", concept_file)
-        if concepts:
-            b.mapped.append("concept_file_name -> Concept nodes")
-    elif concept_file:
-        b.skip("concept_file_name", concept_file, "the config holds its concepts inline; those are imported")
+    concepts = _inline_or_file(b, s, base, "concepts", "concept_file_name", "Concept nodes")
     if not concepts:
         b.note("the config has no concepts: add a Concept node with your images")
     for i, c in enumerate(concepts or []):
@@ -288,14 +281,7 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
     _loss(b, s, obj)
 
     # ---- sampling, saving, backups -------------------------------------------------------------------
-    samples = s.get("samples")
-    sample_file = s.get("sample_definition_file_name")
-    if not samples and sample_file:
-        samples = _read_list(base / sample_file, b, "sample_definition_file_name", sample_file)
-        if samples:
-            b.mapped.append("sample_definition_file_name -> TrainLoop.sample_prompts")
-    elif sample_file:
-        b.skip("sample_definition_file_name", sample_file, "the config holds its samples inline; those are imported")
+    samples = _inline_or_file(b, s, base, "samples", "sample_definition_file_name", "TrainLoop.sample_prompts")
     _samples(b, samples or [], train)
     every, every_unit = s.get("sample_after", 0), unit(s.get("sample_after_unit", "NEVER"))
     if every_unit:
@@ -397,6 +383,20 @@ def _loss(b: Builder, s: Settings, train: str) -> None:
         b.skip("loss_weight_strength", strength, f"belongs to loss_weight_fn {fn}")
     if fn in ("CONSTANT", "DEBIASED_ESTIMATION") and s.has("loss_weight_strength"):
         b.mapped.append("loss_weight_strength -> (not used by this weighting)")
+
+
+def _inline_or_file(b: Builder, s: Settings, base: Path, key: str, file_key: str, target: str):
+    """The config's inline list `key` (concepts, samples), else the JSON list in the file `file_key` names
+    (OneTrainer keeps them in either); a file named beside an inline list is reported as not used."""
+    items = s.get(key)
+    file_name = s.get(file_key)
+    if not items and file_name:
+        items = _read_list(base / file_name, b, file_key, file_name)
+        if items:
+            b.mapped.append(f"{file_key} -> {target}")
+    elif file_name:
+        b.skip(file_key, file_name, f"the config holds its {key} inline; those are imported")
+    return items
 
 
 def _read_list(p: Path, b: Builder, key: str, value) -> list:
