@@ -402,3 +402,47 @@ def test_qwen_prompts_and_tag_answers(qwen, monkeypatch):
     seen.clear()
     cap.caption([Image.new("RGB", (60, 40))], max_length=3)
     assert "Name the main colour." in seen[0] and VLM_PROMPTS["sentence"] not in seen[0]
+
+
+def test_caption_and_mask_files_share_one_replace_rule(tmp_path):
+    """Text and bytes are written by one rule: the same content is left alone, other content is backed
+    up first (backups never replace each other), and a failed write names the file."""
+    from app.ml.data.captioning import write_file_bytes, write_text_file
+    from app.ml.data.errors import DataError
+
+    txt, png = tmp_path / "a.txt", tmp_path / "a-masklabel.png"
+    assert write_text_file(txt, "one\n\n") is None and txt.read_bytes() == b"one\n"
+    assert write_text_file(txt, "one") is None  # the same content: not written, no backup
+    assert write_text_file(txt, "two").name == "a.txt.bak" and txt.read_text() == "two\n"
+    assert write_text_file(txt, "three").name == "a.txt.1.bak"
+    assert (tmp_path / "a.txt.bak").read_text() == "one\n" and (tmp_path / "a.txt.1.bak").read_text() == "two\n"
+    assert write_file_bytes(png, b"\x89x") is None and write_file_bytes(png, b"\x89x") is None
+    assert write_file_bytes(png, b"\x89y").read_bytes() == b"\x89x" and png.read_bytes() == b"\x89y"
+    with pytest.raises(DataError, match="cannot write") as err:
+        write_text_file(txt / "b.txt", "x")  # a.txt is a file, not a folder
+    assert "b.txt" in str(err.value)
+
+
+def test_model_load_and_device_failures_read_the_same_for_every_model(tmp_path):
+    from app.ml.data.captioning import load_failure, to_device
+    from app.ml.data.errors import DataError
+
+    assert load_failure(OSError("no file named model.safetensors\nmore")) == "OSError: no file named model.safetensors"
+    assert load_failure(KeyError()) == "KeyError" and len(load_failure(ValueError("x" * 999))) == 300
+
+    class Model:
+        evaluated = False
+
+        def to(self, device):
+            if device != "cpu":
+                raise RuntimeError("Torch not compiled with CUDA enabled\ntrace")
+
+        def eval(self):
+            self.evaluated = True
+
+    m = Model()
+    to_device(m, "cpu", tmp_path)
+    assert m.evaluated
+    with pytest.raises(DataError, match="cannot use device 'cuda' \\(Torch not compiled with CUDA enabled\\)") as err:
+        to_device(Model(), "cuda", tmp_path)
+    assert str(tmp_path) in str(err.value)

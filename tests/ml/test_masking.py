@@ -155,3 +155,16 @@ def test_bad_mask_model_folder_is_a_clear_error(tmp_path, case):
     err = r.error()
     assert r.status == "error" and err["node"] == "m" and str(model) in err["message"]
     assert ("not found" if case == "missing" else "not CLIPSeg") in err["message"]
+
+
+def test_an_unavailable_device_for_clipseg_is_a_clear_error(clipseg):
+    import torch
+
+    from app.ml.data.errors import DataError
+    from app.ml.data.masking import load_segmenter
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DataError, match="cannot use device 'cuda'") as err:
+        load_segmenter(clipseg, "cuda")
+    assert str(clipseg) in str(err.value)

@@ -56,8 +56,8 @@ def read_model_config(folder: str | Path, what: str = "captioning model") -> dic
         raise DataError(f"{what} must be a folder (a Hugging Face model folder with config.json), not a file", folder)
     cfg = folder / "config.json"
     if not cfg.is_file():
-        raise DataError(f"not a Hugging Face model folder: config.json is missing; choose the folder that "
-                        f"holds config.json and the weights", folder)
+        raise DataError("not a Hugging Face model folder: config.json is missing; choose the folder that "
+                        "holds config.json and the weights", folder)
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -170,6 +170,22 @@ class Captioner:
         return [tags_from_text(t) if self.style == "tags" else " ".join(t.split()) for t in out]
 
 
+def load_failure(exc: BaseException) -> str:
+    """A failed model load in a few words for an error message: the exception's kind and first line."""
+    first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}" if str(exc).strip() else type(exc).__name__
+    return first[:300]
+
+
+def to_device(model, device: str, folder: Path) -> None:
+    """Move a loaded model to `device` for inference (eval mode); an unavailable device is a DataError."""
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise DataError(f"cannot use device {device!r} ({str(exc).splitlines()[0][:200]}); choose 'cpu' or an "
+                        "available GPU", folder) from None
+    model.eval()
+
+
 def load_captioner(folder: str | Path, device: str = "cpu", *, florence_task: str = "detailed",
                    dtype: str = "float32", vlm_style: str = "sentence", vlm_prompt: str = "") -> Captioner:
     """Load the model and processor of `folder` (its type read from config.json); every failure is a
@@ -201,16 +217,10 @@ def load_captioner(folder: str | Path, device: str = "cpu", *, florence_task: st
             processor = Processor.from_pretrained(str(folder))
         model = Model.from_pretrained(str(folder), dtype=torch_dtype)
     except Exception as exc:  # safetensors, tokenizers and transformers each raise their own kinds
-        first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}" if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot load the {MODEL_TYPES[kind]} model ({first[:300]}); the folder needs the "
+        raise DataError(f"cannot load the {MODEL_TYPES[kind]} model ({load_failure(exc)}); the folder needs the "
                         "weights, the tokenizer and the processor files: download the whole model folder",
                         folder) from None
-    try:
-        model.to(device)
-    except (RuntimeError, AssertionError) as exc:
-        raise DataError(f"cannot use device {device!r} ({str(exc).splitlines()[0][:200]}); choose 'cpu' or an "
-                        "available GPU", folder) from None
-    model.eval()
+    to_device(model, device, folder)
     return Captioner(kind=kind, folder=folder, model=model, processor=processor, device=device, dtype=torch_dtype,
                      task=FLORENCE_TASKS.get(florence_task, FLORENCE_TASKS["detailed"]), tokenizer=tokenizer,
                      image_processor=image_processor, prompt=(vlm_prompt or "").strip(),
@@ -252,33 +262,20 @@ def backup_path(path: Path) -> Path:
 def write_text_file(path: str | Path, text: str) -> Path | None:
     """Write `text` (UTF-8, one trailing newline) to `path` atomically; an existing file with other
     content is first copied to a backup (returned). Same content: nothing is written."""
-    from app.atomic import atomic_file
-
-    path = Path(path)
     data = text.rstrip("\n") + "\n"
-    backup = None
-    if path.exists():
-        try:
-            if path.read_bytes() == data.encode("utf-8"):
-                return None
-            backup = backup_path(path)
-            shutil.copy2(path, backup)
-        except OSError as exc:
-            raise DataError(f"cannot back up the existing file before replacing it ({exc.strerror or exc}); "
-                            "nothing was changed", path) from None
-    try:
-        with atomic_file(path, overwrite=True) as t:
-            t.tmp.write_text(data, encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot write ({exc})", path) from None
-    return backup
+    return _replace_file(Path(path), data.encode("utf-8"), lambda tmp: tmp.write_text(data, encoding="utf-8"))
 
 
 def write_file_bytes(path: str | Path, data: bytes) -> Path | None:
     """Bytes to `path` atomically, backing up an existing different file first (see write_text_file)."""
+    return _replace_file(Path(path), data, lambda tmp: tmp.write_bytes(data))
+
+
+def _replace_file(path: Path, data: bytes, write: Callable[[Path], object]) -> Path | None:
+    """`write(tmp)` puts `data` in a temporary file that then replaces `path`, after an existing file
+    with other content is copied to a backup (returned); the same content is not written again."""
     from app.atomic import atomic_file
 
-    path = Path(path)
     backup = None
     if path.exists():
         try:
@@ -291,7 +288,7 @@ def write_file_bytes(path: str | Path, data: bytes) -> Path | None:
                             "nothing was changed", path) from None
     try:
         with atomic_file(path, overwrite=True) as t:
-            t.tmp.write_bytes(data)
+            write(t.tmp)
     except OSError as exc:
         raise DataError(f"cannot write ({exc})", path) from None
     return backup

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .captioning import read_model_config
+from .captioning import load_failure, read_model_config, to_device
 from .errors import DataError
 
 DOWNLOAD_HINT = "download it, e.g. `hf download CIDAS/clipseg-rd64-refined --local-dir models/clipseg`"
@@ -111,15 +111,9 @@ def load_segmenter(folder: str | Path, device: str = "cpu") -> Segmenter:
         processor = CLIPSegProcessor.from_pretrained(str(folder))
         model = CLIPSegForImageSegmentation.from_pretrained(str(folder))
     except Exception as exc:  # safetensors, tokenizers and transformers each raise their own kinds
-        first = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}" if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot load the CLIPSeg model ({first[:300]}); the folder needs the weights, the "
+        raise DataError(f"cannot load the CLIPSeg model ({load_failure(exc)}); the folder needs the weights, the "
                         f"tokenizer and the processor files: {DOWNLOAD_HINT}", folder) from None
-    try:
-        model.to(device)
-    except (RuntimeError, AssertionError) as exc:
-        raise DataError(f"cannot use device {device!r} ({str(exc).splitlines()[0][:200]}); choose 'cpu' or an "
-                        "available GPU", folder) from None
-    model.eval()
+    to_device(model, device, folder)
     return Segmenter(folder=folder, model=model, processor=processor, device=device)
 
 
