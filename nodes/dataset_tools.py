@@ -39,6 +39,50 @@ def _thumb(img, side: int = PREVIEW_SIDE):
     return img
 
 
+class _Shown:
+    """The first PREVIEW_IMAGES results as thumbnails, each with a line of text, sent to the editor
+    once: as soon as there are that many (the editor keeps every images preview, so a long run shows
+    them early and does not send them again), else when the run ends."""
+
+    def __init__(self, ctx) -> None:
+        self.ctx, self.items, self.sent = ctx, [], False
+
+    def wants(self) -> bool:
+        return len(self.items) < PREVIEW_IMAGES
+
+    def add(self, img, text: str) -> None:
+        if self.wants():
+            self.items.append((_thumb(img), text))
+
+    def send(self, final: bool = False) -> None:
+        if self.sent or not self.items or not (final or len(self.items) == PREVIEW_IMAGES):
+            return
+        self.ctx.preview("images", images=[_png(p) for p, _ in self.items], captions=[t for _, t in self.items])
+        self.sent = True
+
+
+def _batches(todo: list, batch_size):
+    """(images done after this batch, the batch's (concept, index, sample) entries, their RGB images)."""
+    from app.ml.data.images import open_image_rgb
+
+    bs = int(batch_size)
+    for k in range(0, len(todo), bs):
+        chunk = todo[k:k + bs]
+        yield min(len(todo), k + bs), chunk, [open_image_rgb(s.path) for _, _, s in chunk]
+
+
+def _device_failure(what: str, device: str, exc: RuntimeError):
+    """Out of memory or a device problem while a model ran, as the node's error with what to do."""
+    from app.engine.errors import NodeError
+
+    return NodeError(f"{what} failed on {device} ({str(exc).splitlines()[0][:300]}); lower batch_size or use "
+                     "another device")
+
+
+def _names(paths, most: int = 10) -> str:
+    return ", ".join(p.name for p in paths[:most]) + (" ..." if len(paths) > most else "")
+
+
 def _write_root(ctx, write_beside, samples, what: str):
     """The folder writes go to (resolved), after checking that every chosen image lies in it; None
     when nothing is written beside the images."""
@@ -121,11 +165,9 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
     import time
     from dataclasses import replace
 
-    from app.engine.errors import NodeError
     from app.ml.data.captioning import clean_caption, load_captioner, write_text_file
     from app.ml.data.captions import caption_path_for
     from app.ml.data.errors import DataError
-    from app.ml.data.images import open_image_rgb
 
     todo = []
     for c in dataset.concepts:
@@ -145,14 +187,11 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
         raise _error(exc) from None
     ctx.log(f"{captioner.label} from {model_folder}: captioning {len(todo)} images on {device}")
 
-    new, shown, written, backups, empty = {}, [], [], [], []
-    previewed = False
+    new, written, backups, empty = {}, [], [], []
+    shown = _Shown(ctx)
     t0 = time.perf_counter()
-    bs = int(batch_size)
     try:
-        for k in range(0, len(todo), bs):
-            chunk = todo[k:k + bs]
-            pics = [open_image_rgb(s.path) for _, _, s in chunk]
+        for done, chunk, pics in _batches(todo, batch_size):
             raw = captioner.caption(pics, max_length=int(max_length), num_beams=int(num_beams))
             for (c, i, s), pic, text in zip(chunk, pics, raw):
                 if not clean_caption(text):
@@ -165,24 +204,18 @@ def caption(ctx, dataset, model_folder, images, prefix, suffix, florence_task, m
                     written.append(s.path)
                     if b is not None:
                         backups.append(b)
-                if len(shown) < PREVIEW_IMAGES:
-                    shown.append((_thumb(pic), cap))
-            ctx.progress(min(len(todo), k + bs), len(todo), f"captioned {min(len(todo), k + bs)} of {len(todo)}")
-            if len(shown) == PREVIEW_IMAGES and not previewed:  # once: the editor keeps every images preview
-                ctx.preview("images", images=[_png(p) for p, _ in shown], captions=[t for _, t in shown])
-                previewed = True
+                shown.add(pic, cap)
+            ctx.progress(done, len(todo), f"captioned {done} of {len(todo)}")
+            shown.send()
     except DataError as exc:
         raise _error(exc) from None
     except RuntimeError as exc:  # out of memory, a device problem
-        raise NodeError(f"captioning failed on {device} ({str(exc).splitlines()[0][:300]}); lower batch_size or "
-                        "use another device") from None
-    if shown and not previewed:
-        ctx.preview("images", images=[_png(p) for p, _ in shown], captions=[t for _, t in shown])
+        raise _device_failure("captioning", device, exc) from None
+    shown.send(final=True)
     dt = time.perf_counter() - t0
     ctx.log(f"captioned {len(todo)} images in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.2f} images/s)")
     if empty:
-        ctx.warn(f"the model gave an empty caption for {len(empty)} images; they keep their caption: "
-                 + ", ".join(p.name for p in empty[:10]) + (" ..." if len(empty) > 10 else ""))
+        ctx.warn(f"the model gave an empty caption for {len(empty)} images; they keep their caption: " + _names(empty))
     if root is not None:
         ctx.log(f"wrote {len(written)} caption files beside the images in {root}"
                 + (f"; {len(backups)} replaced captions kept as .bak" if backups else ""))
@@ -234,7 +267,7 @@ def masks(ctx, dataset, source, model_folder, prompt, images, threshold, dilate,
     from app.engine.errors import NodeError
     from app.ml.data.captioning import write_file_bytes
     from app.ml.data.errors import DataError
-    from app.ml.data.images import mask_path_for, open_image_rgb
+    from app.ml.data.images import mask_path_for
     from app.ml.data.masking import (MaskSettings, alpha_score, finish_mask, load_segmenter, mask_png, overlay)
 
     try:
@@ -258,14 +291,11 @@ def masks(ctx, dataset, source, model_folder, prompt, images, threshold, dilate,
             raise _error(exc) from None
         ctx.log(f"CLIPSeg from {model_folder}: masks of '{prompt}' for {len(todo)} images on {device}")
     out_dir = ctx.node_dir("masks")
-    new, shown, no_alpha, backups = {}, [], [], []
-    previewed = False
+    new, no_alpha, backups = {}, [], []
+    shown = _Shown(ctx)
     t0 = time.perf_counter()
-    bs = int(batch_size)
     try:
-        for k in range(0, len(todo), bs):
-            chunk = todo[k:k + bs]
-            pics = [open_image_rgb(s.path) for _, _, s in chunk]
+        for done, chunk, pics in _batches(todo, batch_size):
             if segmenter is not None:
                 scores = segmenter.scores(pics, prompt.strip())
             else:
@@ -290,26 +320,19 @@ def masks(ctx, dataset, source, model_folder, prompt, images, threshold, dilate,
                     with atomic_file(target, overwrite=True) as t:  # the node's own file in the workspace
                         t.tmp.write_bytes(data)
                 new[(c.index, i)] = replace(s, mask_path=target)
-                if len(shown) < PREVIEW_IMAGES:
-                    kept = float((mask >= 128).mean())
-                    shown.append((_thumb(overlay(pic, mask)), f"{s.path.name}: {kept:.0%} learned"))
-            done = min(len(todo), k + bs)
+                if shown.wants():  # the overlay only for the images shown
+                    shown.add(overlay(pic, mask), f"{s.path.name}: {float((mask >= 128).mean()):.0%} learned")
             ctx.progress(done, len(todo), f"masks {done} of {len(todo)}")
-            if len(shown) == PREVIEW_IMAGES and not previewed:  # once: the editor keeps every images preview
-                ctx.preview("images", images=[_png(p) for p, _ in shown], captions=[t for _, t in shown])
-                previewed = True
+            shown.send()
     except DataError as exc:
         raise _error(exc) from None
     except RuntimeError as exc:
-        raise NodeError(f"mask generation failed on {device} ({str(exc).splitlines()[0][:300]}); lower batch_size "
-                        "or use another device") from None
-    if shown and not previewed:
-        ctx.preview("images", images=[_png(p) for p, _ in shown], captions=[t for _, t in shown])
+        raise _device_failure("mask generation", device, exc) from None
+    shown.send(final=True)
     dt = time.perf_counter() - t0
     ctx.log(f"made {len(new)} masks in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.2f} images/s)")
     if no_alpha:
-        ctx.warn(f"{len(no_alpha)} images have no alpha channel and keep no mask: "
-                 + ", ".join(p.name for p in no_alpha[:10]) + (" ..." if len(no_alpha) > 10 else ""))
+        ctx.warn(f"{len(no_alpha)} images have no alpha channel and keep no mask: " + _names(no_alpha))
     if not new:
         raise NodeError("no mask was made: none of the images has an alpha channel; use source 'clipseg'")
     if root is not None:

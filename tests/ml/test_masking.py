@@ -168,3 +168,55 @@ def test_an_unavailable_device_for_clipseg_is_a_clear_error(clipseg):
     with pytest.raises(DataError, match="cannot use device 'cuda'") as err:
         load_segmenter(clipseg, "cuda")
     assert str(clipseg) in str(err.value)
+
+
+def test_many_masks_show_one_preview_of_the_first_eight_as_soon_as_they_exist(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(10):
+        rgba = np.full((16, 16 + i, 4), 128, np.uint8)
+        rgba[..., 3] = 255 if i % 2 else 0
+        Image.fromarray(rgba, "RGBA").save(data / f"img{i}.png")
+    (data / "img9.png").unlink()
+    for i in range(3):
+        write_image(data / f"plain{i}.png", (16, 16))  # no alpha: named in the warning
+    r, _ = run(masks_graph(data, source="alpha", batch_size=3), workspace=tmp_path / "ws")
+    assert r.status == "done", r.error()
+    events = [e for e in r.events if e.get("node") == "m" and e["event"] in ("preview", "progress")]
+    images = [i for i, e in enumerate(events) if e["event"] == "preview" and e["kind"] == "images"]
+    assert len(images) == 1 and len(events[images[0]]["images"]) == 8
+    assert events[images[0]]["captions"][0].endswith("% learned")
+    assert any(e["event"] == "progress" for e in events[images[0] + 1:])  # sent before the run ended
+    warning = next(w for w in r.logs("m", "warning") if "no alpha channel" in w)
+    assert warning.startswith("3 images have no alpha channel") and "plain0.png" in warning
+
+
+def test_dataset_tools_share_their_preview_and_error_steps():
+    from nodes import dataset_tools as tools
+
+    sent = []
+
+    class Ctx:
+        def preview(self, kind, **payload):
+            sent.append((kind, payload))
+
+    shown = tools._Shown(Ctx())
+    img = Image.new("RGB", (300, 200))
+    for i in range(tools.PREVIEW_IMAGES - 1):
+        shown.add(img, f"t{i}")
+    shown.send()
+    assert not sent  # not yet: fewer than PREVIEW_IMAGES and not the end
+    shown.add(img, "last")
+    shown.add(img, "one too many")
+    shown.send()
+    shown.send(final=True)
+    assert len(sent) == 1 and len(sent[0][1]["images"]) == tools.PREVIEW_IMAGES
+    assert sent[0][1]["captions"][-1] == "last" and not shown.wants()
+    few = tools._Shown(Ctx())
+    few.add(img, "only")
+    few.send(final=True)
+    assert len(sent) == 2 and sent[1][1]["captions"] == ["only"]
+    assert tools._names([Path(f"{i}.png") for i in range(12)]) == "0.png, 1.png, 2.png, 3.png, 4.png, 5.png, " \
+                                                                    "6.png, 7.png, 8.png, 9.png ..."
+    err = tools._device_failure("mask generation", "cuda", RuntimeError("CUDA out of memory\ntrace"))
+    assert str(err) == "mask generation failed on cuda (CUDA out of memory); lower batch_size or use another device"
