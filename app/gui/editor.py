@@ -26,6 +26,7 @@ from app.gui.runner import Runner
 from app.gui.runstate import RunState, paths_relative
 from app.gui.theme import Themes
 from app.gui.view import ZOOM_STEP, fit
+from app.gui.widgets import any_text_field_active
 
 AUTOSAVE_EVERY_S = 5.0
 LEFT_W, RIGHT_W, STATUS_H = 220, 330, 30
@@ -521,7 +522,7 @@ class Editor:
     # ---- input ------------------------------------------------------------------------------------------
     def _typing(self) -> bool:
         return (self.canvas.text_widget_active() or dpg.is_item_active(self.search.query)
-                or dpg.is_item_active(self.library.filter))
+                or dpg.is_item_active(self.library.filter) or any_text_field_active())
 
     def on_key(self, sender, app_data, key: str) -> None:
         ctrl = dpg.is_key_down(dpg.mvKey_LControl) or dpg.is_key_down(dpg.mvKey_RControl)

@@ -108,13 +108,14 @@ class SweepMarkDialog:
                 text = json.dumps(current)
         else:
             text = format_value(node.params.get(param, ""))
-        self.window = dpg.add_window(label=f"Sweep {editor.doc.graph.label(node_id)}.{param}", width=460,
-                                     height=170, on_close=lambda s: dpg.delete_item(s))
-        dpg.add_text(f"Values of {param} to try, separated by commas (a JSON list for values that hold\n"
-                     f"commas). Run -> Add to queue then queues one run per combination of the marks.",
+        self.window = dpg.add_window(label=f"Sweep {editor.doc.graph.label(node_id)}.{param}", width=600,
+                                     height=150, on_close=lambda s: dpg.delete_item(s))
+        dpg.add_text(f"Values of {param} to try, separated by commas (a JSON list for values that hold commas).\n"
+                     f"Run -> Add to queue then queues one run per combination of the marked values.",
                      parent=self.window)
         self.text = dpg.add_input_text(default_value=text, width=-1, parent=self.window, on_enter=True,
                                        callback=lambda: self.submit())
+        dpg.focus_item(self.text)  # type the values straight away; Enter marks
         with dpg.group(horizontal=True, parent=self.window):
             dpg.add_button(label="Mark", callback=lambda: self.submit())
             if current is not None:

@@ -144,6 +144,18 @@ def _tint_theme() -> int:
     return theme
 
 
+_TEXT_FIELDS = ("mvInputText", "mvInputInt", "mvInputDouble", "mvInputFloat")
+
+
+def any_text_field_active() -> bool:
+    """Whether the user is typing in any field (a node's, or a dialog's such as the sweep values): the
+    editor's keys (Space opens the node search, Del deletes) must then leave the keystrokes to the field."""
+    for item in dpg.get_all_items():
+        if dpg.get_item_type(item).rsplit("::", 1)[-1] in _TEXT_FIELDS and dpg.is_item_active(item):
+            return True
+    return False
+
+
 def set_widget_value(item: int, value: Any) -> None:
     """Sets a field made by add_param_widget from code (undo, paste), keeping its tooltip and tail."""
     dpg.set_value(item, value)

@@ -164,7 +164,7 @@ def test_the_mark_command_keeps_a_recipe_without_marks_free_of_the_key():
     assert list(g.ui) == ["nodes", "sweeps", "groups"] and g.ui["sweeps"] == {"1.lr": [1, 2]}
 
 
-from tests.gui.test_gui_xvfb import display, gui_env, launch, needs_xvfb, pixels  # noqa: E402,F401  (Xvfb)
+from tests.gui.test_gui_xvfb import display, gui_env, launch, needs_xvfb, pixels, wait_for  # noqa: E402,F401
 
 
 def _bluish(counts) -> int:
@@ -194,3 +194,53 @@ def test_a_marked_field_is_drawn_tinted_with_its_mark_in_the_running_editor(disp
     plain, marked = pixels(shots["plain"])[1], pixels(shots["marked"])[1]
     assert plain.get(SWEEP_TINT, 0) == 0 and marked.get(SWEEP_TINT, 0) > 300, "the marked field is not tinted"
     assert _bluish(marked) - _bluish(plain) > 30, "the mark's label is not drawn"
+
+
+@needs_xvfb
+@pytest.mark.skipif(shutil.which("xdotool") is None, reason="xdotool is not installed (apt-get install xdotool)")
+def test_right_click_on_a_field_marks_it_with_the_mouse_and_keyboard(display, tmp_path):  # noqa: F811
+    """The real editor: right-click Optimizer's lr field, pick "Sweep lr...", type the values (spaces
+    included: the node search must not take them), Enter, Ctrl+S; the file then carries the mark."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.gui.conftest import ROOT
+
+    path = tiny_recipe(tmp_path)
+    env = gui_env(display, tmp_path)
+    state_file = tmp_path / "state.json"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "gui", str(path)], env=env, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    xdo = lambda *a: subprocess.run(["xdotool", *map(str, a)], env=env, check=True)  # noqa: E731
+    try:
+        wait_for(state_file, lambda s: s["pins"])  # opened and fitted
+        time.sleep(1)
+        x, y = json.loads(state_file.read_text())["canvas"]["node_rects"]["6"][:2]
+        field = (int(x + 34), int(y + 51))  # the second param row: lr
+        xdo("mousemove", *field)
+        time.sleep(0.5)
+        xdo("click", 3)
+        time.sleep(1)
+        xdo("mousemove", field[0] + 30, field[1] + 23)  # the menu's second item, "Sweep lr..."
+        time.sleep(0.5)
+        xdo("click", 1)
+        time.sleep(1)
+        xdo("key", "ctrl+a")
+        for ch in "1e-4, 5e-5, 2e-5":
+            xdo("type", ch)
+            time.sleep(0.15)
+        time.sleep(0.5)
+        xdo("key", "Return")
+        time.sleep(1)
+        xdo("mousemove", 700, 700)
+        xdo("keydown", "ctrl")
+        time.sleep(0.3)
+        xdo("key", "s")
+        time.sleep(0.3)
+        xdo("keyup", "ctrl")
+        saved = wait_for(None, lambda _: json.loads(path.read_text()).get("ui", {}).get("sweeps"), timeout=10)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert saved == {"6.lr": [0.0001, 5e-05, 2e-05]}
