@@ -39,9 +39,12 @@ def test_every_optimizer_reduces_a_loss_and_keeps_group_rates(name):
 @pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
 def test_8bit_optimizers_explain_what_they_need(name):
     groups, _, _ = quadratic_groups()
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    with pytest.raises(OptimizerError, match="CUDA GPU|bitsandbytes"):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed: tests/ml/memory/test_optim8bit.py trains with it")
+    except ImportError:
+        pass
+    with pytest.raises(OptimizerError, match="bitsandbytes"):
         build_optimizer({"optimizer": name, "lr": 1e-4}, groups)
 
 

@@ -102,10 +102,8 @@ def _bitsandbytes(name: str):
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise OptimizerError(f"{name} needs bitsandbytes and a CUDA GPU: pip install -e '.[cuda]', or choose "
-                             "adamw / lion") from None
-    if not torch.cuda.is_available():
-        raise OptimizerError(f"{name} needs a CUDA GPU; on this machine choose adamw or lion")
+        raise OptimizerError(f"{name} needs bitsandbytes: pip install 'bitsandbytes>=0.49' (it runs on CPU and "
+                             "CUDA), or choose adamw / lion") from None
     return bnb
 
 
