@@ -1,0 +1,227 @@
+"""Predicted peak device memory of a training recipe, broken down, and the cheapest changes that fit it.
+
+The prediction is data, not a table per GPU:
+
+* weights: parameter counts per component (counted from the model, or from its config built on the
+  ``meta`` device, so nothing loads), the Linear share of each (what quantization can shrink) and
+  the bytes per weight of each storage format, scales included;
+* adapter parameters, their gradients and the optimizer state per optimizer;
+* activations: bytes saved for backward per token per block, *measured* by running one block
+  (``activation_coefficient``: tiny models, or full-width blocks of a reduced-depth model) - so a
+  family's coefficient is data its module can carry - times the tokens of the largest bucket and
+  batch; with checkpointing only each block's input is kept, plus one block's full activations
+  during its recompute;
+* savings: block swap keeps ``resident + prefetch`` blocks on the device; activation offload moves
+  the checkpointed inputs to the host.
+
+``fit(recipe, target_bytes)`` searches the changes (quantize the denoiser, checkpointing, activation
+offload, an 8-bit optimizer, block swap) for the cheapest combination predicted to fit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+GB = 1e9
+
+# Bytes per stored weight, scales included (see quant.py): fp8 one float32 scale per 128 weights,
+# int8 one per row (taken as per 3072 columns), nf4 one float32 absmax per 64 weights.
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0 + 4 / 128, "int8": 1.0 + 4 / 3072,
+                "nf4": 0.5 + 4 / 64}
+QUANTIZED = ("fp8", "int8", "nf4")
+
+# Optimizer state per trainable parameter (fp32 params): AdamW two fp32 moments; bitsandbytes'
+# 8-bit AdamW two uint8 moments + one float32 absmax per 2048; Lion one moment; SGD momentum one.
+# Adafactor is computed from the shapes (factored second moment: rows + columns per matrix).
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048, "lion": 4.0, "lion8bit": 1.0 + 4 / 2048,
+                   "sgd_nesterov": 4.0, "prodigy": 16.0, "dadapt_adam": 12.0}
+
+
+@dataclass
+class Component:
+    name: str
+    params: int             # all parameters
+    linear_params: int      # of which Linear weights (what quantization shrinks)
+    dtype: str = "bf16"     # storage of the non-quantized weights
+    quant: str | None = None  # fp8 / int8 / nf4 for the Linear weights
+    on_device: bool = True  # False: kept in RAM (cached latents / text), visits the device only to encode
+
+    def weight_bytes(self) -> float:
+        lin = WEIGHT_BYTES[self.quant] if self.quant else WEIGHT_BYTES[self.dtype]
+        return self.linear_params * lin + (self.params - self.linear_params) * WEIGHT_BYTES[self.dtype]
+
+
+@dataclass
+class Recipe:
+    components: list[Component]
+    denoiser: str = "transformer"
+    blocks: int = 0                  # swappable blocks of the denoiser
+    block_params: int = 0            # parameters in those blocks (all of them together)
+    block_linear_params: int = 0
+    act_per_token: float = 0.0       # bytes saved for backward, per token per block, without checkpointing
+    ckpt_per_token: float = 0.0      # with checkpointing (the block input)
+    tokens: int = 0                  # tokens (or latent pixels) of the largest bucket x batch
+    adapter_params: int = 0
+    adapter_shapes: list[tuple[int, ...]] = field(default_factory=list)  # for Adafactor
+    optimizer: str = "adamw"
+    checkpointing: bool = False
+    offload_activations: bool = False
+    blocks_resident: int | None = None  # block swap: None = all resident
+    prefetch: int = 1
+    overhead: float = 0.0            # fixed bytes (CUDA context, workspace) measured per device
+
+
+@dataclass
+class Plan:
+    parts: dict[str, float]
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return sum(self.parts.values())
+
+    def summary(self) -> str:
+        rows = [f"  {k:<28} {v / GB:8.3f} GB" for k, v in self.parts.items() if v]
+        head = " + ".join(self.changes) + " -> " if self.changes else ""
+        return f"{head}{self.peak / GB:.2f} GB\n" + "\n".join(rows)
+
+
+def _optimizer_bytes(recipe: Recipe) -> float:
+    if recipe.optimizer == "adafactor":
+        if not recipe.adapter_shapes:
+            return 4.0 * recipe.adapter_params  # no shapes known: as if unfactored
+        total = 0
+        for s in recipe.adapter_shapes:
+            total += (s[0] + int(torch.tensor(s[1:]).prod())) if len(s) >= 2 else s[0]
+        return 4.0 * total
+    if recipe.optimizer not in OPTIMIZER_BYTES:
+        raise ValueError(f"memory plan: unknown optimizer {recipe.optimizer!r}; choose one of "
+                         f"{', '.join(list(OPTIMIZER_BYTES) + ['adafactor'])}")
+    return OPTIMIZER_BYTES[recipe.optimizer] * recipe.adapter_params
+
+
+def predict(recipe: Recipe) -> Plan:
+    """The predicted peak, broken down (bytes)."""
+    parts: dict[str, float] = {}
+    swap_saving = 0.0
+    for c in recipe.components:
+        if not c.on_device:
+            continue
+        parts[f"weights {c.name} ({c.quant or c.dtype})"] = c.weight_bytes()
+        if c.name == recipe.denoiser and recipe.blocks and recipe.blocks_resident is not None:
+            on = min(recipe.blocks, recipe.blocks_resident + recipe.prefetch)
+            per_block = Component("b", recipe.block_params, recipe.block_linear_params, c.dtype, c.quant).weight_bytes()
+            swap_saving = per_block * (recipe.blocks - on) / recipe.blocks
+    if swap_saving:
+        parts["block swap (weights in RAM)"] = -swap_saving
+    parts["adapter weights (fp32)"] = 4.0 * recipe.adapter_params
+    parts["adapter gradients (fp32)"] = 4.0 * recipe.adapter_params
+    parts[f"optimizer state ({recipe.optimizer})"] = _optimizer_bytes(recipe)
+    full = recipe.act_per_token * recipe.tokens  # one block's saved activations
+    if recipe.checkpointing:
+        kept = 0.0 if recipe.offload_activations else recipe.ckpt_per_token * recipe.tokens * recipe.blocks
+        parts["activations (checkpointed inputs)"] = kept
+        parts["activations (one block recomputed)"] = full
+    else:
+        parts["activations"] = full * recipe.blocks
+    parts["fixed overhead"] = recipe.overhead
+    return Plan(parts)
+
+
+# -- the search ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Option:
+    label: str
+    cost: float  # rough slowdown / quality cost: lower is preferred
+    apply: Callable[[Recipe], Recipe]
+
+
+def _options(recipe: Recipe) -> list[list[_Option]]:
+    den = recipe.denoiser
+    quant = [_Option("", 0, lambda r: r)]
+    for fmt, cost in (("fp8", 2.0), ("int8", 2.5), ("nf4", 3.0)):
+        quant.append(_Option(f"{fmt} {den}", cost, lambda r, f=fmt: replace(
+            r, components=[replace(c, quant=f) if c.name == den else c for c in r.components])))
+    ckpt = [_Option("", 0, lambda r: r), _Option("gradient checkpointing", 1.0, lambda r: replace(r, checkpointing=True)),
+            _Option("gradient checkpointing + activation offload", 2.0,
+                    lambda r: replace(r, checkpointing=True, offload_activations=True))]
+    opt = [_Option("", 0, lambda r: r)]
+    eight = {"adamw": "adamw8bit", "lion": "lion8bit"}.get(recipe.optimizer)
+    if eight:
+        opt.append(_Option(f"{eight}", 0.5, lambda r, e=eight: replace(r, optimizer=e)))
+    swap = [_Option("", 0, lambda r: r)]
+    if recipe.blocks > 1:
+        for keep in range(recipe.blocks - 1, 0, -1):
+            swap.append(_Option(f"block swap {recipe.blocks - keep}", 1.0 + 3.0 * (recipe.blocks - keep) / recipe.blocks,
+                                lambda r, k=keep: replace(r, blocks_resident=k)))
+    if recipe.checkpointing:
+        ckpt = ckpt[1:]
+    if recipe.blocks_resident is not None:
+        swap = swap[:1]
+    return [quant, ckpt, opt, swap]
+
+
+def fit(recipe: Recipe, target_bytes: float) -> Plan | None:
+    """The cheapest combination of changes predicted to fit ``target_bytes`` (its plan lists the
+    changes, e.g. ``nf4 transformer + block swap 8``), the unchanged plan if it fits already, or
+    None if nothing does."""
+    plan = predict(recipe)
+    if plan.peak <= target_bytes:
+        return plan
+    best = None
+    for combo in itertools.product(*_options(recipe)):
+        r = recipe
+        for o in combo:
+            r = o.apply(r)
+        p = predict(r)
+        if p.peak > target_bytes:
+            continue
+        key = (sum(o.cost for o in combo), p.peak)
+        if best is None or key < best[0]:
+            best = (key, p, [o.label for o in combo if o.label], r)
+    if best is None:
+        return None
+    _, p, labels, r = best
+    p.changes = labels
+    return p
+
+
+# -- data from models -----------------------------------------------------------------------
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(all parameters, Linear weights) of ``module`` - works on ``meta`` modules built from configs."""
+    total = sum(p.numel() for p in module.parameters())
+    linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear) and m.weight is not None)
+    return total, linear
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor], exclude: nn.Module | None = None) -> int:
+    """Bytes autograd keeps for backward while ``fn`` runs (each storage counted once; the
+    parameters and buffers of ``exclude`` - the weights - are not activations)."""
+    seen: dict[int, int] = {}
+    skip = set()
+    if exclude is not None:
+        skip = {t.untyped_storage().data_ptr() for t in list(exclude.parameters()) + list(exclude.buffers())}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr != 0 and ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def activation_coefficient(run_block: Callable[[int], torch.Tensor], tokens: tuple[int, int] = (64, 128),
+                           exclude: nn.Module | None = None) -> float:
+    """Bytes saved per token by one block, measured at two token counts (the slope, so per-call
+    constants drop out). ``run_block(n)`` runs the block's forward on ``n`` tokens with grad on."""
+    a, b = tokens
+    return (saved_bytes(lambda: run_block(b), exclude) - saved_bytes(lambda: run_block(a), exclude)) / (b - a)
