@@ -13,6 +13,7 @@ SOCKET_TYPES = {
     "OBJECTIVE": "a training objective: DDPM noise (epsilon / v) or flow matching, with its timesteps and loss",
     "TRAINED": "the result of a training run: history, backups and output paths",
     "IMAGES": "generated or preview images",
+    "LORA": "a LoRA/LyCORIS adapter read from a file or made by a LoRA tool, with its metadata",
 }
 
 WIDGET_TYPES = {
@@ -33,6 +34,7 @@ SOCKET_COLOURS = {
     "OBJECTIVE": (240, 130, 170),
     "TRAINED": (230, 90, 90),
     "IMAGES": (240, 220, 90),
+    "LORA": (200, 150, 255),
 }
 
 

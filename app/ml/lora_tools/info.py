@@ -52,14 +52,17 @@ def _family_from_keys(shapes: dict[str, tuple]) -> str:
     return "sd15" if keys else ""
 
 
-def _algorithm(keys: list[str]) -> str:
+def _algorithm(shapes: dict[str, tuple]) -> str:
+    keys = list(shapes)
     if any(k.endswith("dora_scale") or "lora_magnitude_vector" in k for k in keys):
         return "dora"
     if any(".hada_" in k for k in keys):
         return "loha"
     if any(".lokr_" in k for k in keys):
         return "lokr"
-    return "lora"
+    conv = any(k.endswith((".lora_down.weight", ".lora_A.weight")) and len(s) == 4 and s[2:] != (1, 1)
+               for k, s in shapes.items())
+    return "locon" if conv else "lora"
 
 
 def _layout(keys: list[str]) -> str:
@@ -106,7 +109,7 @@ def lora_file_info(path: "str | os.PathLike") -> dict[str, Any]:
     return {
         "file": path.name,
         "layout": _layout(keys),
-        "algorithm": _algorithm(keys),
+        "algorithm": _algorithm(shapes),
         "rank": int(ranks.most_common(1)[0][0]) if ranks else meta.get("ss_network_dim", ""),
         "alpha": alpha,
         "family": family,
