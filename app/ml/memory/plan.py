@@ -74,6 +74,8 @@ class Recipe:
     blocks_resident: int | None = None  # block swap: None = all resident
     prefetch: int = 1
     overhead: float = 0.0            # fixed bytes (CUDA context, workspace) measured per device
+    largest_linear: int = 0          # weights of the largest Linear: a quantized one is dequantized whole to run
+    compute_dtype: str = "bf16"
 
 
 @dataclass
@@ -117,6 +119,9 @@ def predict(recipe: Recipe) -> Plan:
             on = min(recipe.blocks, recipe.blocks_resident + recipe.prefetch)
             per_block = Component("b", recipe.block_params, recipe.block_linear_params, c.dtype, c.quant).weight_bytes()
             swap_saving = per_block * (recipe.blocks - on) / recipe.blocks
+    den = next((c for c in recipe.components if c.name == recipe.denoiser and c.on_device), None)
+    if den is not None and den.quant:
+        parts["dequantized layer (transient)"] = recipe.largest_linear * WEIGHT_BYTES[recipe.compute_dtype]
     if swap_saving:
         parts["block swap (weights in RAM)"] = -swap_saving
     parts["adapter weights (fp32)"] = 4.0 * recipe.adapter_params
@@ -192,10 +197,19 @@ def fit(recipe: Recipe, target_bytes: float) -> Plan | None:
 
 
 # -- data from models -----------------------------------------------------------------------
+def largest_linear(module: nn.Module) -> int:
+    """Weights of the largest Linear layer (quantized ones included)."""
+    return max((m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)), default=0)
+
+
 def count_params(module: nn.Module) -> tuple[int, int]:
-    """(all parameters, Linear weights) of ``module`` - works on ``meta`` modules built from configs."""
-    total = sum(p.numel() for p in module.parameters())
-    linear = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear) and m.weight is not None)
+    """(all parameters, Linear weights) of ``module`` - works on ``meta`` modules built from configs,
+    and counts the weights of quantized layers (stored outside ``parameters()``) as what they were."""
+    from .quant import QuantizedLinear
+
+    quantized = [m for m in module.modules() if isinstance(m, QuantizedLinear)]
+    total = sum(p.numel() for p in module.parameters()) + sum(m.in_features * m.out_features for m in quantized)
+    linear = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
     return total, linear
 
 

@@ -113,12 +113,16 @@ class QuantizedLinear(nn.Linear):
         dtype = dtype or self.orig_dtype
         q = self._q["q"]
         if self.fmt == "fp8":
-            s = self._q["scale"]
+            # one full-size temporary: upcast (exact: e4m3 fits bf16's mantissa) and scale in place
+            # in the compute dtype; fp16 would underflow small scales, so it goes through fp32
+            work = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+            s = self._q["scale"].to(work)
+            w = q.to(work)
             if s.dim() == 0:
-                return (q.to(torch.float32) * s).to(dtype)
-            out, inp = q.shape
-            w = q.to(torch.float32).reshape(out, s.shape[1], -1) * s.unsqueeze(2)
-            return w.reshape(out, inp).to(dtype)
+                w.mul_(s)
+            else:
+                w.view(q.shape[0], s.shape[1], -1).mul_(s.unsqueeze(2))
+            return w.to(dtype)
         bf = _bnb(self.fmt, "Quantize")
         if self.fmt == "int8":
             return (q.to(torch.float32) * (self._q["scale"].unsqueeze(1) / 127.0)).to(dtype)
