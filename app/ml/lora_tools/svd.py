@@ -88,14 +88,67 @@ def effective_deltas(bundle, aset: AdapterSet, strength: float = 1.0) -> dict[Ke
     return out
 
 
-def _lowrank(delta: torch.Tensor, rank: int, method: str, target: float):
-    mat = delta.reshape(delta.shape[0], -1).double()
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+def _lowrank(delta, rank: int, method: str, target: float):
+    """Rank-``rank`` factors of ``delta``: a dense tensor, or ``(up, down)`` with delta = up @ down.
+
+    The factored form never builds dW: with up = Q1 R1 and down^T = Q2 R2, the SVD of the small
+    R1 R2^T (r x r) gives dW's singular values and vectors exactly, in O((out + in) r^2) instead of
+    a full SVD of an out x in*kh*kw matrix (what makes resizing a full-size LoRA take seconds).
+    """
+    if isinstance(delta, tuple):
+        up, down = (t.double() for t in delta)
+        full = min(up.shape[0], down.shape[1])
+        q1, r1 = torch.linalg.qr(up)
+        q2, r2 = torch.linalg.qr(down.T)
+        u, s, vh = torch.linalg.svd(r1 @ r2.T)
+        u, vh = q1 @ u, vh @ q2.T
+    else:
+        mat = delta.reshape(delta.shape[0], -1).double()
+        full = min(mat.shape)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
     r = rank_for(s, method, target, rank)
     total = float((s ** 2).sum())
     share = math.sqrt(float((s[:r] ** 2).sum()) / total) if total > 0 else 1.0
     root = s[:r].sqrt()
-    return (u[:, :r] * root).float(), (root[:, None] * vh[:r]).float(), r, min(mat.shape), share
+    return (u[:, :r] * root).float(), (root[:, None] * vh[:r]).float(), r, full, share
+
+
+def _largest(delta) -> float:
+    if isinstance(delta, tuple):
+        return float((delta[0] @ delta[1]).abs().max())
+    return float(delta.abs().max())
+
+
+def factored_deltas(aset: AdapterSet, strength: float = 1.0, bundle=None) -> dict[Key, object]:
+    """Like ``effective_deltas``, but plain LoRA/LoCon layers as ``(up, down)`` factors (scale and strength
+    in ``up``), so the SVD tools never build their full-size dW."""
+    out: dict[Key, object] = {}
+    dense = [e for e in aset.entries() if not _is_plain(e.module)]
+    if dense:
+        if bundle is None:
+            raise AdapterError("a bundle is needed to read LoHa/LoKr/DoRA deltas")
+        full = effective_deltas(bundle, aset, strength)
+    for e in aset.entries():
+        key = (e.component, e.name)
+        m = e.module
+        if _is_plain(m):
+            up = m.lora_up.weight.detach().float().reshape(m.out_dim, m.rank).cpu() * (m.scale * float(strength))
+            out[key] = (up, m.lora_down.weight.detach().float().reshape(m.rank, -1).cpu())
+        else:
+            out[key] = full[key]
+    return out
+
+
+def _is_plain(m) -> bool:
+    return isinstance(m, LoRAModule) and m.dora_scale is None
+
+
+def _add(a, b):
+    """Sum of two deltas; factored + factored stays factored (the factors side by side)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return torch.cat([a[0], b[0]], dim=1), torch.cat([a[1], b[1]], dim=0)
+    dense = [(t[0] @ t[1]) if isinstance(t, tuple) else t.reshape(t.shape[0], -1) for t in (a, b)]
+    return dense[0] + dense[1]
 
 
 def _lora_module(base: nn.Module, up: torch.Tensor, down: torch.Tensor, scale: float) -> LoRAModule:
@@ -160,8 +213,8 @@ def lora_from_deltas(
     for i, (key, delta) in enumerate(items):
         if progress:
             progress(i, len(items))
-        if float(delta.abs().max()) <= min_diff:
-            continue
+        if (min_diff > 0 or not isinstance(delta, tuple)) and _largest(delta) <= min_diff:
+            continue  # unchanged (or barely changed) layers are left out
         base = comps[key[0]].get_submodule(key[1])
         is_3x3 = isinstance(base, nn.Conv2d) and tuple(base.kernel_size) != (1, 1)
         want = conv_rank if (is_3x3 and conv_rank) else rank
@@ -180,7 +233,7 @@ def resize_lora(bundle, aset: AdapterSet, rank: int, *, method: str = "fixed", t
                 conv_rank: int | None = None, progress=None) -> tuple[AdapterSet, list[LayerReport]]:
     """``aset`` (any algorithm) as a LoRA/LoCon of ``rank`` (or dynamic, capped by ``rank``), keeping
     each layer's alpha/rank ratio. A LoRA layer is never given more rank than it has."""
-    deltas = effective_deltas(bundle, aset)
+    deltas = factored_deltas(aset, bundle=bundle)
     caps, scales = {}, {}
     for e in aset.entries():
         key = (e.component, e.name)
@@ -203,10 +256,10 @@ def merge_loras(bundle, pairs: Sequence[tuple[AdapterSet, float]], *, mode: str 
     if not pairs:
         raise AdapterError("nothing to merge: connect at least one LoRA")
     if mode == "svd":
-        total: dict[Key, torch.Tensor] = {}
+        total: dict[Key, object] = {}
         for aset, w in pairs:
-            for key, d in effective_deltas(bundle, aset, w).items():
-                total[key] = total[key] + d if key in total else d
+            for key, d in factored_deltas(aset, w, bundle).items():
+                total[key] = _add(total[key], d) if key in total else d
         return lora_from_deltas(bundle, total, rank, method=method, target=target, conv_rank=conv_rank,
                                 progress=progress)
     if mode != "exact":
