@@ -168,6 +168,9 @@ def load_adapter_file(path: "str | os.PathLike", bundle, *, trainable: bool = Tr
             if pname not in own:
                 raise AdapterError(f"{Path(path).name}: unexpected tensor {prefix}.{pname} for a {algo} module")
             if pname == "dora_scale":
+                if value.shape[0] == module.out_dim and module.out_dim != 1:  # an output-axis file: keep its axis
+                    module.dora_scale = nn.Parameter(torch.empty(module.out_dim, *[1] * (own[pname].dim() - 1)))
+                    own[pname] = module.dora_scale
                 value = value.reshape(own[pname].shape)
             if tuple(value.shape) != tuple(own[pname].shape):
                 raise AdapterError(

@@ -13,8 +13,11 @@ Shapes follow LyCORIS so files round-trip with it and ComfyUI:
 * LoKr: ``lokr_w1`` (out_l, in_m) and ``lokr_w2`` (out_k, in_n[, kh, kw]) or its factors
   ``lokr_w2_a`` (out_k, r) / ``lokr_w2_b`` (r, in_n*kh*kw); delta = kron(w1, w2). As in LyCORIS
   and ComfyUI, alpha/rank applies only when ``w2`` is factorised; a full ``w2`` uses scale 1.
-* DoRA (``dora_scale``, shape (out, 1[, 1, 1])): W' = m * (W + dW) / ||W + dW||, the norm taken
-  per output channel (LyCORIS ``wd_on_out``), the magnitude starting at ||W||.
+* DoRA (``dora_scale``, shape (1, in[, 1, 1])): W' = m * (W + dW) / ||W + dW||, the norm taken per
+  input channel over the output axis (LyCORIS ``wd_on_out=False``), the magnitude starting at ||W||.
+  That is the one form ComfyUI, A1111 and LyCORIS all compute as we train it: for an output-axis
+  ``dora_scale`` (out, 1) ComfyUI divides by the norm of the original W instead. Files with an
+  output-axis scale (ours before, LyCORIS ``wd_on_out=True``) still load and keep LyCORIS' form.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ def _dims(base: nn.Module) -> tuple[int, int, tuple[int, ...]]:
     if isinstance(base, nn.Conv2d):
         return base.in_channels, base.out_channels, tuple(base.kernel_size)
     raise TypeError(f"cannot adapt {type(base).__name__}")
+
+
+def _input_axis_norm(w: torch.Tensor) -> torch.Tensor:
+    """||W[:, j]|| per input channel j (conv: over out, kh, kw), shaped (1, in[, 1, 1]) like LyCORIS' dora_scale."""
+    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, w.shape[1], *[1] * (w.dim() - 2))
 
 
 def _conv_kwargs(base: nn.Conv2d) -> dict:
@@ -79,8 +87,7 @@ class AdapterModule(nn.Module):
         self._scale = float(alpha) / self.rank  # a Python float: reading the buffer would sync a GPU per call
         if dora:
             w = base.weight.detach().float()
-            norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True)
-            self.dora_scale = nn.Parameter(norm.reshape(w.shape[0], *[1] * (w.dim() - 1)).clone())
+            self.dora_scale = nn.Parameter(_input_axis_norm(w).clone())
         else:
             self.dora_scale = None
 
@@ -127,8 +134,11 @@ class AdapterModule(nn.Module):
 
     def _dora_weight(self, w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         wc = w + delta
-        norm = wc.reshape(wc.shape[0], -1).norm(dim=1).reshape(self.dora_scale.shape) + torch.finfo(torch.float32).eps
-        return wc * (self.dora_scale.float() / norm)
+        if self.dora_scale.shape[0] == self.out_dim and self.out_dim != 1:  # an output-axis file (ComfyUI's test)
+            norm = wc.reshape(wc.shape[0], -1).norm(dim=1).reshape(self.dora_scale.shape)
+        else:
+            norm = _input_axis_norm(wc)
+        return wc * (self.dora_scale.float() / (norm + torch.finfo(torch.float32).eps))
 
     def forward(self, base: nn.Module, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         if strength == 0 or self._skip():

@@ -69,6 +69,7 @@ def _network_module_and_args(aset) -> tuple[str, dict[str, str]]:
             "conv_dim": str(cfg.effective_conv_rank), "conv_alpha": str(cfg.effective_conv_alpha)}
     if cfg.algorithm == "dora":
         args["dora_wd"] = "True"
+        args["wd_on_out"] = "False"  # the magnitude is per input channel (see app/ml/adapters/modules.py)
     if cfg.algorithm == "lokr":
         args["factor"] = str(cfg.factor)
     return "lycoris.kohya", args
