@@ -144,3 +144,18 @@ def test_sample_notes_that_flux_ignores_the_negative_prompt(tmp_path):
     assert Executor(reg).run(graph, emit=events.append, workspace=tmp_path).status == "done"
     logs = [e["message"] for e in events if e["event"] == "log" and e["node"] == "2"]
     assert any("negative prompt ignored" in m for m in logs), logs
+
+
+def test_flux_validation_loss_and_ema(tmp_path):
+    """Validation concepts give a deterministic flow-matching validation loss; EMA weights end up in the adapter."""
+    data = flux_lora_recipe({"max_steps": 4, "validate_every": 2, "validate_unit": "steps", "ema": True,
+                             "ema_decay": 0.5}, save=None)
+    data["nodes"]["9"] = {"type": "Concept", "version": 1,
+                          "params": {"folder": str(DEMO), "name": "held out", "concept_type": "validation"}}
+    data["links"].append({"id": 99, "from_node": "9", "from_output": "dataset", "to_node": "3", "to_input": "datasets"})
+    _, _, first = _run(data, tmp_path / "a", targets=["6"])
+    _, _, again = _run(data, tmp_path / "b", targets=["6"])
+    assert first.status == again.status == "done"
+    val = first.outputs["6"]["run"]["validation"]
+    assert [s for s, _ in val] == [2, 4] and all(v > 0 for _, v in val)
+    assert val == again.outputs["6"]["run"]["validation"]  # fixed sigmas and noise: the same numbers

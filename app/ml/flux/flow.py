@@ -1,6 +1,6 @@
 """The rectified-flow (flow-matching) objective Flux is trained with, as pure torch functions (backs the
 Flux family's objective: noising, target, timestep sampling, loss weighting and the guidance input;
-the future flow-matching Objective node on TrainLoop sets ``FlowSettings``).
+the FlowObjective node on TrainLoop sets ``FlowSettings``).
 
 Conventions are diffusers' (``FlowMatchEulerDiscreteScheduler``, ``FluxPipeline``): σ = 1 is pure
 noise, x_t = (1 − σ)·x0 + σ·ε, the model predicts the velocity ε − x0, and the transformer gets σ
