@@ -15,6 +15,7 @@ import pytest
 from tests.gui.conftest import PREVIEW_NODES, RECIPES, ROOT
 
 PRESETS = sorted((ROOT / "presets").glob("*.json"))
+DEMO_NODES = len(json.loads((ROOT / "presets" / "tiny_demo.json").read_text())["nodes"])
 TITLE_COLOURS = {(62, 72, 96), (190, 40, 40)}  # a node's title bar: idle, or with a problem
 DONE_COLOURS = {(50, 130, 70), (40, 120, 120)}  # after a run: done, cached
 SOCKET_RGB = {(180, 120, 255), (90, 200, 120), (70, 170, 220), (240, 170, 60), (230, 90, 90), (240, 220, 90)}
@@ -246,10 +247,10 @@ def test_the_tiny_demo_opens_fitted_and_zoom_keeps_groups_around_their_nodes(dis
     demo = ROOT / "presets" / "tiny_demo.json"
     steps = ["View/Actual size", "View/Zoom in", "View/Zoom out", "View/Zoom out", "View/Fit all", "File/Open..."]
     first, *records = play(display, tmp_path, ["View/Fit all", *steps], recipe=demo)
-    assert len(first["on_screen"]) == 9 and first["zoom"] < 1  # all 9 nodes, smaller than 1:1
+    assert len(first["on_screen"]) == DEMO_NODES and first["zoom"] < 1  # every node, smaller than 1:1
     zooms = [r["zoom"] for r in records]
     assert zooms[0] == 1.0 and zooms[1] > 1.0 and zooms[2] == 1.0 and zooms[3] < 1.0
-    assert abs(zooms[4] - first["zoom"]) < 0.05 * first["zoom"] and len(records[4]["on_screen"]) == 9
+    assert abs(zooms[4] - first["zoom"]) < 0.05 * first["zoom"] and len(records[4]["on_screen"]) == DEMO_NODES
     for rec in [first, *records[:5]]:
         assert rec["group_frames"], rec["step"]
         frame = rec["group_frames"][0]
@@ -324,11 +325,11 @@ def test_wheel_and_keys_zoom_around_the_cursor_and_the_group_follows_a_pan(displ
         assert back["zoom"] == pytest.approx(wheel["zoom"], rel=0.01)
         one = canvas_after(lambda: (xdo("keydown", "ctrl"), time.sleep(0.3), xdo("key", "0"), time.sleep(0.3),
                                     xdo("keyup", "ctrl")), zoom_is(1.0))
-        assert one["zoom"] == 1.0 and len(one["on_screen"]) < 9
-        fitted = canvas_after(lambda: xdo("key", "f"), lambda c: len(c["on_screen"]) == 9)
+        assert one["zoom"] == 1.0 and len(one["on_screen"]) < DEMO_NODES
+        fitted = canvas_after(lambda: xdo("key", "f"), lambda c: len(c["on_screen"]) == DEMO_NODES)
         time.sleep(1.5)
         fitted = wait_for(state_file, lambda s: s["canvas"])  # settled
-        assert len(fitted["on_screen"]) == 9
+        assert len(fitted["on_screen"]) == DEMO_NODES
         # pan with the middle button: the nodes and the Data group's frame move together
         def pan():
             xdo("mousemove", 700, 800)
