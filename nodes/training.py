@@ -180,12 +180,17 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     from app.ml import dist
     from app.ml.handle import ModelHandle, as_handle
     from app.ml.train.data_source import BucketSource
-    from app.ml.train.loop import Hooks, Trainer, TrainingError
+    from app.ml.train.loop import Hooks, Trainer, TrainingError, verify_backup
     from app.ml.train.optim import OptimizerError
     from app.ml.save.metadata import training_metadata
     from app.ml.train.trainables import AdapterTrainable, FullFinetune
 
     t_started = time.time()
+    if p["resume_from"]:
+        try:  # a wrong path is said now, not after the set-up and the "before" samples
+            verify_backup(p["resume_from"])
+        except TrainingError as e:
+            raise NodeError(str(e)) from None
     handle = as_handle(model)
     bundle = handle.base
     rank, world = dist.rank_world()
@@ -273,7 +278,16 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
         if writer is not None:
             writer.close()
     if prompts and rank == 0:
-        sample(result.steps, result.epochs_done, inside=False)
+        try:
+            sample(result.steps, result.epochs_done, inside=False)
+        except Cancelled:
+            # stopped during the "after" samples: the training itself is finished, keep it
+            if handle.adapters:
+                save(result.steps, result.epochs_done)
+            else:
+                ctx.warn("stopped during the final samples: the fine-tuned weights were not saved "
+                         "(a Save node after TrainLoop writes them when the run is not stopped)")
+            raise
     info = {"step": result.steps, "epoch": result.epochs_done, "resolution": resolution}
     if handle.adapters:
         trained = trainable.trained_handle()
