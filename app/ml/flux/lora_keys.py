@@ -24,6 +24,7 @@ import torch
 from .keys import Group, flux_groups
 
 KOHYA_PREFIX = "lora_unet_"
+LYCORIS_PREFIX = "lycoris_"  # per-projection keys ComfyUI maps onto a slice of a fused BFL weight
 COMFY_PREFIX = "diffusion_model."
 PEFT_PREFIX = "transformer."
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers reads LoraConfig kwargs from a file's metadata
@@ -297,3 +298,97 @@ def from_file_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
                 raise FluxLoraKeyError(f"{where}: {key!r} mixes layouts (expected 'diffusion_model.' first).")
             bfl[key[len(COMFY_PREFIX):]] = _weights(parts, None)
     return from_bfl(bfl, mlp_ratio=mlp_ratio, where=where)
+
+
+# --- LoHa, LoKr and DoRA ---------------------------------------------------------------------------
+# A LoKr (a Kronecker product) or a DoRA (a norm per input column over the *part's* rows) on q, k and v
+# has no exact form as one module on the fused ``qkv``/``linear1`` weight. ComfyUI also reads Flux
+# LyCORIS keys per projection (``lycoris_transformer_blocks_0_attn_to_q``: its Flux key map narrows the
+# fused weight to that projection's rows before applying the module, so the norm is the part's), which
+# is exact; so such modules are written with those keys, and modules on unfused BFL weights keep their
+# BFL names (``lora_unet_double_blocks_0_img_attn_proj.hada_w1_a``). LoHa goes the same way so that
+# every algorithm is written by one rule.
+
+_LYCO_PARAMS = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".lokr_w1", ".lokr_w2", ".lokr_w2_a",
+                ".lokr_w2_b", ".dora_scale")
+_ALL_PARAMS = (".lora_down.weight", ".lora_up.weight") + _LYCO_PARAMS + (".alpha",)
+
+
+def lycoris_name(diffusers_module: str) -> str:
+    return LYCORIS_PREFIX + diffusers_module.replace(".", "_")
+
+
+def _any_table(names: Iterable[str]) -> list[Group]:
+    names = list(names)
+    nd = max((int(m.group(1)) + 1 for n in names
+              if (m := re.search(r"(?:double_blocks|(?<!single_)transformer_blocks)[._](\d+)[._]", n))), default=0)
+    ns = max((int(m.group(1)) + 1 for n in names
+              if (m := re.search(r"(?:single_blocks|single_transformer_blocks)[._](\d+)[._]", n))), default=0)
+    return flux_groups(nd, ns, guidance=True)
+
+
+def lycoris_prefixes(names: Iterable[str], layout: str, *, where: str = "Flux LoRA") -> dict[str, str]:
+    """Our diffusers module names -> file key prefixes for LoHa/LoKr/DoRA modules in the kohya or comfyui
+    layout: BFL names where the BFL weight is the module's alone, ``lycoris_<module>`` on fused weights."""
+    names = list(names)
+    by_name = _by_diffusers(_any_table(names))
+    out = {}
+    for name in names:
+        if name not in by_name:
+            raise FluxLoraKeyError(f"{where}: {name!r} is not a LoRA-able Flux transformer module (no BFL name for it).")
+        g, _ = by_name[name]
+        if g.fused:
+            out[name] = lycoris_name(name)
+        else:
+            out[name] = kohya_name(g.bfl) if layout == "kohya" else COMFY_PREFIX + g.bfl
+    return out
+
+
+def is_lycoris_file(keys: Iterable[str]) -> bool:
+    """Whether a Flux LoRA file holds LoHa/LoKr/DoRA modules or per-projection ``lycoris_`` keys."""
+    return any(k.startswith(LYCORIS_PREFIX) or k.endswith(_LYCO_PARAMS) for k in keys)
+
+
+def from_lycoris_tensors(tensors: Mapping[str, torch.Tensor], *, where: str = "Flux LoRA",
+                         mlp_ratio: float = MLP_RATIO) -> dict[str, torch.Tensor]:
+    """A file of LoHa/LoKr/DoRA (and plain LoRA) modules -> ``<diffusers module>.<tensor>`` keys, unchanged values.
+
+    Plain LoRA modules on fused BFL names are split exactly as ``from_bfl`` does; any other module on a
+    fused name is refused (it has no exact split into q, k, v)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        for suffix in _ALL_PARAMS:
+            if key.endswith(suffix):
+                modules.setdefault(key[: -len(suffix)], {})[suffix[1:]] = t
+                break
+        else:
+            raise FluxLoraKeyError(f"{where}: key {key!r} is not a LoRA/LyCORIS tensor (lora_down/up, hada_*, lokr_*, "
+                                   "dora_scale, alpha).")
+    table: dict[str, tuple[Group, str | None]] = {}
+    for g in _any_table(modules):
+        if g.norm:
+            continue
+        for n in g.diffusers:
+            table[lycoris_name(n)] = (g, n)
+        one = None if g.fused else g.diffusers[0]
+        table[kohya_name(g.bfl)] = (g, one)
+        table[COMFY_PREFIX + g.bfl] = (g, one)
+    out: dict[str, torch.Tensor] = {}
+    for prefix, parts in modules.items():
+        if prefix not in table:
+            raise FluxLoraKeyError(f"{where}: {prefix!r} matches no module of a Flux transformer; "
+                                   "is this a LoRA for another model?")
+        g, name = table[prefix]
+        if name is not None:
+            out.update({f"{name}.{p}": t for p, t in parts.items()})
+            continue
+        if set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"} or not {"lora_down.weight", "lora_up.weight"} <= set(parts):
+            raise FluxLoraKeyError(f"{where}: {prefix} holds {sorted(parts)} on the fused {g.bfl} weight, which has no "
+                                   f"exact split into {', '.join(g.diffusers)}; write it with per-projection keys "
+                                   f"({lycoris_name(g.diffusers[0])} ...) or in the diffusers/PEFT layout.")
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(parts["lora_down.weight"].shape[0])
+        lo = LoraWeights(parts["lora_down.weight"], parts["lora_up.weight"], alpha)
+        for n, w in _split_fused(g, lo, mlp_ratio, where).items():
+            out[f"{n}.lora_down.weight"], out[f"{n}.lora_up.weight"] = w.down, w.up
+            out[f"{n}.alpha"] = torch.tensor(float(w.alpha))
+    return out

@@ -136,60 +136,100 @@ class FluxFamily(ModelFamily):
         raise AdapterError(f"unknown layer preset {preset!r} for the Flux transformer; choose one of "
                            f"{', '.join(self.lora_presets)}")
 
-    def _lora_weights(self, aset) -> dict:
-        from app.ml.adapters.config import AdapterError
-        from app.ml.adapters.modules import LoRAModule
+    def _lora_weights(self, entries) -> dict:
         from app.ml.flux.lora_keys import LoraWeights
 
-        loras = {}
-        for e in aset.entries():
-            m = e.module
-            if e.component != self.denoiser:
-                raise AdapterError(f"Flux LoRA files are written for the transformer only; {e.component} adapters "
-                                   "cannot be saved yet (set text_encoder_layers to none)")
-            if not isinstance(m, LoRAModule) or m.dora_scale is not None:
-                raise AdapterError(f"Flux LoRA files hold plain LoRA (fused into BFL blocks exactly); "
-                                   f"{aset.config.algorithm} adapters on Flux cannot be saved yet")
-            loras[e.name] = LoraWeights(m.lora_down.weight.detach().float().cpu(),
-                                        m.lora_up.weight.detach().float().cpu(), float(m.alpha))
-        return loras
+        return {e.name: LoraWeights(e.module.lora_down.weight.detach().float().cpu(),
+                                    e.module.lora_up.weight.detach().float().cpu(), float(e.module.alpha))
+                for e in entries}
 
     def adapter_file(self, aset, layout: str, unet_naming: str | None = None) -> tuple[dict, dict[str, str]]:
         """kohya: ``lora_unet_double_blocks_0_img_attn_qkv`` (BFL names, q/k/v(/mlp) fused exactly); comfyui:
-        ``diffusion_model.double_blocks.0…``; peft: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``."""
+        ``diffusion_model.double_blocks.0…``; peft: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``.
+
+        LoHa, LoKr and DoRA (kohya/comfyui only) keep BFL names on unfused weights and use ComfyUI's
+        per-projection ``lycoris_transformer_blocks_0_attn_to_q`` keys on fused ones (see ``lora_keys``);
+        a CLIP-L LoRA is written as ``lora_te1_…`` (``text_encoder.…`` in the PEFT layout)."""
+        import json
+
+        import torch
+
         from app.ml.adapters.config import AdapterError
+        from app.ml.adapters.io import PEFT_METADATA_KEY, peft_metadata
+        from app.ml.adapters.modules import LoRAModule
+        from app.ml.adapters.naming import module_key
         from app.ml.flux import lora_keys
 
-        loras = self._lora_weights(aset)
-        try:
-            if layout == "kohya":
-                return lora_keys.to_kohya(loras), {}
-            if layout == "comfyui":
-                return lora_keys.to_comfy(loras), {}
+        if layout not in ("kohya", "comfyui", "peft"):
+            raise AdapterError(f"unknown LoRA layout {layout!r}; choose kohya, peft or comfyui")
+        entries = list(aset.entries())
+        den = [e for e in entries if e.component == self.denoiser]
+        plain = all(isinstance(e.module, LoRAModule) and e.module.dora_scale is None for e in entries)
+        if layout == "peft" and not plain:
+            raise AdapterError(f"the diffusers/PEFT layout holds plain LoRA only; save {aset.config.algorithm} "
+                               "adapters on Flux in the kohya or comfyui layout")
+        out: dict = {}
+        meta: dict[str, str] = {}
+
+        def module_tensors(prefix, m):
             if layout == "peft":
-                return lora_keys.to_peft(loras)
+                out[prefix + ".lora_A.weight"] = m.lora_down.weight
+                out[prefix + ".lora_B.weight"] = m.lora_up.weight
+                return
+            for pname, p in m.named_parameters():  # parameter names are the LyCORIS tensor names
+                out[f"{prefix}.{pname}"] = p
+            out[prefix + ".alpha"] = m.alpha
+
+        try:
+            if den and all(isinstance(e.module, LoRAModule) and e.module.dora_scale is None for e in den):
+                loras = self._lora_weights(den)
+                if layout == "kohya":
+                    out.update(lora_keys.to_kohya(loras))
+                elif layout == "comfyui":
+                    out.update(lora_keys.to_comfy(loras))
+                else:
+                    tensors, meta = lora_keys.to_peft(loras)
+                    out.update(tensors)
+            elif den:
+                prefixes = lora_keys.lycoris_prefixes([e.name for e in den], layout)
+                for e in den:
+                    module_tensors(prefixes[e.name], e.module)
         except lora_keys.FluxLoraKeyError as e:
             raise AdapterError(str(e)) from None
-        raise AdapterError(f"unknown LoRA layout {layout!r}; choose kohya, peft or comfyui")
+        te = [e for e in entries if e.component != self.denoiser]
+        for e in te:
+            module_tensors(module_key(e.component, e.name, layout, self, aset.unet_config, unet_naming), e.module)
+        if layout == "peft" and te:
+            te_meta = {k: v for k, v in peft_metadata(aset).items() if not k.startswith(self.denoiser + ".")}
+            merged = json.loads(meta.get(PEFT_METADATA_KEY, "{}"))
+            merged.update(te_meta)
+            meta = {**meta, PEFT_METADATA_KEY: json.dumps(merged), "format": "pt"}
+        return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}, meta
 
     def read_adapter_tensors(self, tensors, metadata, where: str):
-        """Any Flux LoRA layout (kohya/BFL, ComfyUI, PEFT; fused blocks split exactly) as
-        ``transformer.<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``."""
+        """Any Flux LoRA layout (kohya/BFL, ComfyUI, PEFT; fused blocks split exactly; LoHa/LoKr/DoRA with BFL
+        or per-projection ``lycoris_`` keys) as ``transformer.<module>.<tensor>``; text-encoder keys
+        (``lora_te1_…``, ``text_encoder.…``) pass through to the generic reader."""
         import torch
 
         from app.ml.adapters.config import AdapterError
         from app.ml.flux import lora_keys
 
         tensors = super().read_adapter_tensors(tensors, metadata, where)
+        te = {k: v for k, v in tensors.items() if k.startswith(("lora_te", "text_encoder"))}
+        rest = {k: v for k, v in tensors.items() if k not in te}
+        out = {}
         try:
-            loras = lora_keys.from_file_tensors(tensors, metadata, where=where)
+            if rest and lora_keys.is_lycoris_file(rest):
+                out = {f"{self.denoiser}.{k}": v for k, v in lora_keys.from_lycoris_tensors(rest, where=where).items()}
+            elif rest:
+                for name, lo in lora_keys.from_file_tensors(rest, metadata, where=where).items():
+                    out[f"{self.denoiser}.{name}.lora_down.weight"] = lo.down
+                    out[f"{self.denoiser}.{name}.lora_up.weight"] = lo.up
+                    out[f"{self.denoiser}.{name}.alpha"] = torch.tensor(float(lo.alpha))
         except lora_keys.FluxLoraKeyError as e:
             raise AdapterError(str(e)) from None
-        out = {}
-        for name, lo in loras.items():
-            out[f"{self.denoiser}.{name}.lora_down.weight"] = lo.down
-            out[f"{self.denoiser}.{name}.lora_up.weight"] = lo.up
-            out[f"{self.denoiser}.{name}.alpha"] = torch.tensor(float(lo.alpha))
+        out.update(te)
         return out
 
     # ------------------------------------------------------------------ full-model files
