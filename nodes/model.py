@@ -16,11 +16,12 @@ def _model_files(params: dict) -> str:
 
 @node(type="LoadModel", category="model", fingerprint=_model_files,
       description="Loads a base model: a diffusers folder, a single-file .safetensors checkpoint "
-                  "(A1111/Civitai layout) or a built-in tiny model for demos and tests (builtin:tiny-sd, "
-                  "builtin:tiny-sdxl, builtin:tiny-flux).",
+                  "(A1111/Civitai layout) or a built-in tiny model for demos and tests (builtin:shapes-sd, which "
+                  "draws coloured shapes; builtin:tiny-sd, builtin:tiny-sdxl, builtin:tiny-flux with random weights).",
       inputs=[
           Path("source", "builtin:tiny-sd", kind="file_or_folder",
-               tooltip="a diffusers folder, a .safetensors checkpoint, or builtin:tiny-sd / builtin:tiny-sdxl"),
+               tooltip="a diffusers folder, a .safetensors checkpoint, or builtin:shapes-sd / builtin:tiny-sd / "
+                       "builtin:tiny-sdxl / builtin:tiny-flux"),
           Enum("family", ["auto", "sd15", "sd2", "sd2-v", "sdxl", "flux-dev", "flux-schnell"],
                tooltip="auto: detected from the checkpoint's keys; sd2-v: SD 2.x 768 with v-prediction"),
           Path("vae", "", kind="file_or_folder", optional=True, tooltip="a separate VAE to use instead"),

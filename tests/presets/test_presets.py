@@ -32,7 +32,7 @@ def test_preset_needs_only_the_model_and_dataset_paths(name):
     problems += validate(graph, reg)
     assert sorted(str(p) for p in problems) == [
         "node 1 (LoadModel): choose a file or folder for 'source' (a diffusers folder, a .safetensors checkpoint, "
-        "or builtin:tiny-sd / builtin:tiny-sdxl)",
+        "or builtin:shapes-sd / builtin:tiny-sd / builtin:tiny-sdxl / builtin:tiny-flux)",
         "node 2 (Concept): choose a folder for 'folder' (the folder of images (png, jpg, webp, bmp); subfolders are "
         "included)",
     ]

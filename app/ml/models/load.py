@@ -60,7 +60,7 @@ def load_model(
 ) -> ModelBundle:
     """Load a base model into a ``ModelBundle`` without touching the network.
 
-    ``source``: ``builtin:tiny-sd`` / ``builtin:tiny-sdxl``, a diffusers folder, or a single
+    ``source``: ``builtin:<name>`` (see tiny.py: shapes-sd, tiny-sd, tiny-sdxl, ...), a diffusers folder, or a single
     ``.safetensors``/``.ckpt`` in the original (A1111/Civitai) layout.
     ``family``: force a family id (needed to choose ``sd2-v`` for 768 v-prediction single files,
     whose weights look exactly like ``sd2``); must agree with what the weights show otherwise.
@@ -88,7 +88,7 @@ def load_model(
     else:
         path = Path(src).expanduser()
         if not path.exists():
-            raise ModelLoadError(f"Model not found: {path}. Give a diffusers folder, a .safetensors/.ckpt file or builtin:tiny-sd.")
+            raise ModelLoadError(f"Model not found: {path}. Give a diffusers folder, a .safetensors/.ckpt file or a builtin model such as builtin:shapes-sd.")
         split = {k: str(v) for k, v in (split_files or {}).items() if v}
         config_dir = Path(config).expanduser() if config else None
         if path.is_dir() and _is_flux_folder(path):
