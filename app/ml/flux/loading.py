@@ -49,27 +49,68 @@ def _family(guidance: bool, forced, source: str):
     return fam
 
 
-def _tokenizers(folders: list[Path], where: str, t5_length: int):
-    """CLIP (``tokenizer/``) and T5 (``tokenizer_2/``) tokenizers from the first folder holding each."""
+def _holds(folder: Path, kind: str, own_files: tuple[str, ...]) -> bool:
+    """A tokenizer folder of ``kind`` ("CLIP"/"T5"): its own vocabulary file, or ``tokenizer.json`` whose config
+    names that class (transformers 5 saves only tokenizer.json, for CLIP and T5 alike)."""
+    if not folder.is_dir():
+        return False
+    if any((folder / f).is_file() for f in own_files):
+        return True
+    cfg = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    if not cfg.is_file():
+        return kind == "CLIP"  # older CLIP folders carry no config; a T5 tokenizer.json always has one
+    try:
+        cls = str(json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class", ""))
+    except ValueError:
+        return False
+    return cls.startswith(kind)
+
+
+def _tokenizers(explicit: Path | None, folders: list[Path], where: Path, t5_length: int, fam, log=None):
+    """CLIP-L and T5 tokenizers, each resolved as CLIP's are for SD (``app/ml/models/tokenizers.py``): the
+    LoadModel ``tokenizer`` folder (``tokenizer/`` / ``tokenizer_2/`` in it, or the files themselves), then
+    the other ``folders`` (a ``config`` folder, beside the model), then the Hugging Face hub once
+    (``openai/clip-vit-large-patch14``, ``google/t5-v1_1-xxl``: tokenizer files only; HF_HUB_OFFLINE honoured)."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
+    from app.ml.models.tokenizers import hub_tokenizer_folder
+
+    roots = ([explicit] if explicit is not None else []) + list(folders)
+    kinds = (("tokenizer", CLIPTokenizer, lambda d: _holds(d, "CLIP", ("vocab.json",))),
+             ("tokenizer_2", T5TokenizerFast, lambda d: _holds(d, "T5", ("spiece.model",))))
+    if explicit is not None and not any(holds(explicit / sub) or holds(explicit) for sub, _, holds in kinds):
+        raise _error(f"Tokenizer folder {explicit} (LoadModel tokenizer param) holds no tokenizer: expected "
+                     "tokenizer/ (CLIP-L: vocab.json + merges.txt or tokenizer.json) and/or tokenizer_2/ (T5: spiece.model) "
+                     "in it, or those files themselves.")
     found = []
-    for sub, cls, files, what in (("tokenizer", CLIPTokenizer, ("vocab.json", "tokenizer.json"), "CLIP-L"),
-                                  ("tokenizer_2", T5TokenizerFast, ("spiece.model", "tokenizer.json"), "T5")):
-        for root in folders:
-            d = root / sub
-            if d.is_dir() and any((d / f).is_file() for f in files):
-                found.append((cls.from_pretrained(str(d)), d))
+    for (sub, cls, holds), spec in zip(kinds, fam.text_encoders):
+        chosen = None
+        for root in roots:
+            for d in ((root / sub, root) if root == explicit else (root / sub,)):
+                if holds(d):
+                    chosen = d
+                    break
+            if chosen is not None:
                 break
-        else:
-            looked = ", ".join(str(r / sub) for r in folders)
-            raise _error(f"{where}: no {what} tokenizer found (looked in {looked}). Put the tokenizer files "
-                         f"({' or '.join(files)}) in a '{sub}/' folder beside the model, or give LoadModel's tokenizer "
-                         "param a folder holding tokenizer/ and tokenizer_2/ (the diffusers FLUX.1 repo's own).")
+        if chosen is None:
+            chosen = hub_tokenizer_folder(spec, checkpoint=where, looked=[r / sub for r in roots],
+                                          place=where.parent / sub if where.is_file() else where / sub, log=log)
+        found.append((cls.from_pretrained(str(chosen)), chosen))
     (clip_tok, clip_dir), (t5_tok, t5_dir) = found
     clip_tok.model_max_length = 77
     t5_tok.model_max_length = t5_length
     return [clip_tok, t5_tok], [clip_dir, t5_dir]
+
+
+def _tokenizer_param(tokenizer_path) -> Path | None:
+    if not tokenizer_path:
+        return None
+    p = Path(tokenizer_path).expanduser()
+    if not p.is_dir():
+        raise _error(f"Tokenizer path {p} does not exist (LoadModel tokenizer param).")
+    return p
 
 
 def load_folder(folder: Path, forced, tokenizer_path, log: Callable[[str], None] | None) -> dict[str, Any]:
@@ -84,8 +125,7 @@ def load_folder(folder: Path, forced, tokenizer_path, log: Callable[[str], None]
         raise _error(f"{folder}: a Flux folder needs transformer/config.json, which is missing.")
     guidance = bool(json.loads(cfg_path.read_text(encoding="utf-8")).get("guidance_embeds", False))
     fam = _family(guidance, forced, str(folder))
-    roots = ([Path(tokenizer_path).expanduser()] if tokenizer_path else []) + [folder]
-    tokenizers, tok_dirs = _tokenizers(roots, str(folder), fam.t5_max_length)
+    tokenizers, tok_dirs = _tokenizers(_tokenizer_param(tokenizer_path), [folder], folder, fam.t5_max_length, fam, log)
     kw = {"local_files_only": True}
     for sub in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         if not (folder / sub).is_dir():
@@ -192,9 +232,8 @@ def load_files(transformer: Path, forced, *, ae: str | None = None, clip_l: str 
     if kinds["t5xxl"].details.get("d_model") != t5_cfg.get("d_model"):
         raise _error(f"LoadModel: {paths['t5xxl']} holds {kinds['t5xxl'].label}, but {fam.display_name} needs a T5 of "
                      f"width {t5_cfg.get('d_model')} (T5-XXL); choose the matching file.")
-    roots = ([Path(tokenizer_path).expanduser()] if tokenizer_path else []) + ([config_dir] if config_dir else []) \
-        + [transformer.parent]
-    tokenizers, tok_dirs = _tokenizers(roots, str(transformer), fam.t5_max_length)
+    roots = ([config_dir] if config_dir else []) + [transformer.parent]
+    tokenizers, tok_dirs = _tokenizers(_tokenizer_param(tokenizer_path), roots, transformer, fam.t5_max_length, fam, log)
 
     from .keys import FluxKeyError
 

@@ -146,13 +146,18 @@ class _NotAvailable(Exception):
     """The hub tokenizer is neither cached nor downloadable; the message says why."""
 
 
+def _holds(folder: Path, hub: HubTokenizer) -> bool:
+    """A snapshot holds ``hub``'s tokenizer: a CLIP BPE folder, or every essential file (T5: ``spiece.model``)."""
+    return is_tokenizer_folder(folder) or all((folder / f).is_file() for f in hub.essential)
+
+
 def _cached_or_fetched(hub: HubTokenizer, log: Log | None) -> Path:
     """The snapshot folder holding ``hub``'s tokenizer files: the cached copy, else downloaded once."""
     cache = hub_cache_dir()
     patterns = list(hub.files)
     try:  # a cached copy needs no network at all, online or not
         folder = Path(snapshot_download(hub.repo_id, allow_patterns=patterns, cache_dir=cache, local_files_only=True))
-        if is_tokenizer_folder(folder):
+        if _holds(folder, hub):
             return folder
     except Exception:  # noqa: BLE001 - any failure to find a cached copy means "not cached"
         pass
@@ -166,8 +171,10 @@ def _cached_or_fetched(hub: HubTokenizer, log: Log | None) -> Path:
     except Exception as e:  # noqa: BLE001 - no network, proxy, gated repo...: all end in the same advice
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _NotAvailable(f"downloading {hub.repo_id} from the Hugging Face hub failed ({reason})") from None
-    if not is_tokenizer_folder(folder):
-        raise _NotAvailable(f"the download of {hub.repo_id} into {folder} holds no tokenizer.json or vocab.json + merges.txt")
+    if not _holds(folder, hub):
+        wanted = "tokenizer.json or vocab.json + merges.txt" if hub.essential == ("vocab.json", "merges.txt") \
+            else " + ".join(hub.essential)
+        raise _NotAvailable(f"the download of {hub.repo_id} into {folder} holds no {wanted}")
     if log:
         log(f"{hub.description} tokenizer cached in {folder}")
     return folder
@@ -183,6 +190,17 @@ def _missing_message(source: Path, te: TextEncoderSpec, hub: HubTokenizer, looke
         f"https://huggingface.co/{hub.repo_id} into {place} (e.g. `hf download {hub.repo_id} {essential} "
         f"--local-dir {place}`); or set LoadModel's tokenizer param to a folder that holds them."
     )
+
+
+def hub_tokenizer_folder(te: TextEncoderSpec, *, checkpoint: Path, looked: list[Path], place: Path,
+                         log: Log | None = None) -> Path:
+    """The last step of resolution for any text encoder (also Flux's T5, ``google/t5-v1_1-xxl``): the cached
+    hub copy, else fetched once (tokenizer files only); offline without a copy, the error says what to do."""
+    hub = HUB_TOKENIZERS[te.hub_tokenizer]
+    try:
+        return _cached_or_fetched(hub, log)
+    except _NotAvailable as e:
+        raise ModelLoadError(_missing_message(checkpoint, te, hub, looked, place, str(e))) from None
 
 
 # --------------------------------------------------------------------------------------------------
