@@ -47,8 +47,8 @@ def _show(ctx, lora, reports=None) -> None:
 def load_lora(ctx, model, path):
     from app.ml.adapters import AdapterError
     from app.ml.handle import as_handle
-    from app.ml.lora_tools import LoRA, check_family, lora_file_info
     from app.ml.adapters import load_adapter_file
+    from app.ml.lora_tools import LoRA, check_family, lora_file_info, model_name
 
     if not path:
         raise _fail("choose a LoRA .safetensors file in path")
@@ -59,7 +59,7 @@ def load_lora(ctx, model, path):
         aset = load_adapter_file(path, bundle, trainable=False)
     except AdapterError as e:
         raise _fail(str(e)) from None
-    lora = LoRA(aset, info["metadata"], info["file"], info)
+    lora = LoRA(aset, info["metadata"], info["file"], {**info, "model_name": model_name(bundle)})
     ctx.log(f"{info['file']}: {info['algorithm']} rank {info['rank']} alpha {info['alpha']} for {info['base_model']} "
             f"({info['layout']} layout, {len(aset)} layers)" + (f"; trigger words: {info['trigger_words']}"
                                                               if info["trigger_words"] else ""))
@@ -163,7 +163,7 @@ def merge_loras_node(ctx, model, loras, weights, mode, rank, method, target):
 def extract_lora_node(ctx, tuned, base, rank, conv_rank, method, target, min_diff, text_encoders):
     from app.ml.adapters import AdapterError, component_modules
     from app.ml.handle import as_handle
-    from app.ml.lora_tools import LoRA, extract_lora
+    from app.ml.lora_tools import LoRA, extract_lora, model_name
 
     t, b = as_handle(tuned), as_handle(base)
     if t.adapters or b.adapters:
@@ -176,7 +176,7 @@ def extract_lora_node(ctx, tuned, base, rank, conv_rank, method, target, min_dif
                                     progress=lambda i, n: ctx.progress(i, n, "SVD"))
     except AdapterError as e:
         raise _fail(str(e)) from None
-    result = LoRA(out, {}, "extracted", {})
+    result = LoRA(out, {}, "extracted", {"model_name": model_name(b.base)})
     _show(ctx, result, reports)
     return result
 
@@ -190,19 +190,26 @@ def extract_lora_node(ctx, tuned, base, rank, conv_rank, method, target, min_dif
                    tooltip="kohya: A1111, Forge, ComfyUI and diffusers; peft: diffusers only (plain LoRA); comfyui: "
                            "ComfyUI's own names"),
               Enum("dtype", ["fp16", "bf16", "fp32"]),
-              Enum("if_exists", ["add_suffix", "overwrite"])],
+              Enum("if_exists", ["add_suffix", "overwrite"]),
+              String("title", "", tooltip="modelspec.title and ss_output_name (A1111's alias); empty: the file name"),
+              String("author", "", tooltip="modelspec.author"),
+              String("description", "", multiline=True, tooltip="modelspec.description"),
+              String("trigger_phrase", "", tooltip="modelspec.trigger_phrase: the words that call the LoRA up")],
       outputs=[])
-def save_lora(ctx, lora, path, layout, dtype, if_exists):
+def save_lora(ctx, lora, path, layout, dtype, if_exists, title="", author="", description="", trigger_phrase=""):
     from app.atomic import WriteError
     from app.ml.adapters import AdapterError
-    from app.ml.lora_tools import carried_metadata
+    from app.ml.lora_tools import carried_metadata, user_metadata
     from app.ml.save import save_adapter
 
     if not path:
         raise _fail("choose where to write the LoRA (path)")
+    extra = carried_metadata(lora.metadata)
+    extra.update(user_metadata(title=title, author=author, description=description, trigger_phrase=trigger_phrase))
     try:
         written = save_adapter(lora.adapters, path, layout=layout, dtype=dtype, recipe=ctx.recipe,
-                               overwrite=if_exists == "overwrite", extra_metadata=carried_metadata(lora.metadata))
+                               overwrite=if_exists == "overwrite", extra_metadata=extra,
+                               base_model_name=lora.metadata.get("ss_sd_model_name") or lora.info.get("model_name", ""))
     except (AdapterError, ValueError) as e:
         raise _fail(f"{lora.source}: {e}") from None
     except FileExistsError as e:
@@ -244,3 +251,84 @@ def merge_to_model(ctx, model, path, format, dtype, if_exists):
         raise _fail(f"cannot write {e.filename or path}: {e.strerror or e}") from None
     ctx.log(f"saved {written} with {len(handle.adapters)} adapter(s) merged")
     return None
+
+
+@node(type="Grid", category="lora", side_effect=True,
+      description="A comparison image like A1111's X/Y plot: one row per LoRA file (e.g. the periodic saves of a run), "
+                  "one column per strength and prompt, the same seed in every cell; one PNG with the recipe embedded, "
+                  "shown as a preview. The fastest way to pick the best save.",
+      inputs=[Socket("model", "MODEL", tooltip="the base model (LoRAs already applied to it stay applied)"),
+              String("loras", "", multiline=True,
+                     tooltip="one .safetensors file or folder per line; a folder gives its .safetensors in name order"),
+              String("strengths", "0.5, 1.0", tooltip="columns: LoRA strengths, separated by commas"),
+              String("prompt", "a photo", multiline=True, tooltip="one prompt per line; each adds a set of columns"),
+              String("negative_prompt", "", multiline=True),
+              Int("width", 512, min=64, max=4096, step=8), Int("height", 512, min=64, max=4096, step=8),
+              Int("steps", 20, min=1, max=500), Float("cfg", 7.0, min=0.0, max=50.0),
+              Int("seed", 1, min=0, max=2**63 - 1, tooltip="the same seed in every cell"),
+              Enum("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras", "unipc"],
+                   "dpmpp_2m"),
+              Path("path", "grid.png", kind="output_file", tooltip="the grid PNG (relative: into the workspace)"),
+              Enum("if_exists", ["add_suffix", "overwrite"])],
+      outputs=[Output("images", "IMAGES")])
+def grid(ctx, model, loras, strengths, prompt, negative_prompt, width, height, steps, cfg, seed, sampler, path,
+         if_exists):
+    from app.ml.adapters import AdapterError, load_adapter_file
+    from app.ml.handle import as_handle
+    from app.ml.lora_tools import check_family, lora_file_info
+    from app.ml.lora_tools.grid import compose, lora_files
+    from app.ml.preview import images_payload
+    from app.ml.sampling import sample_images
+    from app.ml.sampling.png import save_png
+
+    handle = as_handle(model)
+    entries = [line.strip() for line in loras.splitlines() if line.strip()]
+    prompts = [line.strip() for line in prompt.splitlines() if line.strip()]
+    if not entries:
+        raise _fail("list at least one LoRA file or folder in loras, one per line")
+    if not prompts:
+        raise _fail("the prompt is empty: write at least one line")
+    try:
+        values = [float(s) for s in strengths.replace(";", ",").split(",") if s.strip()]
+    except ValueError:
+        raise _fail(f"strengths must be numbers separated by commas, got {strengths!r}") from None
+    if not values:
+        raise _fail("give at least one strength, e.g. 0.5, 1.0")
+    try:
+        files = lora_files(entries)
+    except FileNotFoundError as e:
+        raise _fail(str(e)) from None
+    columns = [(s, p) for p in prompts for s in values]
+    total, done = len(files) * len(columns), 0
+    rows, cells_meta = [], []
+    for f in files:
+        try:
+            check_family(lora_file_info(f), handle.family)
+            aset = load_adapter_file(f, handle.base, trainable=False)
+        except AdapterError as e:
+            raise _fail(str(e)) from None
+        row = []
+        for s, p in columns:
+            ctx.check_cancel()
+            try:
+                result = sample_images(handle.base, [p], negative_prompt=negative_prompt, width=width, height=height,
+                                       steps=steps, cfg=cfg, seed=seed, sampler=sampler,
+                                       adapters=handle.adapter_pairs() + [(aset, s)])
+            except ValueError as e:
+                raise _fail(str(e)) from None
+            row.append(result.images[0])
+            cells_meta.append({"lora": f.name, "strength": s, "prompt": p})
+            done += 1
+            ctx.progress(done, total, f"{f.name} at {s}")
+        rows.append(row)
+    col_labels = [f"strength {s:g}" + (f" | {p}" if len(prompts) > 1 else "") for s, p in columns]
+    image = compose(rows, [f.stem for f in files], col_labels)
+    params = {"prompt": prompts[0], "negative_prompt": negative_prompt, "steps": steps, "sampler": sampler, "cfg": cfg,
+              "seed": seed, "width": width, "height": height, "grid": cells_meta}
+    try:
+        written = save_png(image, path, params, ctx.recipe, overwrite=if_exists == "overwrite")
+    except FileExistsError as e:
+        raise _fail(f"{e}; choose if_exists = overwrite or another path") from None
+    ctx.preview("images", **images_payload([image], [f"{len(files)} LoRA(s) x {len(columns)} column(s)"], max_side=1024))
+    ctx.log(f"grid of {len(files)} x {len(columns)} in {written}")
+    return {"paths": [str(written)], "params": [params]}

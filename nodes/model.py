@@ -218,9 +218,11 @@ def save(ctx, model, path, what, layout, dtype, if_exists):
 
             from app.ml.save.metadata import training_metadata
 
+            from app.ml.lora_tools import model_name
+
             written = save_adapter(handle.adapters[-1], path, layout=layout, dtype=dtype, recipe=ctx.recipe,
                                    step=info.get("step"), epoch=info.get("epoch"), overwrite=overwrite,
-                                   extra_metadata=training_metadata(info))
+                                   extra_metadata=training_metadata(info), base_model_name=model_name(handle.base))
         else:
             from app.ml.save import save_diffusers, save_single_file
 

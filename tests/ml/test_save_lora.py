@@ -62,7 +62,7 @@ def test_kohya_keys_sd15(sd, tmp_path):
     assert meta["ss_steps"] == "12" and meta["ss_epoch"] == "3"
     assert json.loads(meta["nodetrainer_recipe"]) == {"format_version": 1}
     assert meta["nodetrainer_base_family"] == "sd15" and meta["nodetrainer_base_model_hash"] == sd.identity
-    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lycoris"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"  # as sd-scripts writes for LyCORIS
 
 
 def test_kohya_keys_sdxl_use_sgm_unet_names_and_te1_te2(sdxl, tmp_path):

@@ -1,5 +1,6 @@
 """LoRA tool nodes through the real executor, and the shipped graphs/lora_*.json examples (tiny models)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,35 @@ def test_every_lora_example_graph_runs(reg, files, tmp_path):
     _, events, _ = run(reg, example(reg, "lora_resize", {("lora", "path"): files["a"], ("save", "path"): out}), tmp_path)
     assert out.is_file() and "Frobenius share kept" in logs(events)
     assert not list(ws.glob("**/*.tmp*"))
+
+
+def test_grid_example_draws_one_labelled_png_per_run(reg, files, tmp_path):
+    """Rows = LoRA files from a folder, columns = strengths; at strength 0 every row is the base image."""
+    import shutil
+
+    from PIL import Image
+
+    from app.ml.sampling.png import read_png_text
+
+    folder = tmp_path / "saves"
+    folder.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(files[name], folder / f"step_{name}.safetensors")
+    g = example(reg, "lora_grid", {("grid", "loras"): str(folder), ("grid", "strengths"): "0, 1",
+                                   ("grid", "steps"): 2})
+    result, events, _ = run(reg, g, tmp_path)
+    out = Path(result.outputs["grid"]["images"]["paths"][0])
+    assert out.parent == tmp_path / "ws" and out.name == "grid.png"
+    text = read_png_text(out)
+    assert json.loads(text["nodetrainer_recipe"])["nodes"]["grid"]["type"] == "Grid"
+    assert "Steps: 2" in text["parameters"]
+    assert any(e["event"] == "preview" and e["kind"] == "images" for e in events)
+    im = Image.open(out).convert("RGB")
+    top = im.height - 2 * 64
+    cell = lambda r, c: im.crop((96 + c * 64, top + r * 64, 96 + (c + 1) * 64, top + (r + 1) * 64))
+    assert im.width == 96 + 2 * 64 and top > 0  # a label row above the cells
+    assert list(cell(0, 0).getdata()) == list(cell(1, 0).getdata())  # strength 0: the same base image
+    assert list(cell(0, 1).getdata()) != list(cell(1, 1).getdata())  # strength 1: the LoRAs differ
+    g.set_param("grid", "loras", str(tmp_path / "missing"))
+    _, _, errors = run(reg, g, tmp_path, ok=False)
+    assert any("no such LoRA file or folder" in e for e in errors), errors

@@ -14,9 +14,9 @@ Public API:
 """
 
 from .info import lora_file_info
-from .lora import LoRA, carried_metadata, check_family, split_components
+from .lora import LoRA, carried_metadata, check_family, model_name, split_components, user_metadata
 from .svd import (DYNAMIC_METHODS, LayerReport, effective_deltas, extract_lora, lora_from_deltas, merge_loras,
                   rank_for, resize_lora)
 
-__all__ = ["DYNAMIC_METHODS", "LayerReport", "LoRA", "carried_metadata", "check_family", "split_components", "effective_deltas", "extract_lora", "lora_file_info", "lora_from_deltas",
+__all__ = ["DYNAMIC_METHODS", "LayerReport", "LoRA", "carried_metadata", "check_family", "model_name", "split_components", "user_metadata", "effective_deltas", "extract_lora", "lora_file_info", "lora_from_deltas",
            "merge_loras", "rank_for", "resize_lora"]

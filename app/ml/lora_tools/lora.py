@@ -69,4 +69,23 @@ def split_components(aset: AdapterSet, denoiser_strength: float, text_strength: 
 def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """The source file's metadata a converted or resized LoRA keeps (training keys, trigger words, author,
     tag frequencies...); the network shape, title and hashes are written anew for the new file."""
-    return {k: v for k, v in metadata.items() if k not in _REGENERATED and not k.startswith("nodetrainer_")}
+    return {k: v for k, v in metadata.items()
+            if v != "" and k not in _REGENERATED and not k.startswith("nodetrainer_")}  # empty: no information
+
+
+def user_metadata(*, title: str = "", author: str = "", description: str = "", trigger_phrase: str = "") -> dict[str, str]:
+    """What a user sets on a save: model browsers read ``modelspec.*``, A1111 aliases a LoRA by ``ss_output_name``
+    (so a title set here keeps periodic saves of two runs apart)."""
+    out = {f"modelspec.{k}": v.strip() for k, v in (("title", title), ("author", author), ("description", description),
+                                                    ("trigger_phrase", trigger_phrase)) if v.strip()}
+    if title.strip():
+        out["ss_output_name"] = title.strip()
+    return out
+
+
+def model_name(bundle) -> str:
+    """The base model's file or folder name, as kohya writes ``ss_sd_model_name``."""
+    from pathlib import Path
+
+    source = str(getattr(bundle, "source", "") or "")
+    return Path(source).name if source and not source.startswith("builtin:") else source

@@ -20,7 +20,7 @@ from app.ml.adapters import AdapterSet, adapter_tensors, peft_metadata
 from app.ml.adapters.io import PEFT_METADATA_KEY
 
 from app.atomic import atomic_file
-from .metadata import lora_metadata
+from .metadata import file_hashes, lora_metadata
 
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -73,5 +73,6 @@ def save_adapter(
         )
         meta["nodetrainer_dtype"] = {v: k for k, v in SAVE_DTYPES.items()}[dt]
         meta.update(layout_meta)
+        meta.update(file_hashes(tensors, meta))
         save_file(tensors, str(target.tmp), metadata=meta)
     return target.final

@@ -103,7 +103,7 @@ def lora_metadata(
         meta["ss_steps"] = str(int(step))
     if epoch is not None:
         meta["ss_epoch"] = str(int(epoch))
-    meta.update(modelspec(fam, kind="lora" if cfg.algorithm in ("lora", "dora") else "lycoris", title=title))
+    meta.update(modelspec(fam, kind="lora", title=title))  # sd-scripts writes ".../lora" for LyCORIS networks too
     meta.update({
         "nodetrainer_recipe": _recipe_text(recipe),
         "nodetrainer_base_family": fam.id,
@@ -128,3 +128,26 @@ def checkpoint_metadata(bundle, *, title: str, recipe: Any = None, step: int | N
         "nodetrainer_epoch": "" if epoch is None else str(int(epoch)),
     })
     return meta
+
+
+def file_hashes(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, str]:
+    """The hashes kohya's sd-scripts precompute so A1111 and model browsers need not read the file:
+    ``sshs_model_hash`` (sha256 of the tensor data as saved with only the ``ss_*`` keys, what A1111's
+    additional-networks index calls the new hash), ``sshs_legacy_hash`` (sha256 of the 64 KiB at
+    1 MiB, 8 hex digits) and ``modelspec.hash_sha256`` (0x + sha256 of each tensor's bytes in turn, by name)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    def data(blob: bytes) -> bytes:
+        return blob[8 + int.from_bytes(blob[:8], "little"):]
+
+    blob = save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    spec = hashlib.sha256()
+    for k in sorted(tensors):  # name order, so the hash can be checked from the file alone
+        spec.update(data(save({"tensor": tensors[k]})))
+    return {
+        "sshs_model_hash": hashlib.sha256(data(blob)).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8],
+        "modelspec.hash_sha256": "0x" + spec.hexdigest(),
+    }

@@ -168,7 +168,7 @@ SD2_V = replace(
     display_name="Stable Diffusion 2.x 768 (v-prediction)",
     default_resolution=768,
     prediction_type="v_prediction",
-    kohya_base_model_version="sd_v2_768_v",
+    kohya_base_model_version="sd_v2_v",  # what kohya's sd-scripts write for SD 2.x v-prediction
     config_dir="sd2-v",
     notes="Cannot be told from sd2 by its weights; selected explicitly or by config/metadata.",
 )
