@@ -123,6 +123,30 @@ def detect(header: Mapping[str, Mapping]) -> FileKind:
     return FileKind("unknown", "not a Flux transformer, VAE, CLIP or T5 file", details={"sample_keys": sorted(keys)[:5]})
 
 
+# Where an all-in-one checkpoint keeps the other parts, as ComfyUI saves Flux checkpoints (its Flux model config:
+# vae_key_prefix "vae.", text_encoder_key_prefix "text_encoders.", with clip_l / t5xxl ".transformer." inside).
+EMBEDDED_PREFIXES = {
+    "ae": ("vae.", "first_stage_model."),
+    "clip_l": ("text_encoders.clip_l.transformer.", "text_encoders.clip_l.", "cond_stage_model.transformer."),
+    "t5xxl": ("text_encoders.t5xxl.transformer.", "text_encoders.t5xxl."),
+}
+
+
+def embedded_parts(header: Mapping[str, Mapping]) -> dict[str, FileKind]:
+    """The VAE / CLIP-L / T5 an all-in-one checkpoint holds beside its transformer, each detected under its prefix
+    (``FileKind.prefix`` is the full key prefix in the file); a part the file lacks is absent."""
+    out: dict[str, FileKind] = {}
+    for slot, prefixes in EMBEDDED_PREFIXES.items():
+        for pfx in prefixes:
+            sub = {k[len(pfx):]: v for k, v in header.items() if k.startswith(pfx)}
+            if sub:
+                found = detect(sub)
+                out[slot] = FileKind(found.kind, found.label, found.variant, found.layout, pfx + found.prefix,
+                                     found.details)
+                break
+    return out
+
+
 def detect_file(path: "str | os.PathLike", where: str = "LoadModel") -> FileKind:
     return detect(read_header(path, where))
 

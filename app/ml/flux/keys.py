@@ -230,12 +230,15 @@ def is_bfl_layout(keys: Iterable[str]) -> bool:
 
 def load_transformer_file(path, *, where: str = "LoadModel", fp8_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """A ``.safetensors`` transformer (BFL, all-in-one or diffusers layout) as a diffusers-named state dict."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     source = f"{where}: {path}"
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys())
+            # an all-in-one checkpoint: read the transformer's tensors only, not the VAE and text encoders
+            prefix = next((p for p in ALL_IN_ONE_PREFIXES if any(k.startswith(p) for k in names)), "")
+            state = {k: f.get_tensor(k) for k in names if k.startswith(prefix)}
     except (OSError, SafetensorError) as exc:
         raise FluxKeyError(f"{source}: cannot read the file ({exc}); check the path and that the download is complete.") from exc
     if is_bfl_layout(state):

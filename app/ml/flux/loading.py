@@ -189,14 +189,16 @@ def _strict(model: torch.nn.Module, state: dict, what: str, path: Path) -> torch
 
 
 def _read(path: Path, prefix: str, fp8_dtype=torch.float32) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from .keys import FP8_DTYPES
 
     out = {}
-    for k, v in load_file(str(path)).items():
-        if k.startswith(prefix):
-            out[k[len(prefix):]] = v.to(fp8_dtype) if v.dtype in FP8_DTYPES else v
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # only the part's own tensors (all-in-one files)
+        for k in f.keys():
+            if k.startswith(prefix):
+                v = f.get_tensor(k)
+                out[k[len(prefix):]] = v.to(fp8_dtype) if v.dtype in FP8_DTYPES else v
     return out
 
 
@@ -221,10 +223,28 @@ def load_files(transformer: Path, forced, *, ae: str | None = None, clip_l: str 
 
     try:
         kind = detect.expect_file(transformer, "flux-transformer")
-        paths = {slot: _find_part(slot, given, transformer) for slot, given in (("ae", ae), ("clip_l", clip_l),
-                                                                                  ("t5xxl", t5xxl))}
-        kinds = {slot: detect.expect_file(p, SLOT_KIND[slot], variant="L" if slot == "clip_l" else None)
-                 for slot, p in paths.items()}
+        # an all-in-one checkpoint (ComfyUI's: model.diffusion_model. / vae. / text_encoders.clip_l|t5xxl.) holds
+        # its own parts; a part named one by one still wins, and a part it lacks is looked for beside it
+        inside = detect.embedded_parts(detect.read_header(transformer)) if kind.prefix else {}
+        given = {"ae": ae, "clip_l": clip_l, "t5xxl": t5xxl}
+        paths, kinds = {}, {}
+        for slot in ("ae", "clip_l", "t5xxl"):
+            if not given[slot] and slot in inside:
+                paths[slot], found = transformer, inside[slot]
+                if found.kind != SLOT_KIND[slot]:
+                    raise detect.DetectError(f"LoadModel: {transformer} holds {found.label} under '{found.prefix}', where "
+                                             f"an all-in-one checkpoint keeps {detect._EXPECTED[SLOT_KIND[slot]]}.")
+            else:
+                paths[slot] = _find_part(slot, given[slot], transformer)
+                found = detect.expect_file(paths[slot], SLOT_KIND[slot], variant="L" if slot == "clip_l" else None)
+            kinds[slot] = found
+        if inside:
+            inside_check = {"ae": kinds["ae"].details.get("latent_channels") == 16,
+                            "clip_l": kinds["clip_l"].variant == "L"}
+            bad = [s for s, ok in inside_check.items() if paths[s] == transformer and not ok]
+            if bad:
+                raise detect.DetectError(f"LoadModel: {transformer} holds {kinds[bad[0]].label} where Flux needs "
+                                         f"{detect._EXPECTED[SLOT_KIND[bad[0]]]}; set LoadModel's {bad[0]} param to the right file.")
     except detect.DetectError as e:
         raise _error(str(e)) from None
     fam = _family(kind.variant == "dev", forced, str(transformer))
