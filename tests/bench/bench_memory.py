@@ -97,15 +97,17 @@ def _warm_up():
     _trim()
 
 
-def worker(config: str) -> dict:
+def worker(config: str, mode: str) -> dict:
     import torch
 
-    from app.ml.memory.plan import Component, Recipe, activation_coefficient, count_params, largest_linear, predict
+    from app.ml.memory.plan import (Component, Recipe, activation_coefficient, count_params, largest_linear,
+                                    measure_transient, predict, step_coefficient)
     from app.ml.memory.quant import quantize_linears
 
     torch.manual_seed(0)
     name, _, fmt = config.partition(":")
     _warm_up()
+    quantize = None
     base_rss = rss()
     meter = PeakRSS()
     if name == "tiny-sd":
@@ -121,7 +123,7 @@ def worker(config: str) -> dict:
             x = torch.randn(1, 4, tokens_side, tokens_side, requires_grad=grad)
             return model(x, torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, ctx_dim)).sample
 
-        calib = (16, 32)
+        calib = (32 * 32, 48 * 48)  # latent pixels
         blocks = 1
         tokens = side * side
         coef_fn = lambda n: run(int(round(n ** 0.5)))  # noqa: E731
@@ -139,7 +141,7 @@ def worker(config: str) -> dict:
             model = FluxTransformer2DModel(**cfg).requires_grad_(False)
         torch.set_default_dtype(old)
         if fmt != "bf16":
-            quantize_linears(model, fmt)
+            quantize = fmt
         dtype, blocks, text = torch.bfloat16, 3, 32
         targets = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
         image = 256
@@ -158,13 +160,23 @@ def worker(config: str) -> dict:
         calib = (80, 180)  # total tokens: 64 + 16, 144 + 36 (image a square, text a fifth)
         coef_fn = lambda n: run_flux(n - n // 5, n // 5)  # noqa: E731
         step = lambda: run_flux(image, text)  # noqa: E731
+    # the activation coefficient is the architecture's (data of the family): measured on the model
+    # before its weights are quantized, at smaller token counts than the step's
+    if mode == "saved":  # what autograd saves: exact for checkpointing arithmetic, misses backward's transients
+        coef = activation_coefficient(coef_fn, calib, exclude=model) / blocks
+    else:  # the peak growth of forward + backward per token, measured at the smaller sizes
+        coef = step_coefficient(lambda n: coef_fn(n).float().square().mean().backward(), calib) / blocks
+    if quantize:
+        quantize_linears(model, quantize)
     meter.stop()
     _trim()
     loaded = rss()  # what the loaded weights hold (a quantizing load peaks higher while it converts)
     total, linear = count_params(model)
     loras = _lora(model, targets)
     adapter = sum(p.numel() for p in loras.parameters())
-    coef = activation_coefficient(coef_fn, calib, exclude=model) / blocks
+    big = max((m for m in model.modules() if isinstance(m, torch.nn.Linear)), key=lambda m: m.in_features * m.out_features)
+    quant = None if fmt in ("", "bf16") else fmt
+    transient = measure_transient(quant, dtype, shape=(big.out_features, big.in_features))
     _trim()
     before_step = rss()
     meter = PeakRSS()
@@ -182,9 +194,9 @@ def worker(config: str) -> dict:
                      quant=None if fmt in ("", "bf16") else fmt)
     recipe = Recipe([comp], denoiser="denoiser", blocks=blocks, act_per_token=coef, tokens=tokens,
                     adapter_params=adapter, optimizer="adamw", largest_linear=largest_linear(model),
-                    compute_dtype=comp.dtype)
+                    compute_dtype=comp.dtype, transient_per_weight=transient)
     plan = predict(recipe)
-    return {"config": config, "predicted_mb": plan.peak / 2**20, "measured_mb": measured / 2**20,
+    return {"config": config, "activations": mode, "transient_per_weight": round(transient, 2), "predicted_mb": plan.peak / 2**20, "measured_mb": measured / 2**20,
             "error": (plan.peak - measured) / measured, "ms_step": ms, "weights_mb": (loaded - base_rss) / 2**20,
             "breakdown_mb": {k: round(v / 2**20, 1) for k, v in plan.parts.items() if v}}
 
@@ -193,14 +205,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--worker")
+    ap.add_argument("--activations", choices=["step", "saved"], default="step",
+                    help="activation coefficient: peak growth of a step per token (default) or bytes autograd saves")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker)))
+        print(json.dumps(worker(args.worker, args.activations)))
         return
     rows = []
     for c in args.configs.split(","):
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1")
-        out = subprocess.run([sys.executable, __file__, "--worker", c], capture_output=True, text=True, env=env)
+        out = subprocess.run([sys.executable, __file__, "--worker", c, "--activations", args.activations], capture_output=True, text=True, env=env)
         if out.returncode:
             print(f"{c}: failed\n{out.stderr[-2000:]}")
             continue

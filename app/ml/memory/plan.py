@@ -11,6 +11,10 @@ The prediction is data, not a table per GPU:
   family's coefficient is data its module can carry - times the tokens of the largest bucket and
   batch; with checkpointing only each block's input is kept, plus one block's full activations
   during its recompute;
+* transients: the largest layer's extra bytes per weight while it runs (a quantized layer is
+  dequantized whole), measured per device and format by ``measure_transient``; and, for a whole
+  step, ``step_coefficient`` measures the peak growth per token (saved activations plus the
+  transients of backward), which is what the benchmark's prediction uses;
 * savings: block swap keeps ``resident + prefetch`` blocks on the device; activation offload moves
   the checkpointed inputs to the host.
 
@@ -76,6 +80,8 @@ class Recipe:
     overhead: float = 0.0            # fixed bytes (CUDA context, workspace) measured per device
     largest_linear: int = 0          # weights of the largest Linear: a quantized one is dequantized whole to run
     compute_dtype: str = "bf16"
+    transient_per_weight: float | None = None  # measured (measure_transient) bytes per weight of the largest
+                                               # layer's forward+backward; None: the dequantized copy only
 
 
 @dataclass
@@ -120,7 +126,9 @@ def predict(recipe: Recipe) -> Plan:
             per_block = Component("b", recipe.block_params, recipe.block_linear_params, c.dtype, c.quant).weight_bytes()
             swap_saving = per_block * (recipe.blocks - on) / recipe.blocks
     den = next((c for c in recipe.components if c.name == recipe.denoiser and c.on_device), None)
-    if den is not None and den.quant:
+    if recipe.transient_per_weight is not None:
+        parts["largest layer (transient)"] = recipe.largest_linear * recipe.transient_per_weight
+    elif den is not None and den.quant:
         parts["dequantized layer (transient)"] = recipe.largest_linear * WEIGHT_BYTES[recipe.compute_dtype]
     if swap_saving:
         parts["block swap (weights in RAM)"] = -swap_saving
@@ -239,3 +247,77 @@ def activation_coefficient(run_block: Callable[[int], torch.Tensor], tokens: tup
     constants drop out). ``run_block(n)`` runs the block's forward on ``n`` tokens with grad on."""
     a, b = tokens
     return (saved_bytes(lambda: run_block(b), exclude) - saved_bytes(lambda: run_block(a), exclude)) / (b - a)
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_growth(fn: Callable[[], object], device: str = "cpu") -> int:
+    """Peak memory growth while ``fn`` runs: on CUDA ``max_memory_allocated``, on CPU the resident
+    size sampled every half millisecond (freed heap is returned to the system first)."""
+    import ctypes
+    import gc
+    import threading
+    import time
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    base = peak = _rss()
+    done = False
+
+    def sample():
+        nonlocal peak
+        while not done:
+            peak = max(peak, _rss())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done = True
+        t.join()
+    return max(0, max(peak, _rss()) - base)
+
+
+def step_coefficient(run_step: Callable[[int], object], tokens: tuple[int, int], device: str = "cpu") -> float:
+    """Bytes per token a forward + backward needs at its peak (saved activations and the transients
+    of backward), measured as the slope of ``peak_growth`` between two token counts."""
+    a, b = tokens
+    run_step(a)  # once, so one-time costs are not counted
+    return (peak_growth(lambda: run_step(b), device) - peak_growth(lambda: run_step(a), device)) / (b - a)
+
+
+def measure_transient(fmt: str | None, dtype: torch.dtype = torch.bfloat16, shape: tuple[int, int] = (3072, 12288),
+                      tokens: int = 16, device: str = "cpu") -> float:
+    """Bytes per weight a Linear layer of ``shape`` in ``fmt`` (None: plain) needs beyond its stored
+    weights while it runs forward and backward (dequantized copies, packed operands), measured."""
+    from .quant import QuantizedLinear
+
+    with torch.no_grad():
+        lin = nn.Linear(shape[1], shape[0], bias=False, device=device, dtype=dtype).requires_grad_(False)
+        layer = QuantizedLinear(lin, fmt) if fmt else lin
+    del lin
+    x = torch.randn(tokens, shape[1], dtype=dtype, device=device, requires_grad=True)
+
+    def run():
+        layer(x).float().sum().backward()
+        x.grad = None
+
+    run()  # once, so one-time costs are not counted
+    return peak_growth(run, device) / (shape[0] * shape[1])

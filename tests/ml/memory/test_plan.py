@@ -95,3 +95,31 @@ def test_count_params_on_meta_and_measured_coefficients():
     ckpt = activation_coefficient(lambda n: run(n, True), exclude=block)
     assert ckpt == pytest.approx(4 * 64, rel=0.01)  # checkpointing keeps only the input
     assert saved_bytes(lambda: run(32), exclude=block) > 0
+
+
+def test_measured_transient_enters_the_plan():
+    from app.ml.memory.plan import measure_transient
+
+    # a quantized layer is dequantized whole (bf16: 2 bytes per weight) to run; a plain one is not
+    fp8 = measure_transient("fp8", torch.bfloat16, shape=(1024, 4096))
+    plain = measure_transient(None, torch.bfloat16, shape=(1024, 4096))
+    assert fp8 >= 1.5 and plain < 1.0, (fp8, plain)
+    p = predict(_recipe(largest_linear=1000, transient_per_weight=fp8))
+    assert p.parts["largest layer (transient)"] == 1000 * fp8
+    q = predict(_recipe(components=[Component("transformer", 1_000_000, 900_000, "bf16", quant="fp8")],
+                        largest_linear=1000))
+    assert q.parts["dequantized layer (transient)"] == 2000  # no measurement: the bf16 copy
+
+
+def test_step_coefficient_is_the_per_token_slope():
+    from app.ml.memory.plan import step_coefficient
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)).requires_grad_(False)
+
+    def step(n):
+        block(torch.randn(n, 256, requires_grad=True)).sum().backward()
+
+    coef = step_coefficient(step, (2048, 6144))
+    # saved: GELU's input (1024 fp32 per token); live at the peak also the input, outputs and grads
+    assert 4 * 1024 <= coef <= 4 * 1024 * 4, coef
