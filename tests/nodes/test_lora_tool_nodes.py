@@ -159,6 +159,9 @@ def test_apply_lora_stacks_with_separate_strengths_and_never_changes_the_base(re
     pairs = handle.adapter_pairs()
     assert [s for _, s in pairs] == [0.5, 0.0, 1.0]
     assert [a.components for a, _ in pairs] == [["unet"], ["text_encoder"], ["unet", "text_encoder"]]
+    # TrainLoop trains the newest adapter: it continues b, and the LoadLoRA output stays frozen as read.
+    assert pairs[-1][0].num_parameters() > 0
+    assert pairs[0][0].num_parameters() == pairs[1][0].num_parameters() == 0  # a's parts share LoadLoRA's modules
     base = handle.base
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():

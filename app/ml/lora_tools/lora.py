@@ -50,10 +50,13 @@ def check_family(info: Mapping[str, Any], family) -> None:
 
 
 def split_components(aset: AdapterSet, denoiser_strength: float, text_strength: float) -> list[tuple[AdapterSet, float]]:
-    """``aset`` as (set, strength) pairs: itself when both strengths agree (so TrainLoop can continue
-    it), else a denoiser part and a text-encoder part sharing its modules (no weights copied)."""
+    """``aset`` as (set, strength) pairs: when both strengths agree, one trainable copy (a LoRA is small),
+    so a TrainLoop after ApplyLoRA continues it while the LORA output stays as read; else a denoiser
+    part and a text-encoder part sharing its modules (frozen; TrainLoop would train only the last)."""
     if denoiser_strength == text_strength:
-        return [(aset, float(denoiser_strength))]
+        import copy
+
+        return [(copy.deepcopy(aset).requires_grad_(True), float(denoiser_strength))]
     den = aset.family.denoiser
     parts = []
     for want, s in ((lambda c: c == den, denoiser_strength), (lambda c: c != den, text_strength)):
