@@ -139,14 +139,18 @@ def _names(text: str) -> tuple[str, ...]:
           String("negative_prompt", "", multiline=True),
           Int("width", 512, min=64, max=4096, step=8),
           Int("height", 512, min=64, max=4096, step=8),
-          Int("steps", 30, min=1, max=500),
-          Float("cfg", 7.0, min=0.0, max=50.0, tooltip="classifier-free guidance scale"),
+          Int("steps", 0, min=0, max=500, tooltip="0 = the model's default (30; Flux schnell 4)"),
+          Float("cfg", 7.0, min=0.0, max=50.0, tooltip="classifier-free guidance scale (Flux dev: its distilled "
+                                                         "guidance, about 3.5; schnell: not used)"),
           Int("seed", -1, min=-1, max=2**63 - 1, tooltip="-1 = random (the seed used is recorded)"),
           Enum("sampler", SAMPLERS, "dpmpp_2m"),
           Float("lora_strength", 1.0, min=-10.0, max=10.0),
+          Float("true_cfg", 1.0, min=1.0, max=50.0,
+                tooltip="Flux: real classifier-free guidance with the negative prompt (two passes a step, as "
+                        "diffusers' true_cfg_scale); 1 = off, the negative prompt unused"),
       ],
       outputs=[Output("images", "IMAGES")])
-def sample(ctx, model, prompt, negative_prompt, width, height, steps, cfg, seed, sampler, lora_strength):
+def sample(ctx, model, prompt, negative_prompt, width, height, steps, cfg, seed, sampler, lora_strength, true_cfg=1.0):
     from app.engine.errors import NodeError
     from app.ml.handle import as_handle
     from app.ml.sampling import sample_images, save_samples
@@ -163,10 +167,11 @@ def sample(ctx, model, prompt, negative_prompt, width, height, steps, cfg, seed,
         result = sample_images(handle.base, prompts, negative_prompt=negative_prompt, width=width, height=height,
                                steps=steps, cfg=cfg, seed=None if seed < 0 else seed, sampler=sampler,
                                adapters=handle.adapter_pairs(lora_strength),
-                               progress=lambda i, n: ctx.progress(i, n, "sampling"), check_cancel=ctx.check_cancel)
+                               progress=lambda i, n: ctx.progress(i, n, "sampling"), check_cancel=ctx.check_cancel,
+                               options={"true_cfg": true_cfg} if true_cfg != 1.0 else None)
     except ValueError as e:
         raise NodeError(str(e)) from None
-    notes = sorted({p["sampler_impl"].split("; ", 1)[1] for p in result.params if "; " in p.get("sampler_impl", "")})
+    notes = sorted({n for p in result.params for n in p.get("sampler_impl", "").split("; ")[1:]})
     for note in notes:  # e.g. Flux: the negative prompt is not used
         ctx.log(note)
     paths = save_samples(result, ctx.node_dir(), recipe=ctx.recipe)

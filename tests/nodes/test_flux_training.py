@@ -159,3 +159,19 @@ def test_flux_validation_loss_and_ema(tmp_path):
     val = first.outputs["6"]["run"]["validation"]
     assert [s for s, _ in val] == [2, 4] and all(v > 0 for _, v in val)
     assert val == again.outputs["6"]["run"]["validation"]  # fixed sigmas and noise: the same numbers
+
+
+def test_sample_true_cfg_uses_the_negative_prompt(tmp_path):
+    """Sample's true_cfg on Flux: real CFG with the negative prompt (noted in the log, recorded with the image)."""
+    events = []
+    reg = load_registry(include_user=False)
+    data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-flux"}),
+                   "2": ("Sample", {"prompt": "red", "negative_prompt": "blurry", "width": 64, "height": 64,
+                                    "steps": 2, "cfg": 3.5, "seed": 1, "true_cfg": 3.0})}, [("1", "model", "2", "model")])
+    graph, problems = loads_recipe(json.dumps(data), registry=reg)
+    assert not problems
+    result = Executor(reg).run(graph, emit=events.append, workspace=tmp_path)
+    assert result.status == "done"
+    logs = [e["message"] for e in events if e["event"] == "log" and e["node"] == "2"]
+    assert any("true CFG 3 with the negative prompt" in m for m in logs), logs
+    assert not any("negative prompt ignored" in m for m in logs), logs

@@ -92,6 +92,7 @@ def sample_images(
     clip_skip: int = 1,
     progress=None,
     check_cancel=None,
+    options: "dict[str, Any] | None" = None,
 ) -> SampleResult:
     """Generate ``images_per_prompt`` images per prompt.
 
@@ -99,14 +100,22 @@ def sample_images(
     or ``(set, strength)`` pairs; ``strength`` applies to bare sets. ``progress(i, total)`` is called
     after each image so a node can report progress; ``check_cancel()`` after every denoising step,
     so that a stop request (which it raises as an exception) ends a long sample within one step.
+    ``steps`` 0 is the model's default (``family.sample_steps``: Flux schnell 4). ``options``: sampling
+    settings only some families have (``family.sample_options``, e.g. Flux's ``true_cfg``), recorded too.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     width = int(width or bundle.family.default_resolution)
     height = int(height or bundle.family.default_resolution)
     bundle.family.check_size(width, height, "Sample")
+    steps = int(steps) or bundle.family.sample_steps
     if steps < 1:
         raise ValueError("steps must be at least 1")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(bundle.family.sample_options))
+    if unknown:
+        raise ValueError(f"Sample: {', '.join(unknown)} is not a sampling setting of {bundle.family.display_name} "
+                         "models; leave it at its default (their guidance is the cfg param)")
     if clip_skip < 1:
         raise ValueError("clip_skip counts from 1 (1 = no skip)")
     sampler = canonical_sampler(sampler)
@@ -119,14 +128,14 @@ def sample_images(
         for n, (prompt, s) in enumerate(jobs):
             latents, impl = bundle.family.sample_latents(
                 bundle, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-                cfg=cfg, seed=s, sampler=sampler, clip_skip=clip_skip, check_cancel=check_cancel)
+                cfg=cfg, seed=s, sampler=sampler, clip_skip=clip_skip, check_cancel=check_cancel, **options)
             latents_out.append(latents[0].float().cpu())
             images.extend(to_pil(bundle.decode_latents(latents)))
             params.append({
                 "prompt": prompt, "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
                 "cfg": cfg, "seed": s, "sampler": sampler, "sampler_impl": impl, "clip_skip": clip_skip,
                 "strength": strength if adapters is not None else None, "model_family": bundle.family.id,
-                "model_hash": bundle.identity,
+                "model_hash": bundle.identity, **options,
             })
             if progress is not None:
                 progress(n + 1, len(jobs))

@@ -72,6 +72,8 @@ class ModelFamily:
     denoiser: str = "unet"  # component name of the denoiser: "unet" | "transformer"
     objective: str = "noise"  # "noise" (DDPM epsilon / v) | "flow" (rectified flow matching)
     pixel_multiple: int = 8  # image sides must be multiples of this (VAE factor, times patching)
+    sample_steps: int = 30  # Sample's steps when its steps param is 0 (the model's default)
+    sample_options: tuple[str, ...] = ()  # extra Sample params this family's sample_latents takes (Flux: true_cfg)
     modelspec_architecture: str = ""  # modelspec.architecture as kohya writes it; "" = the SD table in save/metadata.py
     modelspec_implementation: str = ""
     kohya_network_module: str = "networks.lora"  # ss_network_module of a plain LoRA

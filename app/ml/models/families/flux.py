@@ -256,28 +256,41 @@ class FluxFamily(ModelFamily):
                             tokenizer=bundle.tokenizers[0], text_encoder_2=bundle.text_encoders[1],
                             tokenizer_2=bundle.tokenizers[1], transformer=bundle.denoiser)
 
+    sample_options: tuple[str, ...] = ("true_cfg",)
+
     def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                       cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None):
+                       cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None, true_cfg: float = 1.0):
         """diffusers' FluxPipeline (flow-matching Euler with the dynamic shift) over the bundle's modules, so a
-        preview is what a diffusers user gets. ``cfg`` is dev's distilled guidance; the negative prompt is
-        not used (Flux dev is guidance-distilled), which the recorded implementation says."""
+        preview is what a diffusers user gets. ``cfg`` is dev's distilled guidance, fed only to a transformer
+        with a guidance embedder (schnell has none: it is not used, which the recorded implementation says).
+        ``true_cfg`` > 1 is real classifier-free guidance with the negative prompt (FluxPipeline's
+        ``true_cfg_scale``: two passes a step, pos + s·(pos − neg)); at 1 the negative prompt is not used."""
         import torch
 
         from app.ml.flux.latents import unpack
         from app.ml.sampling.generate import _step_check
 
+        if true_cfg < 1.0:
+            raise ValueError(f"Sample: true_cfg {true_cfg} is below 1; use 1 (off) or more.")
         pipe = self.build_pipeline(bundle)
         pipe.set_progress_bar_config(disable=True)
         gen = torch.Generator("cpu").manual_seed(seed)
         kwargs = dict(prompt=prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=cfg,
                       generator=gen, output_type="latent", max_sequence_length=bundle.tokenizers[1].model_max_length)
+        if true_cfg > 1.0:
+            kwargs.update(negative_prompt=negative_prompt, true_cfg_scale=float(true_cfg))
         if check_cancel is not None:
             check_cancel()
             kwargs["callback_on_step_end"] = _step_check(check_cancel)
         packed = pipe(**kwargs).images
-        impl = "FluxPipeline(FlowMatchEulerDiscreteScheduler, dynamic shift)"
-        if negative_prompt.strip():
-            impl += "; negative prompt ignored (Flux uses distilled guidance)"
+        notes = []
+        if not getattr(bundle.denoiser.config, "guidance_embeds", False):
+            notes.append("cfg not used (the model has no guidance input)")
+        if true_cfg > 1.0:
+            notes.append(f"true CFG {true_cfg:g} with the negative prompt")
+        elif negative_prompt.strip():
+            notes.append("negative prompt ignored (Flux uses distilled guidance; set true_cfg above 1 to use it)")
+        impl = "; ".join(["FluxPipeline(FlowMatchEulerDiscreteScheduler, dynamic shift)", *notes])
         return unpack(packed, height // 8, width // 8), impl
 
 
@@ -333,5 +346,6 @@ FLUX_SCHNELL = replace(
     modelspec_architecture="flux-1-schnell",
     guidance_embeds=False,
     t5_max_length=256,
+    sample_steps=4,
     notes="Timestep-distilled: sample in 4 steps; it has no guidance input.",
 )
