@@ -80,6 +80,89 @@ def check_input_files(graph, registry, *, recipe_dir: "str | os.PathLike | None"
     return problems
 
 
+# ---- image sizes the model family cannot take --------------------------------------------------------
+
+# Built-in models whose family is not SD's default (the others are SD 1.5 / SDXL and take multiples of 8).
+BUILTIN_FAMILIES = {"tiny-flux": "flux-dev"}
+# Size params checked against the family's pixel multiple (Flux packs 2x2 latent patches: 16 px):
+# (node type, param, kind) with kind "side" (an Int), "resolution" (a Bucketer-style resolution string)
+# or "quantization" (an Int, 0 = the family's own).
+SIZE_PARAMS = (("Sample", "width", "side"), ("Sample", "height", "side"), ("Bucketer", "resolution", "resolution"),
+               ("Bucketer", "quantization", "quantization"), ("Augment", "resolution", "resolution"))
+
+
+def _model_family(params: dict, recipe_dir) -> Any:
+    """LoadModel's family from its params alone: the ``family`` param, a builtin's name, else the source's
+    header (absolute paths always, relative ones only with a recipe folder); None when it cannot be told."""
+    from app.ml.models.families import ModelLoadError, get_family
+
+    wanted = str(params.get("family") or "auto")
+    source = str(params.get("source") or "").strip()
+    try:
+        if wanted != "auto":
+            return get_family(wanted)
+        if source.startswith("builtin:"):
+            return get_family(BUILTIN_FAMILIES.get(source[len("builtin:"):], "sd15"))
+        if not source or _SCHEME.match(source) or (recipe_dir is None and not Path(source).expanduser().is_absolute()):
+            return None
+        path = _resolve(source, recipe_dir or ".")
+        return _family_of(path) if path.exists() else None
+    except (HeaderError, ModelLoadError, OSError):
+        return None  # an unreadable or unknown model is reported by the input checks
+
+
+def _sides(kind: str, value: Any) -> list[int]:
+    if kind in ("side", "quantization"):
+        return [int(value)] if isinstance(value, int) and not isinstance(value, bool) and value > 0 else []
+    from app.ml.data.resolution import parse_resolution  # pure Python
+
+    text = str(value or "").strip()
+    if not text:
+        return []
+    try:
+        res = parse_resolution(text)
+    except ValueError:
+        return []  # reported as a bad param value
+    return list(res.fixed) if res.fixed else list(res.targets)
+
+
+def check_image_sizes(graph, registry, *, recipe_dir: "str | os.PathLike | None" = None) -> list[Problem]:
+    """Sizes a recipe's model cannot take, by node and param, before anything loads: for Flux (16 px: 8 px
+    latents packed 2x2) a Sample side, a Bucketer or Augment resolution, or a Bucketer quantization that is
+    not a multiple of 16. SD's multiple of 8 is left to the nodes (the Bucketer rounds to it)."""
+    multiples = []
+    for node in graph.nodes.values():
+        spec = registry.get(node.type)
+        if node.type != "LoadModel" or spec is None or node.version != spec.version:
+            continue
+        params = spec.default_params()
+        params.update({k: v for k, v in node.params.items() if k in params})
+        family = _model_family(params, recipe_dir)
+        if family is not None and family.pixel_multiple > 8:
+            multiples.append((family.pixel_multiple, family.display_name))
+    if not multiples:
+        return []
+    q, name = max(multiples)
+    problems: list[Problem] = []
+    for node in graph.nodes.values():
+        spec = registry.get(node.type)
+        if spec is None or node.version != spec.version:
+            continue
+        params = spec.default_params()
+        params.update({k: v for k, v in node.params.items() if k in params})
+        for node_type, param, kind in SIZE_PARAMS:
+            if node.type != node_type or param not in params:
+                continue
+            bad = [v for v in _sides(kind, params[param]) if v % q]
+            if bad:
+                fix = {"side": f"use {bad[0] - bad[0] % q or q} or {bad[0] - bad[0] % q + q}",
+                       "resolution": f"use sizes that are multiples of {q} (e.g. 512, 768, 1024)",
+                       "quantization": f"use {q}, 64 or 0 (the model's own)"}[kind]
+                problems.append(Problem(node.id, node.label(), f"{param!r} = {params[param]}: {name} needs image sides "
+                                        f"that are multiples of {q} px ({', '.join(map(str, bad))} is not); {fix}"))
+    return problems
+
+
 def _resolve(value: str, recipe_dir) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else Path(recipe_dir).resolve() / p

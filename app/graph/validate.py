@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.graph.confine import check_graph
-from app.graph.inputs_check import check_input_files
+from app.graph.inputs_check import check_image_sizes, check_input_files
 from app.graph.model import Graph, Node
 from app.graph.problems import Problem
 from app.graph.spec import NodeSpec, check_param_value, describe_value
@@ -35,6 +35,7 @@ def validate(graph: Graph, registry, *, workspace=None, recipe_dir=None, allow_o
     problems.extend(_check_cycles(graph))
     problems.extend(check_graph(graph, registry, workspace=workspace, recipe_dir=recipe_dir, allow=allow_output))
     problems.extend(check_input_files(graph, registry, recipe_dir=recipe_dir))
+    problems.extend(check_image_sizes(graph, registry, recipe_dir=recipe_dir))
     return problems
 
 
