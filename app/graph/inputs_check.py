@@ -337,10 +337,10 @@ def check_tokenizer(path: Path, params: dict) -> str | None:
     from app.ml.models.tokenizers import CLIP_BPE_FILENAME, is_tokenizer_folder
 
     places = (path, path / "tokenizer", path / "tokenizer_2")
-    if any(is_tokenizer_folder(p) for p in places) or (path / CLIP_BPE_FILENAME).is_file():
-        return None
-    return ("holds no tokenizer: expected tokenizer.json or vocab.json + merges.txt in it, or tokenizer/ "
-            "(and tokenizer_2/) subfolders holding them")
+    if any(is_tokenizer_folder(p) or (p / "spiece.model").is_file() for p in places) or (path / CLIP_BPE_FILENAME).is_file():
+        return None  # spiece.model: Flux's T5 tokenizer, which may be given alone
+    return ("holds no tokenizer: expected tokenizer.json or vocab.json + merges.txt (T5: spiece.model) in it, or "
+            "tokenizer/ (and tokenizer_2/) subfolders holding them")
 
 
 def _readable_safetensors(path: Path) -> str | None:

@@ -117,3 +117,18 @@ def test_beside_the_model_and_the_tokenizer_param_win_over_the_hub(saved, ref, h
     empty.mkdir()
     with pytest.raises(ModelLoadError, match=r"empty \(LoadModel tokenizer param\) holds no tokenizer"):
         _load(saved, tokenizer=empty)
+
+
+def test_validation_takes_a_t5_tokenizer_folder_alone(tmp_path):
+    from app.graph.inputs_check import check_tokenizer
+
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "spiece.model").write_bytes((tiny_t5_tokenizer_dir() / "spiece.model").read_bytes())
+    assert check_tokenizer(t5, {}) is None
+    nested = tmp_path / "both"
+    shutil.copytree(t5, nested / "tokenizer_2")
+    assert check_tokenizer(nested, {}) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "T5: spiece.model" in check_tokenizer(empty, {})
