@@ -75,7 +75,12 @@ def test_every_preset_migrates_to_the_same_objective(name):
     old = _as_version_1(shipped)
     graph, problems = loads_recipe(json.dumps(old), registry=reg)
     assert not problems, problems
-    assert json.loads(dumps_recipe(graph)) == shipped  # the migration made the shipped file
+    migrated = json.loads(dumps_recipe(graph))
+    added = set(migrated["nodes"]) - set(old["nodes"])
+    for nid in added:  # where the added node stands is layout: a preset may have moved it since
+        migrated.get("ui", {}).get("nodes", {}).pop(nid, None)
+        shipped.get("ui", {}).get("nodes", {}).pop(nid, None)
+    assert migrated == shipped  # the migration made the shipped file
     for nid, entry in old["nodes"].items():
         if entry["type"] != "TrainLoop":
             continue
