@@ -120,17 +120,19 @@ def test_flux_lora_saved_in_each_layout_continues_training(tmp_path):
 
 
 def test_sizes_that_are_not_multiples_of_16_are_refused_by_name(tmp_path):
+    """Validation names them by node and param before anything loads."""
     data = flux_lora_recipe({"max_steps": 1}, save=None)
     data["nodes"]["3"]["params"].update({"resolution": "40", "quantization": 8})
     _, _, result = _run(data, tmp_path / "train")
-    assert result.status != "done"
+    assert result.status == "invalid"
     text = str(result.__dict__)
-    assert "Flux.1 dev needs image sides that are multiples of 16 px" in text and "40x40" in text, text
+    assert "'resolution' = 40: Flux.1 dev needs image sides that are multiples of 16 px (40 is not)" in text, text
+    assert "'quantization' = 8: Flux.1 dev needs image sides that are multiples of 16 px" in text, text
     sample = recipe({"1": ("LoadModel", {"source": "builtin:tiny-flux"}),
                      "2": ("Sample", {"prompt": "red", "width": 72, "height": 64, "steps": 1, "seed": 1})},
                     [("1", "model", "2", "model")])
     _, _, result = _run(sample, tmp_path / "sample")
-    assert result.status != "done" and "multiples of 16 for Flux.1 dev" in str(result.__dict__)
+    assert result.status == "invalid" and "'width' = 72: Flux.1 dev needs image sides" in str(result.__dict__)
 
 
 def test_sample_notes_that_flux_ignores_the_negative_prompt(tmp_path):
