@@ -1,7 +1,8 @@
 """Loading Flux.1 offline (backs the Flux family's part of ``load_model``): a diffusers FLUX folder, or the
 split files ComfyUI users keep — the transformer (BFL ``flux1-dev.safetensors``, its fp8 versions, or the
 diffusers layout) with ``ae.safetensors``, ``clip_l.safetensors`` and ``t5xxl_*.safetensors`` beside it or
-named one by one (LoadModel's ``ae``, ``clip_l``, ``t5xxl`` params).
+named one by one (LoadModel's ``ae``, ``clip_l``, ``t5xxl`` params), or an all-in-one checkpoint holding all four
+under ComfyUI's prefixes (``detect.EMBEDDED_PREFIXES``).
 
 Every file's header is checked before any weights are read (``detect.py``): a CLIP-G where CLIP-L belongs,
 an SD VAE beside a Flux transformer or a T5 of the wrong width is named by file, not found out as a shape
