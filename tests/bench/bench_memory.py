@@ -14,7 +14,7 @@ the denoiser is built):
   flux-reduced  the Flux dev transformer at full width (3072, 24 heads) with 1 double + 2 single
                 blocks, bf16 / fp8 / nf4 Linear weights, 32x32 latents (256 image + 32 text tokens)
 
-Run: OMP_NUM_THREADS=1 python tests/bench/bench_memory.py [--configs tiny-sd,flux-reduced:bf16,...]
+Run: OMP_NUM_THREADS=1 python tests/bench/bench_memory.py [--configs tiny-sd,flux-reduced:bf16,...] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -90,7 +90,13 @@ def _warm_up():
     import torch
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel  # noqa: F401
 
-    import app.ml.models  # noqa: F401
+    from app.ml.models.tiny import tiny_spec
+
+    # diffusers builds some modules lazily on first use: a throwaway tiny UNet step pays for that
+    unet = UNet2DConditionModel(**tiny_spec("tiny-sd").unet)
+    unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim)
+         ).sample.mean().backward()
+    del unet
     lin = torch.nn.Linear(64, 64)
     lin(torch.randn(4, 64, requires_grad=True)).sum().backward()
     torch.optim.AdamW(lin.parameters()).step()
@@ -160,17 +166,21 @@ def worker(config: str, mode: str) -> dict:
         calib = (80, 180)  # total tokens: 64 + 16, 144 + 36 (image a square, text a fifth)
         coef_fn = lambda n: run_flux(n - n // 5, n // 5)  # noqa: E731
         step = lambda: run_flux(image, text)  # noqa: E731
+    meter.stop()
+    _trim()
+    built = rss()  # the model's weights as built (before the calibration leaves caches behind)
     # the activation coefficient is the architecture's (data of the family): measured on the model
     # before its weights are quantized, at smaller token counts than the step's
     if mode == "saved":  # what autograd saves: exact for checkpointing arithmetic, misses backward's transients
         coef = activation_coefficient(coef_fn, calib, exclude=model) / blocks
     else:  # the peak growth of forward + backward per token, measured at the smaller sizes
         coef = step_coefficient(lambda n: coef_fn(n).float().square().mean().backward(), calib) / blocks
+    _trim()
+    pre_quant = rss()
     if quantize:
         quantize_linears(model, quantize)
-    meter.stop()
     _trim()
-    loaded = rss()  # what the loaded weights hold (a quantizing load peaks higher while it converts)
+    loaded = built + (rss() - pre_quant)  # the weights as held after quantizing (its conversion peak is not the step's)
     total, linear = count_params(model)
     loras = _lora(model, targets)
     adapter = sum(p.numel() for p in loras.parameters())
@@ -205,6 +215,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--worker")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each config (fresh processes)")
     ap.add_argument("--activations", choices=["step", "saved"], default="step",
                     help="activation coefficient: peak growth of a step per token (default) or bytes autograd saves")
     args = ap.parse_args()
@@ -212,8 +223,11 @@ def main():
         print(json.dumps(worker(args.worker, args.activations)))
         return
     rows = []
-    for c in args.configs.split(","):
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1")
+    for c in [c for _ in range(args.rounds) for c in args.configs.split(",")]:
+        # large blocks straight from mmap: freed tensors leave the resident size at once, so the
+        # measured peak is the tensors', not glibc's free lists' (fragmentation of a quantizing load)
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
+                   MALLOC_MMAP_THRESHOLD_="131072")
         out = subprocess.run([sys.executable, __file__, "--worker", c, "--activations", args.activations], capture_output=True, text=True, env=env)
         if out.returncode:
             print(f"{c}: failed\n{out.stderr[-2000:]}")
