@@ -104,15 +104,20 @@ def test_convert_keeps_the_metadata_and_every_value(reg, files, tmp_path):
         assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
 
 
-def test_peft_output_loads_in_diffusers_with_no_unused_keys(reg, files, tmp_path):
-    """A LoCon (3x3 convs) made plain LoRA by ResizeLoRA, then written for diffusers' load_lora_weights."""
+@pytest.mark.parametrize("tool", ["resize", "merge"])
+def test_peft_output_loads_in_diffusers_with_no_unused_keys(reg, files, tmp_path, tool):
+    """LoCon files (3x3 convs) resized or merged, then written for diffusers' load_lora_weights."""
     import logging
 
     from app.ml.models import load_model
 
     out = tmp_path / "ws" / "peft.safetensors"
-    g = example(reg, "lora_resize", {("lora", "path"): files["b"], ("save", "path"): out, ("resize", "method"): "fixed",
-                                        ("resize", "rank"): 2, ("save", "layout"): "peft", ("save", "dtype"): "fp32"})
+    if tool == "resize":
+        g = example(reg, "lora_resize", {("lora", "path"): files["b"], ("save", "path"): out, ("resize", "method"): "fixed",
+                                         ("resize", "rank"): 2, ("save", "layout"): "peft", ("save", "dtype"): "fp32"})
+    else:
+        g = example(reg, "lora_merge_loras", {("a", "path"): files["a"], ("b", "path"): files["b"], ("save", "path"): out,
+                                              ("save", "layout"): "peft", ("save", "dtype"): "fp32"})
     run(reg, g, tmp_path)
     diffusers = pytest.importorskip("diffusers")
     bundle = load_model("builtin:tiny-sd")
