@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from app.ml.adapters import AdapterConfig, attached, component_modules, create_adapter_set, load_adapter_file, module_key

@@ -267,7 +267,10 @@ def test_grid_example_draws_one_labelled_png_per_run(reg, files, tmp_path):
     assert any(e["event"] == "preview" and e["kind"] == "images" for e in events)
     im = Image.open(out).convert("RGB")
     top = im.height - 2 * 64
-    cell = lambda r, c: im.crop((96 + c * 64, top + r * 64, 96 + (c + 1) * 64, top + (r + 1) * 64))
+
+    def cell(r, c):
+        return im.crop((96 + c * 64, top + r * 64, 96 + (c + 1) * 64, top + (r + 1) * 64))
+
     assert im.width == 96 + 2 * 64 and top > 0  # a label row above the cells
     assert list(cell(0, 0).getdata()) == list(cell(1, 0).getdata())  # strength 0: the same base image
     assert list(cell(0, 1).getdata()) != list(cell(1, 1).getdata())  # strength 1: the LoRAs differ
