@@ -253,9 +253,11 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
         from app.ml.save import save_adapter
 
         if handle.adapters:
+            # ss_output_name is A1111's alias: the workspace and node keep saves of two runs apart.
+            alias = f"{workdir.parent.name}_{workdir.name}_step_{step:07d}"
             path = save_adapter(trainable.adapter, workdir / "saves" / f"step_{step:07d}.safetensors",
                                 recipe=ctx.recipe, step=step, epoch=epoch, overwrite=True,
-                                extra_metadata=training_metadata({"resolution": resolution}))
+                                extra_metadata={**training_metadata({"resolution": resolution}), "ss_output_name": alias})
             ctx.log(f"saved {path}")
 
     hooks = Hooks(progress=lambda s, t: ctx.progress(s, t), metric=metric, log=ctx.log if rank == 0 else (lambda m: None),

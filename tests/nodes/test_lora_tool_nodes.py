@@ -277,3 +277,25 @@ def test_grid_example_draws_one_labelled_png_per_run(reg, files, tmp_path):
     g.set_param("grid", "loras", str(tmp_path / "missing"))
     _, _, errors = run(reg, g, tmp_path, ok=False)
     assert any("no such LoRA file or folder" in e for e in errors), errors
+
+
+def test_periodic_saves_have_aliases_that_do_not_collide(reg, tmp_path):
+    """A1111 aliases a LoRA by ss_output_name: the periodic saves of two runs must not share one."""
+    from safetensors import safe_open
+    from test_training_nodes import DEMO, lora_recipe
+
+    from app.graph.recipe import loads_recipe
+
+    train = {"epochs": 1, "save_every": 2, "save_unit": "steps", "max_steps": 5}
+    graph, problems = loads_recipe(json.dumps(lora_recipe(DEMO, train, batch=4, res="32", save=None)), registry=reg)
+    assert not problems
+    names = []
+    for run_name in ("run_a", "run_b"):
+        events = []
+        result = Executor(reg).run(graph, emit=events.append, workspace=tmp_path / run_name)
+        assert result.status == "done", [e.get("message") for e in events if e["event"] == "node_error"]
+        for f in sorted((tmp_path / run_name / "TrainLoop_6" / "saves").glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                names.append(fh.metadata()["ss_output_name"])
+    assert names[0] == "run_a_TrainLoop_6_step_0000002"
+    assert len(names) == 4 and len(set(names)) == 4  # steps 2 and 4 of each run
