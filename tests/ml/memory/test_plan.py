@@ -121,5 +121,6 @@ def test_step_coefficient_is_the_per_token_slope():
         block(torch.randn(n, 256, requires_grad=True)).sum().backward()
 
     coef = step_coefficient(step, (2048, 6144))
-    # saved: GELU's input (1024 fp32 per token); live at the peak also the input, outputs and grads
-    assert 4 * 1024 <= coef <= 4 * 1024 * 4, coef
+    # saved: GELU's input (1024 fp32 per token); live at the peak also the first Linear's output, GELU's
+    # output and their gradients (about 5 of those 4 KiB rows per token), sampled from the resident size
+    assert 4 * 1024 <= coef <= 4 * 1024 * 8, coef
