@@ -37,7 +37,7 @@ READ_INPUTS = {
     ("LoadModel", "source"), ("LoadModel", "vae"), ("LoadModel", "tokenizer"),
     ("LoadModel", "ae"), ("LoadModel", "clip_l"), ("LoadModel", "t5xxl"),
     ("Concept", "folder"), ("Concept", "caption_file"),
-    ("LoRAInject", "init_from"), ("TrainLoop", "resume_from"), ("Cache", "folder"),
+    ("LoRAInject", "init_from"), ("LoadLoRA", "path"), ("TrainLoop", "resume_from"), ("Cache", "folder"),
     ("Caption", "model_folder"), ("Masks", "model_folder"),
     ("Caption", "write_beside"), ("Masks", "write_beside"),  # the images' folder: written into, must exist
 }
@@ -383,4 +383,5 @@ _CONTENT_CHECKS: dict[tuple[str, str], Callable[[Path, dict], "str | None"]] = {
     ("LoadModel", "clip_l"): check_flux_part("clip_l"),
     ("LoadModel", "t5xxl"): check_flux_part("t5xxl"),
     ("LoRAInject", "init_from"): check_adapter_file,
+    ("LoadLoRA", "path"): check_adapter_file,
 }

@@ -295,3 +295,13 @@ def test_an_unreadable_input_is_reported(reg, tmp_path, monkeypatch):
     monkeypatch.setattr(inputs_check.os, "access", lambda p, mode: Path(p) not in denied and real_access(p, mode))
     msg = only(messages(reg, "Concept", {"folder": str(images)}))
     assert "'folder'" in msg and "not readable (permission denied)" in msg
+
+
+def test_load_lora_reports_a_missing_file_and_a_full_model(reg, tmp_path):
+    missing = messages(reg, "LoadLoRA", {"path": "loras/nowhere.safetensors"}, tmp_path)
+    assert len(missing) == 1 and "'path' = loras/nowhere.safetensors" in missing[0], missing
+    model = tensors_file(tmp_path / "model.safetensors", ["model.diffusion_model.input_blocks.0.0.weight"])
+    full = messages(reg, "LoadLoRA", {"path": str(model)}, tmp_path)
+    assert len(full) == 1 and "full model checkpoint, not a LoRA" in full[0], full
+    lora = tensors_file(tmp_path / "lora.safetensors", ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"])
+    assert messages(reg, "LoadLoRA", {"path": str(lora)}, tmp_path) == []
