@@ -199,9 +199,13 @@ def show_images(ctx, result) -> None:
                        "single_file or diffusers_folder"),
           Enum("dtype", ["fp16", "bf16", "fp32"]),
           Enum("if_exists", ["add_suffix", "overwrite"], tooltip="never overwrite unless chosen"),
+          String("title", "", tooltip="adapter: modelspec.title and ss_output_name (A1111's alias); empty: the file name"),
+          String("author", "", tooltip="adapter: modelspec.author"),
+          String("description", "", multiline=True, tooltip="adapter: modelspec.description"),
+          String("trigger_phrase", "", tooltip="adapter: modelspec.trigger_phrase, the words that call the LoRA up"),
       ],
       outputs=[])
-def save(ctx, model, path, what, layout, dtype, if_exists):
+def save(ctx, model, path, what, layout, dtype, if_exists, title="", author="", description="", trigger_phrase=""):
     from app.atomic import WriteError
     from app.engine.errors import NodeError
     from app.ml import dist
@@ -223,11 +227,13 @@ def save(ctx, model, path, what, layout, dtype, if_exists):
 
             from app.ml.save.metadata import training_metadata
 
-            from app.ml.lora_tools import model_name
+            from app.ml.lora_tools import model_name, user_metadata
 
+            extra = {**training_metadata(info), **user_metadata(title=title, author=author, description=description,
+                                                                 trigger_phrase=trigger_phrase)}
             written = save_adapter(handle.adapters[-1], path, layout=layout, dtype=dtype, recipe=ctx.recipe,
                                    step=info.get("step"), epoch=info.get("epoch"), overwrite=overwrite,
-                                   extra_metadata=training_metadata(info), base_model_name=model_name(handle.base))
+                                   extra_metadata=extra, base_model_name=model_name(handle.base))
         else:
             from app.ml.save import save_diffusers, save_single_file
 

@@ -182,7 +182,7 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     from app.ml.train.data_source import BucketSource
     from app.ml.train.loop import Hooks, Trainer, TrainingError, verify_backup
     from app.ml.train.optim import OptimizerError
-    from app.ml.save.metadata import training_metadata
+    from app.ml.save.metadata import run_facts, training_metadata
     from app.ml.train.trainables import AdapterTrainable, FullFinetune
 
     t_started = time.time()
@@ -227,6 +227,8 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     settings = _train_settings(p, bundle, optimizer, source, objective, ctx)
     workdir = ctx.node_dir()
     resolution = _trained_resolution(buckets, source)
+    kohya = run_facts(buckets, source.plan(0), optimizer, p, started_at=t_started,
+                      steps_per_epoch=-(-source.iterations(0) // p["grad_accumulation"]))
     writer = _tensorboard(workdir, ctx) if rank == 0 else None
     ctx.check_cancel()  # set-up (data plan, caption check, TensorBoard) can take seconds
     prompts = [line.strip() for line in p["sample_prompts"].splitlines() if line.strip()]
@@ -257,7 +259,8 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
             alias = f"{workdir.parent.name}_{workdir.name}_step_{step:07d}"
             path = save_adapter(trainable.adapter, workdir / "saves" / f"step_{step:07d}.safetensors",
                                 recipe=ctx.recipe, step=step, epoch=epoch, overwrite=True,
-                                extra_metadata={**training_metadata({"resolution": resolution}), "ss_output_name": alias})
+                                extra_metadata={**training_metadata({"resolution": resolution, "kohya": kohya}),
+                                                "ss_output_name": alias})
             ctx.log(f"saved {path}")
 
     hooks = Hooks(progress=lambda s, t: ctx.progress(s, t), metric=metric, log=ctx.log if rank == 0 else (lambda m: None),
@@ -290,7 +293,7 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
                 ctx.warn("stopped during the final samples: the fine-tuned weights were not saved "
                          "(a Save node after TrainLoop writes them when the run is not stopped)")
             raise
-    info = {"step": result.steps, "epoch": result.epochs_done, "resolution": resolution}
+    info = {"step": result.steps, "epoch": result.epochs_done, "resolution": resolution, "kohya": kohya}
     if handle.adapters:
         trained = trainable.trained_handle()
         trained = ModelHandle(trained.base, trained.adapters, trained.strengths, {**handle.info, **info})

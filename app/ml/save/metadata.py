@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 _ARCH = {"sd15": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v",
@@ -51,11 +52,71 @@ def training_metadata(info: Mapping[str, Any] | None) -> dict[str, str]:
     """Keys that describe the training itself, from what TrainLoop records on the model it returns
     (``resolution``: the width and height trained at). A 64-px run must not read as 512x512 in a model
     browser, nor in A1111's ``ss_resolution``. Empty when nothing is known (an untrained model)."""
-    resolution = (info or {}).get("resolution")
-    if not resolution:
-        return {}
-    width, height = _size(resolution)
-    return {"modelspec.resolution": f"{width}x{height}", "ss_resolution": f"({width}, {height})"}
+    info = info or {}
+    out: dict[str, str] = {}
+    resolution = info.get("resolution")
+    if resolution:
+        width, height = _size(resolution)
+        out.update({"modelspec.resolution": f"{width}x{height}", "ss_resolution": f"({width}, {height})"})
+    for key, value in (info.get("kohya") or {}).items():  # recorded by ``run_facts``: kohya's keys and formats
+        out[key] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def _tags(caption: str) -> list[str]:
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def _number(x: float) -> "int | float":
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def run_facts(buckets, plan, optimizer: Mapping[str, Any], params: Mapping[str, Any], *, started_at: float,
+              steps_per_epoch: int) -> dict[str, str]:
+    """The ``ss_*`` keys kohya's train_network.py writes about a run, as A1111's metadata viewer shows them:
+    the data (per folder: repeats, image count and tag frequency, kohya counting each comma-separated tag of
+    every caption line once per image, not per repeat), the buckets of the first epoch's ``plan`` (image
+    count with repeats, mean aspect-ratio error), the optimizer settings and the loop's own. NodeTrainer
+    skips no CLIP layer, so ``ss_clip_skip`` is ``None`` as kohya writes for the last layer."""
+    concepts = buckets.dataset.training_concepts
+    dirs, tags = {}, {}
+    for c in concepts:
+        name = Path(str(c.settings.folder)).name or c.settings.name
+        repeats = c.samples[0].repeats if c.samples else c.settings.repeats
+        dirs[name] = {"n_repeats": _number(repeats), "img_count": len(c.samples)}
+        freq: dict[str, int] = tags.setdefault(name, {})
+        for s in c.samples:
+            for line in s.caption_lines:
+                for tag in _tags(line):
+                    freq[tag] = freq.get(tag, 0) + 1
+    counts: dict[tuple[int, int], int] = {}
+    errors = []
+    for it in plan.items:
+        counts[it.bucket] = counts.get(it.bucket, 0) + 1
+        w, h = buckets.dataset.sample(it.concept_index, it.sample_index).size
+        errors.append(abs(it.bucket[0] / it.bucket[1] - w / h))
+    bucket_info = {"buckets": {i: {"resolution": list(r), "count": counts[r]} for i, r in enumerate(sorted(counts))},
+                   "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+    epochs = int(params["epochs"])
+    max_steps = int(params["max_steps"]) or epochs * max(1, steps_per_epoch)
+    if int(params["max_steps"]) and steps_per_epoch:
+        epochs = -(-max_steps // steps_per_epoch)  # kohya recomputes the epochs from max_train_steps
+    return {
+        "ss_training_started_at": str(started_at),
+        "ss_clip_skip": "None",
+        "ss_num_train_images": str(round(sum(s.repeats for c in concepts for s in c.samples))),
+        "ss_dataset_dirs": json.dumps(dirs),
+        "ss_tag_frequency": json.dumps(tags),
+        "ss_bucket_info": json.dumps(bucket_info),
+        "ss_learning_rate": str(optimizer.get("lr")),
+        "ss_unet_lr": str(optimizer.get("lr")),
+        "ss_text_encoder_lr": str(optimizer.get("text_encoder_lr")),
+        "ss_optimizer": str(optimizer.get("optimizer")),
+        "ss_seed": str(params["seed"]),
+        "ss_max_train_steps": str(max_steps),
+        "ss_num_epochs": str(epochs),
+        "ss_batch_size_per_device": str(buckets.batch_size),
+    }
 
 
 def _network_module_and_args(aset) -> tuple[str, dict[str, str]]:
