@@ -62,7 +62,8 @@ def _check_training_keys(meta, buckets, started, *, seed, max_steps, epochs):
     assert {tuple(b["resolution"]): b["count"] for b in info["buckets"].values()} == dict(per_bucket)
     assert len(per_bucket) > 1  # the three aspect ratios do not share one bucket
     sizes = {f"img_{i}.png": s for i, s in enumerate(SIZES)}
-    errors = [abs(it.bucket[0] / it.bucket[1] - sizes[it.path.name][0] / sizes[it.path.name][1]) for it in plan.items]
+    errors = list({it.path.name: abs(it.bucket[0] / it.bucket[1] - sizes[it.path.name][0] / sizes[it.path.name][1])
+                   for it in plan.items}.values())  # per image, without repeats, as kohya
     assert abs(info["mean_img_ar_error"] - sum(errors) / len(errors)) < 1e-9
     assert started - 1 <= float(meta["ss_training_started_at"]) <= time.time()
     assert float(meta["ss_learning_rate"]) == OPTIMIZER["lr"] and float(meta["ss_unet_lr"]) == OPTIMIZER["lr"]

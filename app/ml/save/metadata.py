@@ -76,7 +76,7 @@ def run_facts(buckets, plan, optimizer: Mapping[str, Any], params: Mapping[str, 
     """The ``ss_*`` keys kohya's train_network.py writes about a run, as A1111's metadata viewer shows them:
     the data (per folder: repeats, image count and tag frequency, kohya counting each comma-separated tag of
     every caption line once per image, not per repeat), the buckets of the first epoch's ``plan`` (image
-    count with repeats, mean aspect-ratio error), the optimizer settings and the loop's own. NodeTrainer
+    count with repeats, mean aspect-ratio error without), the optimizer settings and the loop's own. NodeTrainer
     skips no CLIP layer, so ``ss_clip_skip`` is ``None`` as kohya writes for the last layer."""
     concepts = buckets.dataset.training_concepts
     dirs, tags = {}, {}
@@ -90,11 +90,12 @@ def run_facts(buckets, plan, optimizer: Mapping[str, Any], params: Mapping[str, 
                 for tag in _tags(line):
                     freq[tag] = freq.get(tag, 0) + 1
     counts: dict[tuple[int, int], int] = {}
-    errors = []
+    errors = {}  # kohya's mean aspect-ratio error is over images, without repeats
     for it in plan.items:
         counts[it.bucket] = counts.get(it.bucket, 0) + 1
         w, h = buckets.dataset.sample(it.concept_index, it.sample_index).size
-        errors.append(abs(it.bucket[0] / it.bucket[1] - w / h))
+        errors[(it.concept_index, it.sample_index)] = abs(it.bucket[0] / it.bucket[1] - w / h)
+    errors = list(errors.values())
     bucket_info = {"buckets": {i: {"resolution": list(r), "count": counts[r]} for i, r in enumerate(sorted(counts))},
                    "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
     epochs = int(params["epochs"])
