@@ -299,3 +299,17 @@ def test_periodic_saves_have_aliases_that_do_not_collide(reg, tmp_path):
                 names.append(fh.metadata()["ss_output_name"])
     assert names[0] == "run_a_TrainLoop_6_step_0000002"
     assert len(names) == 4 and len(set(names)) == 4  # steps 2 and 4 of each run
+
+
+def test_a_flux_lora_loads_and_applies_on_flux_and_is_refused_by_name_on_sd(reg, tmp_path):
+    from app.ml.models import load_model
+    from app.ml.save import save_adapter
+
+    flux = load_model("builtin:tiny-flux")
+    path = save_adapter(random_lora(flux, algorithm="lora", te="none"), tmp_path / "flux.safetensors", dtype="fp32")
+    g = example(reg, "lora_convert", {("lora", "path"): path, ("save", "path"): tmp_path / "ws" / "f.safetensors"})
+    _, _, errors = run(reg, g, tmp_path, ok=False)  # the example's model is SD 1.5
+    assert any("this is a Flux LoRA; the model is SD 1.5" in e for e in errors), errors
+    g.set_param("model", "source", "builtin:tiny-flux")
+    _, events, _ = run(reg, g, tmp_path)
+    assert "for Flux" in logs(events), logs(events)

@@ -45,8 +45,10 @@ def check_family(info: Mapping[str, Any], family) -> None:
     found = info.get("family") or ""
     if found and _group(found) != _group(family.id):
         model = FAMILY_NAMES.get(family.id, family.display_name)
-        raise AdapterError(f"{info.get('file', 'the LoRA')}: this is an {FAMILY_NAMES.get(found, found)} LoRA; the model "
-                           f"is {model}. Load it with {FAMILY_NAMES.get(found, found)} model, or choose a LoRA for {model}")
+        name = FAMILY_NAMES.get(found, found)
+        article = "an" if name[:1].upper() in "AEIOU" or name.startswith(("SD", "S")) else "a"
+        raise AdapterError(f"{info.get('file', 'the LoRA')}: this is {article} {name} LoRA; the model "
+                           f"is {model}. Load it with {article} {name} model, or choose a LoRA for {model}")
 
 
 def split_components(aset: AdapterSet, denoiser_strength: float, text_strength: float) -> list[tuple[AdapterSet, float]]:
