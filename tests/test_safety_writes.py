@@ -94,7 +94,7 @@ def test_other_write_errors_name_the_file(tmp_path):
 
     (tmp_path / "ro").mkdir()
     with pytest.raises(WriteError, match=r"cannot write .*x\.png: Permission denied"):
-        with atomic_file(tmp_path / "ro" / "x.png") as t:
+        with atomic_file(tmp_path / "ro" / "x.png"):
             raise PermissionError(errno.EACCES, "Permission denied")
     assert list((tmp_path / "ro").iterdir()) == []
 

@@ -1,7 +1,6 @@
 """Sweeps: the cartesian product of swept params runs in one executor, so the nodes upstream of every
 swept param run once for all variants; each variant writes its own complete, rerunnable recipe."""
 
-import json
 from collections import Counter
 
 import pytest

@@ -2,7 +2,11 @@
 context with no viewport (opening a viewport without a display aborts the process, so none of
 these tests ever does); the Xvfb tests run the editor in a subprocess."""
 
+import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,24 @@ def png_bytes(colour=(255, 0, 0), size=16) -> bytes:
 
 
 sys.path.insert(0, str(ROOT))
+
+
+# One Xvfb display per test module, for the tests that run the editor in a real window.
+@pytest.fixture(scope="module")
+def display():
+    num = next(n for n in range(90 + os.getpid() % 50, 400) if not Path(f"/tmp/.X11-unix/X{n}").exists()
+               and not Path(f"/tmp/.X{n}-lock").exists())
+    proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not Path(f"/tmp/.X11-unix/X{num}").exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.skip("Xvfb did not start")
+        time.sleep(0.05)
+    disp = f":{num}"
+    if shutil.which("xdotool"):  # keep the pointer off the canvas: no hover highlights in pictures
+        subprocess.run(["xdotool", "mousemove", "1595", "995"], env={**os.environ, "DISPLAY": disp}, check=False)
+    yield disp
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.gui.conftest import ROOT
-from tests.gui.test_gui_xvfb import display, needs_xvfb  # noqa: F401  (the Xvfb fixture)
+from tests.gui.test_gui_xvfb import needs_xvfb
 
 
 def make_dataset(folder, n=6):
@@ -215,7 +215,7 @@ def test_a_concept_without_a_usable_folder_says_so(editor, tmp_path):
 
 @needs_xvfb
 def test_screenshot_of_the_browser(display, tmp_path):
-    data = make_dataset(tmp_path / "data", 9)
+    make_dataset(tmp_path / "data", 9)
     recipe = tmp_path / "browse.json"
     recipe.write_text(json.dumps({
         "format_version": 1,

@@ -76,7 +76,7 @@ def test_compare_view_shows_grid_plot_and_table(editor, tmp_path):
     assert "0.0001" in texts and "b" in texts
 
 
-from tests.gui.test_gui_xvfb import display, needs_xvfb, play  # noqa: E402,F401  (the Xvfb editor)
+from tests.gui.test_gui_xvfb import needs_xvfb, play  # noqa: E402  (the Xvfb editor)
 
 
 @needs_xvfb

@@ -25,26 +25,6 @@ needs_xvfb = pytest.mark.skipif(shutil.which("Xvfb") is None,
                                        "the GUI is covered headless by the other tests/gui tests")
 
 
-@pytest.fixture(scope="module")
-def display():
-    num = next(n for n in range(90 + os.getpid() % 50, 400) if not Path(f"/tmp/.X11-unix/X{n}").exists()
-               and not Path(f"/tmp/.X{n}-lock").exists())
-    proc = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "1600x1000x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not Path(f"/tmp/.X11-unix/X{num}").exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.skip("Xvfb did not start")
-        time.sleep(0.05)
-    disp = f":{num}"
-    if shutil.which("xdotool"):  # keep the pointer off the canvas: no hover highlights in pictures
-        subprocess.run(["xdotool", "mousemove", "1595", "995"], env={**os.environ, "DISPLAY": disp}, check=False)
-    yield disp
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 def gui_env(display, tmp_path, **extra):
     env = dict(os.environ, DISPLAY=display, NODETRAINER_CONFIG=str(tmp_path / "config"),
                NODETRAINER_WORKSPACE=str(tmp_path / "workspace"), NODETRAINER_GUI_DUMP=str(tmp_path / "state.json"))

@@ -164,7 +164,7 @@ def test_the_mark_command_keeps_a_recipe_without_marks_free_of_the_key():
     assert list(g.ui) == ["nodes", "sweeps", "groups"] and g.ui["sweeps"] == {"1.lr": [1, 2]}
 
 
-from tests.gui.test_gui_xvfb import display, gui_env, launch, needs_xvfb, pixels, wait_for  # noqa: E402,F401
+from tests.gui.test_gui_xvfb import gui_env, launch, needs_xvfb, pixels, wait_for  # noqa: E402
 
 
 def _bluish(counts) -> int:

@@ -1,6 +1,5 @@
 """Saved LoRA metadata names the resolution that was trained, not the family's default."""
 
-import json
 from types import SimpleNamespace
 
 from app.ml.models.families import get_family

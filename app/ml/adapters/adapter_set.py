@@ -19,7 +19,6 @@ import torch.nn as nn
 
 from .config import AdapterConfig, AdapterError
 from .modules import AdapterModule, make_module
-from .targets import select_targets
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 

@@ -1,7 +1,6 @@
 """Block swap schedule on CPU: a mover records where each block is (and poisons off-device weights)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
