@@ -190,13 +190,23 @@ def load_adapter_file(path: "str | os.PathLike", bundle, *, trainable: bool = Tr
     algorithm = algos.most_common(1)[0][0]
     if algorithm == "lora" and algos.get("locon"):
         algorithm = "locon"
+    return assemble_adapter_set(bundle, built, algorithm, int(ranks.most_common(1)[0][0]),
+                                float(alphas.most_common(1)[0][0]), seed=seed, trainable=trainable)
+
+
+def assemble_adapter_set(bundle, built, algorithm: str, rank: int, alpha: float, *, seed: int = 0,
+                         trainable: bool = False) -> AdapterSet:
+    """An AdapterSet of ready modules ``built`` ((component, module name, adapter module) triples) in
+    model order, its config naming exactly those layers: how a loaded file or a computed LoRA
+    (resize, merge, extract) becomes the same kind of value LoRAInject makes."""
+    comps = component_modules(bundle)
     by_comp: dict[str, list[str]] = {}
     for c, n, _ in built:
         by_comp.setdefault(c, []).append(n)
     config = AdapterConfig(
         algorithm=algorithm,
-        rank=int(ranks.most_common(1)[0][0]),
-        alpha=float(alphas.most_common(1)[0][0]),
+        rank=rank,
+        alpha=alpha,
         targets={c: "custom" for c in by_comp},
         custom={c: tuple(f"^{n.replace('.', chr(92) + '.')}$" for n in ns) for c, ns in by_comp.items()},
         seed=seed,

@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from app.ml.adapters import AdapterConfig, AdapterError, AdapterSet, component_modules
+from app.ml.adapters import AdapterError, AdapterSet, component_modules
+from app.ml.adapters.io import assemble_adapter_set
 from app.ml.adapters.modules import LoRAModule
 
 DYNAMIC_METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
@@ -183,27 +184,12 @@ def _adapter_set(bundle, modules: Mapping[Key, LoRAModule], seed: int = 0) -> Ad
     """A plain LoRA/LoCon set of ``modules`` in model order, its config read back as a loaded file's is."""
     if not modules:
         raise AdapterError("no layer is left to write (every difference was below the threshold, or the LoRA is empty)")
-    comps = component_modules(bundle)
-    by_comp: dict[str, list[str]] = {}
-    for c, n in modules:
-        by_comp.setdefault(c, []).append(n)
     ranks = Counter(m.rank for m in modules.values())
     alphas = Counter(float(m.alpha) for m in modules.values())
     conv = any(m.is_conv and m.kernel != (1, 1) for m in modules.values())
-    config = AdapterConfig(
-        algorithm="locon" if conv else "lora",
-        rank=int(ranks.most_common(1)[0][0]),
-        alpha=float(alphas.most_common(1)[0][0]),
-        targets={c: "custom" for c in by_comp},
-        custom={c: tuple(f"^{n.replace('.', chr(92) + '.')}$" for n in ns) for c, ns in by_comp.items()},
-        seed=seed,
-    )
-    aset = AdapterSet(config, bundle.family, getattr(bundle, "identity", ""), bundle.denoiser.config)
-    order = {c: {n: i for i, n in enumerate(dict(comps[c].named_modules()))} for c in by_comp}
-    for c, n in sorted(modules, key=lambda k: (k[0], order[k[0]][k[1]])):
-        aset.add(c, n, modules[(c, n)])
-    aset.requires_grad_(False)
-    return aset.to(device=bundle.denoiser.device)
+    built = [(c, n, m) for (c, n), m in modules.items()]
+    return assemble_adapter_set(bundle, built, "locon" if conv else "lora", int(ranks.most_common(1)[0][0]),
+                                float(alphas.most_common(1)[0][0]), seed=seed)
 
 
 def lora_from_deltas(
