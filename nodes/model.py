@@ -4,6 +4,7 @@ from app.graph.spec import Enum, Float, Int, Output, Path, Socket, String, node
 
 PENDING = "is declared but not implemented yet: it arrives with the model issue"
 DTYPES = ["fp32", "fp16", "bf16"]
+QUANT = ["none", "fp8", "int8", "nf4"]  # app/ml/memory/quant.py's CHOICES (kept torch-free here)
 SAMPLERS = ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_sde_karras", "unipc"]
 
 
@@ -41,10 +42,20 @@ def _model_files(params: dict) -> str:
           Int("text_max_length", 0, min=0, max=512, advanced=True,
               tooltip="Flux: prompt tokens T5 reads (0 = the model's default: 512 dev, 256 schnell); part of the "
                       "Cache key. SD families read 75-token pieces (TrainLoop's max_tokens) and ignore it"),
+          Enum("denoiser_quant", QUANT, "none",
+               tooltip="store the UNet's (Flux: the transformer's) Linear weights quantized and frozen, for adapter "
+                       "training on small GPUs (QLoRA): fp8 ~1 byte a weight (pure torch), int8 ~1, nf4 ~0.56 "
+                       "(bitsandbytes); embedders and input/output projections stay as they are. A full fine-tune "
+                       "needs none"),
+          Enum("text_encoder_quant", QUANT, "none",
+               tooltip="the same for the text encoder(s) (Flux: CLIP-L and T5-XXL, where it matters most)"),
+          Int("fp8_block_size", 128, min=0, max=65536, advanced=True,
+              tooltip="fp8: one scale per this many input columns of each row (finer keeps small weights); "
+                      "0 = one scale per tensor (kohya's fp8_base)"),
       ],
       outputs=[Output("model", "MODEL")])
 def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dtype, tokenizer="", ae="", clip_l="",
-               t5xxl="", text_max_length=0):
+               t5xxl="", text_max_length=0, denoiser_quant="none", text_encoder_quant="none", fp8_block_size=128):
     from app.engine.errors import NodeError
     from app.ml.models import ModelLoadError
     from app.ml.models import load_model as load
@@ -54,7 +65,9 @@ def load_model(ctx, source, family, vae, unet_dtype, text_encoder_dtype, vae_dty
         bundle = load(source, family=None if family == "auto" else family, vae=vae or None,
                       dtypes={"unet": unet_dtype, "text_encoder": text_encoder_dtype, "vae": vae_dtype},
                       tokenizer=tokenizer or None, text_max_length=text_max_length or None,
-                      split_files={"ae": ae, "clip_l": clip_l, "t5xxl": t5xxl}, log=ctx.log,
+                      split_files={"ae": ae, "clip_l": clip_l, "t5xxl": t5xxl},
+                      quant={"unet": denoiser_quant, "text_encoder": text_encoder_quant},
+                      fp8_block_size=fp8_block_size, log=ctx.log,
                       check_cancel=ctx.check_cancel)
     except (ModelLoadError, FileNotFoundError) as e:
         raise NodeError(str(e)) from None

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FORMATS = ("fp8", "int8", "nf4")
+CHOICES = ("none",) + FORMATS  # LoadModel's denoiser_quant / text_encoder_quant
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -187,14 +188,20 @@ class QuantReport:
     layers: list[str] = field(default_factory=list)
     bytes_before: int = 0  # of the replaced layers (weight + bias), as they were
     bytes_after: int = 0   # of the same layers, quantized
+    kept: list[str] = field(default_factory=list)  # Linear layers left in full precision on purpose
 
     @property
     def ratio(self) -> float:
         return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
 
     def summary(self) -> str:
+        kept = f"; kept in full precision: {_shown(self.kept)}" if self.kept else ""
         return (f"{self.fmt}: {len(self.layers)} Linear layers, {self.bytes_before / 2**20:.1f} MiB -> "
-                f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.2f})")
+                f"{self.bytes_after / 2**20:.1f} MiB ({self.ratio:.2f}){kept}")
+
+
+def _shown(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
 def _matcher(include, exclude) -> Callable[[str], bool]:
@@ -234,10 +241,27 @@ def quantize_linears(module: nn.Module, fmt: str, *, include=None, exclude=None,
     return report
 
 
-def require_trainable(module: nn.Module, where: str = "TrainLoop") -> None:
+def quantize_component(module: nn.Module, fmt: str, component: str, *, keep: Iterable[str] = (),
+                       block_size: int | None = None, where: str = "LoadModel") -> QuantReport:
+    """Quantize the Linear layers of one model component (``component``: its name in the bundle,
+    "unet", "transformer", "text_encoder", ...) except those matching ``keep``, fnmatch patterns on
+    ``"<component>.<module name>"`` (a family's ``quant_keep``: embedders and input/output projections)."""
+    keep = tuple(keep)
+
+    def kept(name: str) -> bool:
+        return any(fnmatch.fnmatch(f"{component}.{name}", p) for p in keep)
+
+    report = quantize_linears(module, fmt, include=lambda name: not kept(name), block_size=block_size, where=where)
+    report.kept = [n for n, m in module.named_modules() if type(m) is nn.Linear and kept(n)]
+    return report
+
+
+def require_trainable(module: nn.Module, where: str = "TrainLoop", what: str = "") -> None:
     """Refuse a full fine-tune of a model with quantized layers (their weights cannot learn)."""
     names = [n for n, m in module.named_modules() if isinstance(m, QuantizedLinear)]
     if names:
-        raise QuantError(f"{where}: {len(names)} layers (e.g. {names[0]}) hold quantized frozen weights, which a full "
-                         "fine-tune cannot train; load the model without quantization (LoadModel precision bf16/fp32) "
-                         "or train an adapter (LoRA) on top of it")
+        fmt = next(m for m in module.modules() if isinstance(m, QuantizedLinear)).fmt
+        raise QuantError(f"{where}: {what + ' has ' if what else ''}{len(names)} layers (e.g. {names[0]}) holding "
+                         f"quantized ({fmt}) frozen weights, which a full fine-tune cannot train; set LoadModel's "
+                         "denoiser_quant / text_encoder_quant to none for the parts you fine-tune, or train an adapter "
+                         "(LoRAInject before TrainLoop: QLoRA) on top of the quantized model")

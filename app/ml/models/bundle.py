@@ -8,13 +8,18 @@ Components are frozen (``requires_grad=False``) and in eval mode when the bundle
 
 ``identities`` hold cheap content hashes per component (see ``identity.py``); the latent and text
 caches key on them, so a different VAE file, or the same VAE in another dtype, re-encodes.
+
+``quant`` names the components whose Linear weights LoadModel stored quantized (QLoRA, see
+``app/ml/memory/quant.py``) and their format: ``{"transformer": "nf4"}``; components not in it are
+plain ``dtypes``. ``precisions`` merges the two ({"transformer": "nf4", "vae": "bf16", ...}): what
+saved LoRAs record as the base they were trained against and what the memory planner reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
@@ -65,6 +70,7 @@ class ModelBundle:
     dtypes: Mapping[str, torch.dtype]
     identities: Mapping[str, str]
     source: str = ""
+    quant: Mapping[str, str] = field(default_factory=dict)  # component -> fp8 / int8 / nf4 (see the module docstring)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
@@ -72,6 +78,7 @@ class ModelBundle:
         object.__setattr__(self, "scheduler_config", MappingProxyType(dict(self.scheduler_config)))
         object.__setattr__(self, "dtypes", MappingProxyType(dict(self.dtypes)))
         object.__setattr__(self, "identities", MappingProxyType(dict(self.identities)))
+        object.__setattr__(self, "quant", MappingProxyType(dict(self.quant)))
         if len(self.text_encoders) != len(self.family.text_encoders) or len(self.tokenizers) != len(self.text_encoders):
             raise ValueError(
                 f"{self.family.id} needs {len(self.family.text_encoders)} text encoder(s) and tokenizer(s), got "
@@ -96,6 +103,11 @@ class ModelBundle:
         for name in sorted(self.identities):
             h.update(f"{name}={self.identities[name]};".encode())
         return h.hexdigest()[:32]
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        """Weight storage per component: the quantized format where there is one, else the dtype name."""
+        return {name: self.quant.get(name) or DTYPE_NAMES.get(dt, str(dt)) for name, dt in self.dtypes.items()}
 
     @property
     def vae_identity(self) -> str:
@@ -236,7 +248,7 @@ class ModelBundle:
         return torch.tensor(ids, dtype=torch.float32)
 
     def __repr__(self) -> str:
-        dt = ", ".join(f"{k}={DTYPE_NAMES.get(v, v)}" for k, v in self.dtypes.items())
+        dt = ", ".join(f"{k}={v}" for k, v in self.precisions.items())
         return f"ModelBundle({self.family.id}, source={self.source!r}, {dt})"
 
 

@@ -55,6 +55,8 @@ def load_model(
     split_files: "Mapping[str, str | os.PathLike | None] | None" = None,
     config: "str | os.PathLike | None" = None,
     text_max_length: int | None = None,
+    quant: "Mapping[str, str] | None" = None,
+    fp8_block_size: int = 128,
     check_cancel: "Callable[[], None] | None" = None,
     log: "Callable[[str], None] | None" = None,
 ) -> ModelBundle:
@@ -77,6 +79,11 @@ def load_model(
     ``ae.safetensors``, ``clip_l.safetensors``, ``t5xxl_*.safetensors`` beside the transformer file).
     ``text_max_length``: prompt tokens of families with a settable length (Flux's T5: 512 dev, 256 schnell;
     the builtin tiny model 32); None = the family's default. Part of the text identity (cache key).
+    ``quant``: per component (keys as ``dtypes``; no VAE), none/fp8/int8/nf4: the Linear weights are stored
+    quantized and frozen (QLoRA; ``app/ml/memory/quant.py``), except the family's ``quant_keep`` layers.
+    Applied right after loading, so every consumer sees the quantized model; the format is part of the
+    component's identity (caches never mix precisions) and recorded in ``bundle.quant``.
+    ``fp8_block_size``: fp8's scale granularity, one scale per this many input columns; 0 = one per tensor.
     ``log``: progress lines (a tokenizer being fetched from the hub, and where tokenizers came from).
     """
     src = str(source)
@@ -119,6 +126,7 @@ def load_model(
     if text_max_length:
         fam.set_text_length(parts["tokenizers"], text_max_length, src)
     resolved = _resolve_dtypes(dtypes, fam)
+    quantized = _resolve_quant(quant, fam)
     identities: dict[str, str] = {}
     denoiser = parts["unet"]  # the family's denoiser (a Flux transformer too) under the loaders' internal name
     for name, module in _named_components(fam, parts):
@@ -130,6 +138,10 @@ def load_model(
             module.to(dtype)
         freeze(module)
         identities[name] = ident.combine(parts["ids"][name], DTYPE_NAMES[dtype])
+        if name in quantized:
+            fmt = quantized[name]
+            _quantize(module, fmt, name, fam, fp8_block_size, log)
+            identities[name] = ident.combine(identities[name], fmt, f"block={fp8_block_size}" if fmt == "fp8" else "")
     for te, tok in zip(fam.text_encoders, parts["tokenizers"]):
         identities[te.tokenizer] = parts["ids"].get(te.tokenizer) or ident.combine(
             json.dumps(tok.get_vocab(), sort_keys=True)[:100000], str(tok.pad_token), str(tok.model_max_length)
@@ -145,6 +157,7 @@ def load_model(
         dtypes=resolved,
         identities=identities,
         source=src,
+        quant=quantized,
     )
 
 
@@ -192,6 +205,40 @@ def _resolve_dtypes(dtypes: Mapping | None, fam: ModelFamily) -> dict[str, torch
     for spec in fam.text_encoders:
         out[spec.name] = parse_dtype(dtypes.get(spec.name, te_default))
     return out
+
+
+def _resolve_quant(quant: Mapping | None, fam: ModelFamily) -> dict[str, str]:
+    """Component -> format of the components to quantize ("none" and missing keys: not quantized)."""
+    from app.ml.memory.quant import FORMATS
+
+    quant = dict(quant or {})
+    known = ["unet", *([fam.denoiser] if fam.denoiser != "unet" else []), "text_encoder", "text_encoder_2"]
+    unknown = set(quant) - set(known)
+    if unknown:
+        raise ModelLoadError(f"cannot quantize {', '.join(sorted(unknown))}: quantization applies to "
+                             f"{', '.join(known)} (the VAE's convolutions stay as they are)")
+    wanted = {fam.denoiser: quant.get(fam.denoiser, quant.get("unet", "none"))}
+    for spec in fam.text_encoders:
+        wanted[spec.name] = quant.get(spec.name, quant.get("text_encoder", "none"))
+    for name, fmt in wanted.items():
+        if fmt not in ("none", *FORMATS):
+            raise ModelLoadError(f"unknown weight format {fmt!r} for the {name}; choose none, {', '.join(FORMATS)}")
+    return {name: fmt for name, fmt in wanted.items() if fmt != "none"}
+
+
+def _quantize(module, fmt: str, name: str, fam: ModelFamily, fp8_block_size: int, log) -> None:
+    """Replace ``module``'s Linear weights by quantized frozen ones in place, and say what it saved."""
+    from app.ml.memory.quant import QuantError, module_bytes, quantize_component
+
+    before = module_bytes(module)
+    try:
+        report = quantize_component(module, fmt, name, keep=fam.quant_keep,
+                                    block_size=fp8_block_size if fmt == "fp8" else None, where="LoadModel")
+    except QuantError as e:
+        raise ModelLoadError(str(e)) from None
+    if log is not None:
+        log(f"{name} quantized to {report.summary()}; the {name} now holds {module_bytes(module) / 2**20:.1f} MiB "
+            f"(was {before / 2**20:.1f} MiB)")
 
 
 def _check_forced(forced: ModelFamily | None, detected: ModelFamily, src: str) -> ModelFamily:

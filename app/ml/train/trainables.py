@@ -18,6 +18,7 @@ class FullFinetune:
                  in_place: bool = False) -> None:
         if not (train_unet or train_text_encoders):
             raise ValueError("a full fine-tune must train the UNet, the text encoder(s), or both")
+        _refuse_quantized(bundle, train_unet, train_text_encoders)
         own = (lambda m: m) if in_place else copy.deepcopy
         self.unet = own(bundle.unet) if train_unet else bundle.unet
         self.text_encoders = tuple(own(te) if train_text_encoders else te for te in bundle.text_encoders)
@@ -70,6 +71,19 @@ class FullFinetune:
             for i, te in enumerate(self.text_encoders):
                 prefix = f"text_encoder{i}."
                 te.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def _refuse_quantized(bundle, train_unet: bool, train_text_encoders: bool) -> None:
+    """Quantized weights (LoadModel's denoiser_quant / text_encoder_quant) are frozen storage: a full
+    fine-tune of them is refused before anything is copied, naming the component and what to do."""
+    from app.ml.memory.quant import require_trainable
+
+    fam = bundle.family
+    trained = ([(fam.denoiser, bundle.denoiser)] if train_unet else []) + (
+        [(spec.name, te) for spec, te in zip(fam.text_encoders, bundle.text_encoders)] if train_text_encoders else [])
+    quant = getattr(bundle, "quant", {})
+    for name, module in trained:
+        require_trainable(module, "TrainLoop", what=f"the {name} ({quant.get(name, 'quantized')} from LoadModel)")
 
 
 class AdapterTrainable:

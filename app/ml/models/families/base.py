@@ -77,6 +77,11 @@ class ModelFamily:
     modelspec_architecture: str = ""  # modelspec.architecture as kohya writes it; "" = the SD table in save/metadata.py
     modelspec_implementation: str = ""
     kohya_network_module: str = "networks.lora"  # ss_network_module of a plain LoRA
+    # Linear layers LoadModel's quantization leaves in full precision, as fnmatch patterns on
+    # "<component>.<module name>": small input/output projections and embedders whose error every
+    # later layer inherits (the layers kohya/musubi's fp8_base exclude). Norms, embeddings and convs
+    # are never quantized (only nn.Linear is).
+    quant_keep: tuple[str, ...] = ("unet.time_embedding.*", "unet.add_embedding.*", "text_encoder*.text_projection")
 
     @property
     def kohya_metadata(self) -> dict[str, str]:

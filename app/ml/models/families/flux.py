@@ -336,6 +336,10 @@ FLUX_DEV = FluxFamily(
     modelspec_architecture="flux-1-dev",
     modelspec_implementation="https://github.com/black-forest-labs/flux",
     kohya_network_module="networks.lora_flux",
+    # BFL's img_in, txt_in, time_in / vector_in / guidance_in and final_layer stay unquantized (musubi
+    # quantizes only double_blocks / single_blocks); T5's wo is the layer transformers keeps in fp32
+    quant_keep=("transformer.x_embedder", "transformer.context_embedder", "transformer.time_text_embed.*",
+                "transformer.norm_out.*", "transformer.proj_out", "text_encoder_2.*.DenseReluDense.wo"),
     notes="Guidance-distilled: train with guidance 1.0, sample with about 3.5.",
 )
 FLUX_SCHNELL = replace(
