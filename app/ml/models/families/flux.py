@@ -120,7 +120,9 @@ class FluxFamily(ModelFamily):
 
         if component != self.denoiser or preset in ("custom", "none"):
             return select_targets(model, component, preset, custom, allow_3x3)
-        linear = [n for n, m in model.named_modules() if type(m).__name__ == "Linear"]
+        from torch import nn
+
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # quantized ones too (QLoRA)
         attn = re.compile(r"^(single_)?transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
                           r"add_v_proj|to_add_out)$")
         mlp = re.compile(r"^transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)$|"
