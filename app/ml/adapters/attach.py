@@ -8,6 +8,10 @@ and a LoRAInject re-run with another rank cannot stack on a previous one.
 
 Several sets can be attached at once (e.g. sampling with two LoRAs): pass a list of
 ``(adapter_set, strength)`` pairs. Attaching the same set twice at the same time is refused.
+
+Textual-inversion embeddings (``app.ml.embeddings.EmbeddingSet``) may be among them: the tokenizers
+and text encoders see their vectors for the block (``app/ml/embeddings/patch.py``). Their strength
+is ignored, as in A1111 and ComfyUI, which do not scale embeddings (weight them in the prompt).
 """
 
 from __future__ import annotations
@@ -24,14 +28,18 @@ from .config import AdapterError
 _ACTIVE: set[int] = set()  # ids of adapter sets currently attached somewhere
 
 
+def _is_embedding(obj) -> bool:
+    return bool(getattr(obj, "is_embedding_set", False))
+
+
 def _normalise(adapters, strength: float) -> list[tuple[AdapterSet, float]]:
     if adapters is None:
         return []
-    if isinstance(adapters, AdapterSet):
+    if isinstance(adapters, AdapterSet) or _is_embedding(adapters):
         return [(adapters, float(strength))]
     out = []
     for item in adapters:
-        if isinstance(item, AdapterSet):
+        if isinstance(item, AdapterSet) or _is_embedding(item):
             out.append((item, float(strength)))
         else:
             aset, s = item
@@ -54,6 +62,8 @@ def attached(bundle, adapters: "AdapterSet | Sequence | None", strength: float =
     shapes are checked up front, so a LoRA for another architecture fails before anything runs.
     """
     pairs = _normalise(adapters, strength)
+    embeddings = [a for a, _ in pairs if _is_embedding(a)]
+    pairs = [(a, s) for a, s in pairs if not _is_embedding(a)]
     comps = component_modules(bundle)
     handles: list[torch.utils.hooks.RemovableHandle] = []
     owned: list[int] = []
@@ -78,7 +88,13 @@ def attached(bundle, adapters: "AdapterSet | Sequence | None", strength: float =
                         f"{entry.component}.{entry.name}: the adapter is for a {want} layer but the model's is {shape}"
                     )
                 handles.append(base.register_forward_hook(_make_hook(entry.module, s)))
-        yield
+        if embeddings:
+            from app.ml.embeddings.patch import embeddings_attached
+
+            with embeddings_attached(bundle, embeddings):
+                yield
+        else:
+            yield
     finally:
         for h in handles:
             h.remove()
@@ -99,7 +115,7 @@ def merged_state_dicts(bundle, adapters, strength: float = 1.0) -> dict[str, dic
     Unadapted tensors are the bundle's own (shared, not copied); only adapted layers get new
     tensors. Used to save a merged full model without touching the cached one.
     """
-    pairs = _normalise(adapters, strength)
+    pairs = [(a, s) for a, s in _normalise(adapters, strength) if not _is_embedding(a)]  # embeddings merge into no weight
     comps = component_modules(bundle)
     out: dict[str, dict[str, torch.Tensor]] = {name: dict(m.state_dict()) for name, m in comps.items()}
     with torch.no_grad():

@@ -44,6 +44,7 @@ SDXL_TE1 = TextEncoderSpec(
     hidden_layer=-2,
     final_layer_norm=False,
     kohya_prefix="lora_te1",
+    embedding_key="clip_l",
 )
 SDXL_TE2 = TextEncoderSpec(
     name="text_encoder_2",
@@ -57,6 +58,7 @@ SDXL_TE2 = TextEncoderSpec(
     pad_token="!",
     kohya_prefix="lora_te2",
     hub_tokenizer="clip-bigg",
+    embedding_key="clip_g",
 )
 
 SDXL = SDXLFamily(

@@ -1,0 +1,345 @@
+"""Embeddings patched into a shared model only while a consumer runs (what ``attached`` calls).
+
+Two things must know the placeholder, and neither may be changed for good:
+
+* **the tokenizer** reads ``<ohwx>`` as ``num_vectors`` token slots (A1111's expansion). While
+  attached, the tokenizer object gets an instance-level ``_encode_plus`` (and ``tokenize`` /
+  ``_decode``) that splits prompts at the placeholders, tokenizes the rest with the tokenizer's own
+  code and puts slot ids past the vocabulary (``base``, ``base + 1``, ... as diffusers numbers the
+  tokens it adds) where the placeholders were. Every path that tokenizes (``bundle.tokenize``, the
+  diffusers pipelines, Flux's T5) goes through ``_encode_plus``. Leaving the block deletes the
+  instance attributes: vocabulary, ids and added tokens are exactly as before.
+* **the text encoder** maps slot ids to the new vectors. A pre-hook on the encoder swaps slot ids
+  for id 0 before the model sees them (so its table lookup stays in range and the end-of-text
+  position CLIP pools at is found as without embeddings: the A1111/ComfyUI behaviour; diffusers'
+  ``load_textual_inversion`` differs on checkpoints whose config still says ``eos_token_id: 2``,
+  where CLIP pools at the highest id, the placeholder) and a forward hook on the encoder's input
+  embedding puts the vectors at those positions. The base table is only read, so gradients reach
+  the new vectors and nothing else.
+
+The patch is per tokenizer object (a "site"); several embeddings (different tokens) share it, each
+with its own slot range, recomputed from the embeddings attached at call time, so nested or
+sequential ``attached`` blocks with other vector counts never stack. Like LoRA hooks, the patch is
+seen by every thread using that model while it is attached; an embedding attached twice at once is
+refused, as is a second embedding with a token already attached.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from .embedding_set import EmbeddingError, EmbeddingSet, input_embeddings, tokens_pattern
+
+_LOCK = threading.RLock()
+_SITES: dict[int, "_Site"] = {}  # id(tokenizer) -> its patch
+_ACTIVE: set[int] = set()  # ids of embedding sets attached somewhere
+_LOCAL = threading.local()  # per thread: the slot positions of the encoder call in progress
+FILL_ID = 0  # what slot ids become before the encoder's own lookup (A1111 uses the same)
+
+
+def unpatched_ids(tok, text: "str | list[str]"):
+    """Token ids of ``text`` without BOS/EOS, by the tokenizer's own code even while it is patched."""
+    return type(tok)._encode_plus(tok, text=text, add_special_tokens=False, verbose=False).input_ids
+
+
+class _Site:
+    """One tokenizer and the text encoder(s) it feeds, with the embeddings attached to them."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.encoders: dict[str, tuple] = {}  # component -> (text encoder, hook handles)
+        self.entries: list[EmbeddingSet] = []
+        self.base = len(tok)
+        probe_with = type(tok)._encode_plus(tok, text="a", add_special_tokens=True).input_ids
+        body = unpatched_ids(tok, "a")
+        i = next(k for k in range(len(probe_with)) if probe_with[k:k + len(body)] == body)
+        self.prefix, self.suffix = list(probe_with[:i]), list(probe_with[i + len(body):])
+        tok._encode_plus = self._encode_plus
+        tok.tokenize = self._tokenize
+        tok._decode = self._decode
+
+    # ------------------------------------------------------------------ set-up
+
+    def add_encoder(self, component: str, te) -> None:
+        if component in self.encoders:
+            return
+        self.base = max(self.base, int(input_embeddings(te).weight.shape[0]))
+        handles = [
+            te.register_forward_pre_hook(self._pre_hook(te), with_kwargs=True),
+            te.register_forward_hook(self._post_hook(te), always_call=True),
+            input_embeddings(te).register_forward_hook(self._embedding_hook(te, component)),
+        ]
+        self.encoders[component] = (te, handles)
+
+    def remove(self) -> None:
+        for _, handles in self.encoders.values():
+            for h in handles:
+                h.remove()
+        for name in ("_encode_plus", "tokenize", "_decode"):
+            self.tok.__dict__.pop(name, None)
+
+    # ------------------------------------------------------------------ the layout of slot ids
+
+    def slots(self) -> dict[str, list[int]]:
+        out, start = {}, self.base
+        for emb in list(self.entries):
+            out[emb.token] = list(range(start, start + emb.num_vectors))
+            start += emb.num_vectors
+        return out
+
+    def rows(self, component: str) -> torch.Tensor:
+        return torch.cat([emb.vectors[component] for emb in list(self.entries)], dim=0)
+
+    # ------------------------------------------------------------------ tokenizer side
+
+    def _ids(self, text: str, pattern, slots) -> list[int]:
+        pieces, pos = [], 0
+        for m in pattern.finditer(text):
+            pieces.append(text[pos:m.start()])
+            pieces.append(slots[m.group(0)])
+            pos = m.end()
+        pieces.append(text[pos:])
+        plain = [p for p in pieces if isinstance(p, str) and p.strip()]
+        encoded = dict(zip(plain, unpatched_ids(self.tok, plain))) if plain else {}
+        ids: list[int] = []
+        for p in pieces:
+            ids.extend(p if isinstance(p, list) else encoded.get(p, []))
+        return ids
+
+    def _encode_plus(self, *args, **kw):
+        tok = self.tok
+        original = type(tok)._encode_plus.__get__(tok)
+        text = kw.get("text", args[0] if args else None)
+        pattern = tokens_pattern(e.token for e in self.entries)
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if (pattern is None or kw.get("text_pair") is not None or kw.get("is_split_into_words")
+                or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts)
+                or not any(pattern.search(t) for t in texts)):
+            return original(*args, **kw)
+        for unsupported in ("return_overflowing_tokens", "return_offsets_mapping", "return_special_tokens_mask"):
+            if kw.get(unsupported):
+                raise EmbeddingError(f"{unsupported} is not available for prompts with embedding placeholders")
+        from transformers import BatchEncoding
+
+        slots = self.slots()
+        special = kw.get("add_special_tokens", True)
+        trunc = getattr(kw.get("truncation_strategy"), "value", kw.get("truncation_strategy")) or "do_not_truncate"
+        padding = getattr(kw.get("padding_strategy"), "value", kw.get("padding_strategy")) or "do_not_pad"
+        max_length = kw.get("max_length")
+        extra = len(self.prefix) + len(self.suffix) if special else 0
+        rows = []
+        for t in texts:
+            body = self._ids(t, pattern, slots)
+            if trunc not in ("do_not_truncate", False) and max_length is not None:
+                body = body[:max(0, max_length - extra)]
+            rows.append((self.prefix + body + self.suffix) if special else body)
+        lengths = [len(r) for r in rows]
+        target = max(lengths) if padding == "longest" else (max_length if padding == "max_length" and max_length else 0)
+        multiple = kw.get("pad_to_multiple_of")
+        if target and multiple:
+            target = -(-target // multiple) * multiple
+        side = kw.get("padding_side") or tok.padding_side
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        masks = []
+        for i, r in enumerate(rows):
+            n = max(0, (target or 0) - len(r))
+            mask = [1] * len(r)
+            rows[i] = (r + [pad_id] * n) if side == "right" else ([pad_id] * n + r)
+            masks.append((mask + [0] * n) if side == "right" else ([0] * n + mask))
+        data = {"input_ids": rows}
+        want_mask = kw.get("return_attention_mask")
+        if want_mask or (want_mask is None and "attention_mask" in tok.model_input_names):
+            data["attention_mask"] = masks
+        want_types = kw.get("return_token_type_ids")
+        if want_types or (want_types is None and "token_type_ids" in tok.model_input_names):
+            data["token_type_ids"] = [[0] * len(r) for r in rows]
+        if kw.get("return_length"):
+            data["length"] = lengths
+        tensors = kw.get("return_tensors")
+        if single:
+            data = {k: v[0] for k, v in data.items()}
+        return BatchEncoding(data, tensor_type=tensors, prepend_batch_axis=single and tensors is not None)
+
+    def _tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):
+        tok = self.tok
+        pattern = tokens_pattern(e.token for e in self.entries)
+        if pattern is None or pair is not None or not isinstance(text, str):
+            return type(tok).tokenize(tok, text, pair, add_special_tokens=add_special_tokens, **kwargs)
+        slots = self.slots()
+        out, pos = [], 0
+        for m in list(pattern.finditer(text)) + [None]:
+            end = m.start() if m else len(text)
+            if text[pos:end].strip():
+                out.extend(type(tok)._encode_plus(tok, text=text[pos:end], add_special_tokens=False).tokens())
+            if m:
+                out.extend([m.group(0)] * len(slots[m.group(0)]))
+                pos = m.end()
+        return out
+
+    def _decode(self, token_ids=None, *args, **kwargs):
+        tok = self.tok
+        original = type(tok)._decode.__get__(tok)
+        ids = list(token_ids) if isinstance(token_ids, (list, tuple)) else token_ids
+        if not isinstance(ids, list) or not any(isinstance(i, int) and i >= self.base for i in ids):
+            return original(token_ids, *args, **kwargs)
+        names = {i: t for t, r in self.slots().items() for i in r}
+        parts, run = [], []
+        for i in ids + [None]:
+            if i is not None and i < self.base:
+                run.append(i)
+                continue
+            if run:
+                parts.append(original(run, *args, **kwargs))
+                run = []
+            if i is not None and (not parts or parts[-1] != names.get(i, "<?>")):
+                parts.append(names.get(i, "<?>"))
+        return " ".join(p for p in parts if p)
+
+    # ------------------------------------------------------------------ encoder side
+
+    def _pre_hook(self, te):
+        key = id(te)
+
+        def pre(module, args, kwargs):
+            stack = _stack(key)
+            in_kwargs = "input_ids" in kwargs and kwargs["input_ids"] is not None
+            ids = kwargs["input_ids"] if in_kwargs else (args[0] if args else None)
+            if not torch.is_tensor(ids) or ids.numel() == 0 or int(ids.max()) < self.base:
+                stack.append(None)
+                return None
+            mask = ids >= self.base
+            index = (ids - self.base).clamp(min=0)
+            total = sum(e.num_vectors for e in list(self.entries))
+            if int(index[mask].max()) >= total:
+                stack.append(None)
+                raise EmbeddingError(f"token id {int(ids.max())} is past the {total} embedding vectors attached now; "
+                                     "tokenize and encode inside the same `attached` block")
+            stack.append((mask, index))
+            swapped = ids.masked_fill(mask, FILL_ID)
+            if in_kwargs:
+                return args, {**kwargs, "input_ids": swapped}
+            return (swapped, *args[1:]), kwargs
+
+        return pre
+
+    def _post_hook(self, te):
+        key = id(te)
+
+        def post(module, args, output):
+            stack = _stack(key)
+            if stack:
+                stack.pop()
+            return None
+
+        return post
+
+    def _embedding_hook(self, te, component: str):
+        key = id(te)
+
+        def hook(module, args, output):
+            stack = _stack(key)
+            top = stack[-1] if stack else None
+            if top is None:
+                return None
+            mask, index = top
+            rows = self.rows(component).to(device=output.device, dtype=output.dtype)
+            picked = rows[index.to(rows.device)]
+            return torch.where(mask.to(output.device).unsqueeze(-1), picked, output)
+
+        return hook
+
+
+def _stack(key: int) -> list:
+    stacks = getattr(_LOCAL, "stacks", None)
+    if stacks is None:
+        stacks = _LOCAL.stacks = {}
+    return stacks.setdefault(key, [])
+
+
+def _layout(family) -> tuple[str, ...]:
+    return tuple(s.embedding_key for s in family.text_encoders)
+
+
+def check_compatible(bundle, emb: EmbeddingSet) -> None:
+    """Refuse, by name, an embedding for another family or encoder width."""
+    fam = emb.family
+    if fam is not None and _layout(fam) != _layout(bundle.family):
+        raise EmbeddingError(f"{emb.where()} was made for {fam.display_name} but the model is "
+                             f"{bundle.family.display_name}; load it with a {fam.display_name} model")
+    specs = {s.name: (s, te) for s, te in zip(bundle.family.text_encoders, bundle.text_encoders)}
+    for name, vec in emb.vectors.items():
+        if name not in specs:
+            raise EmbeddingError(f"{emb.where()} has vectors for {name}, which {bundle.family.display_name} does not have")
+        spec, te = specs[name]
+        want, got = int(input_embeddings(te).weight.shape[1]), int(vec.shape[1])
+        if want != got:
+            raise EmbeddingError(f"{emb.where()}: the {spec.architecture} text encoder ({spec.embedding_key}) takes "
+                                 f"vectors {want} wide but the embedding's are {got} wide; it was made for another model")
+
+
+@contextmanager
+def embeddings_attached(bundle, embeddings: Sequence[EmbeddingSet]) -> Iterator[None]:
+    """The tokenizers and text encoders of ``bundle`` see ``embeddings`` for the duration of the block."""
+    embeddings = list(embeddings or ())
+    if not embeddings:
+        yield
+        return
+    added: list[tuple[_Site, EmbeddingSet]] = []
+    owned: list[int] = []
+    with _LOCK:
+        try:
+            tokens = [e.token for e in embeddings]
+            for emb in embeddings:
+                if id(emb) in _ACTIVE:
+                    raise EmbeddingError(f"{emb.where()} is already attached; leave the other `attached` block first")
+                if tokens.count(emb.token) > 1:
+                    raise EmbeddingError(f"two embeddings use the placeholder {emb.token}; give each its own token")
+                check_compatible(bundle, emb)
+            for spec, tok, te in zip(bundle.family.text_encoders, bundle.tokenizers, bundle.text_encoders):
+                covered = [e for e in embeddings if spec.name in e.vectors]
+                if not covered:
+                    continue
+                site = _SITES.get(id(tok))
+                if site is None:
+                    site = _SITES[id(tok)] = _Site(tok)
+                site.add_encoder(spec.name, te)
+                for emb in covered:
+                    if any(emb is e for _, e in added if _ is site):
+                        continue
+                    clash = [e for e in site.entries if e.token == emb.token]
+                    if clash:
+                        raise EmbeddingError(f"another embedding with the placeholder {emb.token} is attached to this "
+                                             "model already; give each embedding its own token")
+                    missing = [c for c in site.encoders if c not in emb.vectors]
+                    if missing:
+                        raise EmbeddingError(f"{emb.where()} has no vectors for {', '.join(missing)}, which shares its "
+                                             "tokenizer with an encoder it covers")
+                    site.entries.append(emb)
+                    added.append((site, emb))
+            for emb in embeddings:
+                _ACTIVE.add(id(emb))
+                owned.append(id(emb))
+        except BaseException:
+            _detach(added, owned)
+            raise
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _detach(added, owned)
+
+
+def _detach(added, owned) -> None:
+    for site, emb in added:
+        site.entries = [e for e in site.entries if e is not emb]
+        if not site.entries:
+            site.remove()
+            if _SITES.get(id(site.tok)) is site:
+                del _SITES[id(site.tok)]
+    for i in owned:
+        _ACTIVE.discard(i)

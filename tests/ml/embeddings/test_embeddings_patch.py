@@ -1,0 +1,201 @@
+"""Embeddings patch into the shared model only while attached: the placeholder reads as its vectors,
+the tokenizer and token table are exactly as before afterwards, and only the new vectors train."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from app.ml.adapters import attached
+from app.ml.embeddings import (
+    EmbeddingError,
+    create_embedding,
+    embeddings_identity,
+    expand_caption,
+    known_token_warning,
+)
+from app.ml.handle import ModelHandle
+from app.ml.sampling import sample_images
+
+PROMPTS = ["a <ohwx> shape", "a red square", "<ohwx>", "a blue circle, <ohwx> and <ohwx>", ""]
+
+
+def _state(bundle):
+    """Everything a patch could leave behind: vocab, added tokens, ids, instance attributes, tables."""
+    out = []
+    for tok, te in zip(bundle.tokenizers, bundle.text_encoders):
+        out.append((
+            len(tok), dict(tok.get_vocab()), dict(tok.added_tokens_encoder), sorted(tok.__dict__),
+            [tok(p).input_ids for p in PROMPTS], tok.tokenize(PROMPTS[0]),
+            te.get_input_embeddings().weight.detach().clone(), len(te._forward_hooks), len(te._forward_pre_hooks),
+            len(te.get_input_embeddings()._forward_hooks),
+        ))
+    return out
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        for u, v in zip(x, y):
+            if torch.is_tensor(u):
+                assert torch.equal(u, v)
+            else:
+                assert u == v
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_placeholder_encodes_as_its_vectors_and_leaves_nothing_behind(name, request):
+    bundle = request.getfixturevalue(name)
+    before = _state(bundle)
+    # vectors seeded from "red square": the placeholder must encode exactly as those words do
+    emb = create_embedding(bundle, "<ohwx>", 2, "red square")
+    want = bundle.encode_prompts(["a red square shape"])
+    plain = bundle.encode_prompts(["a <ohwx> shape"])
+    with attached(bundle, [emb]):
+        got = bundle.encode_prompts(["a <ohwx> shape"])
+        ids = bundle.tokenize(["a <ohwx> shape"])
+    for key in want:  # prompt_embeds (both encoders for SDXL) and SDXL's pooled output
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+        assert (plain[key] - want[key]).abs().max() > 1e-3  # without the embedding the words differ
+    for tok, row in zip(bundle.tokenizers, ids):
+        v = len(tok)
+        assert row[0, :6].tolist() == [tok.bos_token_id, *tok("a", add_special_tokens=False).input_ids, v, v + 1,
+                                       *tok("shape", add_special_tokens=False).input_ids, tok.eos_token_id][:6]
+    _assert_same(before, _state(bundle))
+
+
+def test_other_ids_unchanged_and_slots_follow_the_vector_count(sd):
+    tok = sd.tokenizers[0]
+    v = len(tok)
+    texts = ["a red square", "red, blue; circle!", "<ohwx>y is not the token", "ohwx"]
+    plain = [tok(t).input_ids for t in texts]
+    for n in (1, 3, 5, 2):  # sequential runs with other counts: never stacked
+        emb = create_embedding(sd, "<ohwx>", n, "red")
+        with attached(sd, emb):
+            assert [tok(t).input_ids for t in texts[:2]] == plain[:2]
+            ids = tok("a <ohwx> b").input_ids
+            assert ids[2:2 + n] == list(range(v, v + n))
+            assert len(ids) == 4 + n
+            assert tok("ohwx").input_ids == plain[3]  # the bare word is not the placeholder
+        assert len(tok) == v and tok("a <ohwx> b").input_ids == tok("a <ohwx> b").input_ids
+
+
+def test_bare_word_token_matches_only_whole_words(sd):
+    tok = sd.tokenizers[0]
+    emb = create_embedding(sd, "ohwx", 1, "red")
+    plain = tok("ohwxy", add_special_tokens=False).input_ids
+    with attached(sd, emb):
+        assert tok("ohwx", add_special_tokens=False).input_ids == [len(tok)]
+        assert tok("ohwxy", add_special_tokens=False).input_ids == plain
+
+
+def test_two_embeddings_coexist_and_nesting_does_not_stack(sd):
+    tok = sd.tokenizers[0]
+    v = len(tok)
+    a = create_embedding(sd, "<a>", 2, "red square")
+    b = create_embedding(sd, "<b>", 3, "blue circle")
+    want = sd.encode_prompts(["red square and blue circle *"])["prompt_embeds"]  # "blue circle" padded with "*"
+    with attached(sd, [a, b]):
+        got = sd.encode_prompts(["<a> and <b>"])["prompt_embeds"]
+        assert tok("<b> <a>", add_special_tokens=False).input_ids == [v + 2, v + 3, v + 4, v, v + 1]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+    with attached(sd, a):
+        with attached(sd, b):  # nested: the inner block adds its slots after the outer ones
+            assert tok("<a> <b>", add_special_tokens=False).input_ids == [v, v + 1, v + 2, v + 3, v + 4]
+        assert tok("<a> <b>", add_special_tokens=False).input_ids[:2] == [v, v + 1]
+        assert max(tok("<a> <b>", add_special_tokens=False).input_ids[2:]) < v  # <b> is plain text again
+        other = create_embedding(sd, "<a>", 4, "red")
+        with pytest.raises(EmbeddingError, match="placeholder <a>"):
+            with attached(sd, other):
+                pass
+        with pytest.raises(EmbeddingError, match="already attached"):
+            with attached(sd, a):
+                pass
+        assert tok("<a>", add_special_tokens=False).input_ids == [v, v + 1]  # the refusals left the outer intact
+    assert len(tok) == v and "_encode_plus" not in tok.__dict__
+
+
+def test_training_step_changes_only_the_new_vectors(sd):
+    te = sd.text_encoders[0]
+    te_before = {k: t.clone() for k, t in te.state_dict().items()}
+    emb = create_embedding(sd, "<ohwx>", 2, "red")
+    start = emb.vectors["text_encoder"].detach().clone()
+    opt = torch.optim.AdamW([{"params": p} for p in emb.parameter_groups().values()], lr=5e-3)
+    target = sd.encode_prompts(["a blue circle"])["prompt_embeds"]
+    with attached(sd, [emb]):
+        for _ in range(2):
+            out = sd.encode_prompts(["a <ohwx>"], with_grad=True)["prompt_embeds"]
+            loss = torch.nn.functional.mse_loss(out, target)
+            opt.zero_grad()
+            loss.backward()
+            assert all(p.grad is None for p in te.parameters())
+            opt.step()
+    assert not torch.equal(emb.vectors["text_encoder"].detach(), start)
+    for k, t in te.state_dict().items():
+        assert torch.equal(t, te_before[k]), k
+
+
+def test_deep_copy_trains_apart_and_state_dict_round_trips(sd):
+    emb = create_embedding(sd, "<ohwx>", 3, "red")
+    twin = copy.deepcopy(emb)
+    with torch.no_grad():
+        twin.vectors["text_encoder"].add_(1.0)
+    assert not torch.equal(twin.vectors["text_encoder"], emb.vectors["text_encoder"])
+    emb.load_state_dict(twin.state_dict())
+    assert torch.equal(twin.vectors["text_encoder"], emb.vectors["text_encoder"])
+    emb.requires_grad_(False)
+    assert not emb.trainable and emb.parameter_groups() == {}
+    emb.trainable = True
+    assert list(emb.parameter_groups()) == ["embedding"] and emb.num_vectors == 3 and emb.family_id == sd.family.id
+
+
+def test_sample_on_a_handle_uses_the_embedding(sd):
+    """Sampling goes through the diffusers pipeline's own tokenizer call: the patch must reach it."""
+    emb = create_embedding(sd, "<ohwx>", 2, "red square")
+    handle = ModelHandle(sd).with_adapter(emb)
+    kw = dict(width=64, height=64, steps=3, seed=5, sampler="Euler")
+    ours = sample_images(sd, "a <ohwx>", adapters=handle.adapter_pairs(), **kw)
+    words = sample_images(sd, "a red square", **kw)
+    plain = sample_images(sd, "a <ohwx>", **kw)
+    torch.testing.assert_close(ours.latents[0], words.latents[0], rtol=0, atol=1e-5)
+    assert (plain.latents[0] - words.latents[0]).abs().max() > 1e-3
+    with handle.patched():
+        again = sample_images(sd, "a <ohwx>", **kw)
+    torch.testing.assert_close(again.latents[0], words.latents[0], rtol=0, atol=1e-5)
+
+
+def test_long_prompts_count_the_slots(sd):
+    emb = create_embedding(sd, "<ohwx>", 10, "red")
+    with attached(sd, emb):
+        assert sd.token_counts(["a <ohwx>"]) == [11]
+        ids = sd.tokenize(["a " * 70 + "<ohwx>"], chunks=2)[0]  # 70 + 10 tokens: two pieces
+        v = len(sd.tokenizers[0])
+        assert (ids >= v).sum() == 10 and ids.shape == (1, 2, 77)
+
+
+def test_wrong_family_refused_by_name(sd, sdxl):
+    emb = create_embedding(sd, "<ohwx>", 1, "red")
+    with pytest.raises(EmbeddingError, match="made for Stable Diffusion 1.5 but the model is Stable Diffusion XL"):
+        with attached(sdxl, emb):
+            pass
+    assert "_encode_plus" not in sdxl.tokenizers[0].__dict__
+
+
+def test_helpers(sd):
+    emb = create_embedding(sd, "<ohwx>", 1)
+    assert expand_caption("a <embedding> on grass", [emb]) == ("a <ohwx> on grass", False)
+    assert expand_caption("a photo of <ohwx>", emb) == ("a photo of <ohwx>", False)
+    assert expand_caption("a photo", [emb], prepend_missing=False) == ("a photo", True)
+    assert expand_caption("a photo", [emb], prepend_missing=True) == ("<ohwx> a photo", True)
+    assert known_token_warning(sd, "<ohwx>") is None
+    assert "'red'" in known_token_warning(sd, "red")
+    ident = embeddings_identity([(emb, 1.0)])
+    assert ident and embeddings_identity([]) == ""
+    with torch.no_grad():
+        emb.vectors["text_encoder"].add_(1e-3)
+    assert embeddings_identity([emb]) != ident
+    with pytest.raises(EmbeddingError, match="1 to 75"):
+        create_embedding(sd, "<x>", 76)
+    with pytest.raises(EmbeddingError, match="space"):
+        create_embedding(sd, "my token", 1)
