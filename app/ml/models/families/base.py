@@ -40,6 +40,7 @@ class TextEncoderSpec:
     pad_token: str = "<|endoftext|>"
     kohya_prefix: str = "lora_te"  # "lora_te" (single TE), "lora_te1", "lora_te2"
     hub_tokenizer: str = "clip-l"  # key into HUB_TOKENIZERS: where a missing tokenizer is fetched from
+    embedding_key: str = "emb_params"  # this encoder's vectors in an embedding file (A1111/ComfyUI/OneTrainer names)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -304,6 +304,7 @@ CLIP_L_POOLED = TextEncoderSpec(
     hidden_size=768,
     pooled=True,
     kohya_prefix="lora_te1",
+    embedding_key="clip_l",
 )
 T5_XXL = TextEncoderSpec(
     name="text_encoder_2",
@@ -314,6 +315,7 @@ T5_XXL = TextEncoderSpec(
     pad_token="<pad>",
     kohya_prefix="lora_te2",
     hub_tokenizer="t5-xxl",
+    embedding_key="t5",
 )
 
 FLUX_DEV = FluxFamily(
