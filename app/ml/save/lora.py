@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -49,11 +49,14 @@ def save_adapter(
     overwrite: bool = False,
     unet_naming: str | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
+    embeddings: "Sequence | None" = None,
 ) -> Path:
     """Save ``adapters`` and return the path written (``_1``, ``_2``... appended unless ``overwrite``).
 
     ``dtype`` fp16 is the community default (small files); ``.alpha`` tensors are stored in the same
     dtype as kohya does. ``unet_naming`` ("diffusers"/"sgm") overrides kohya's per-family choice.
+    ``embeddings``: textual-inversion embeddings bundled into the file as ``bundle_emb.<token>.…``
+    (OneTrainer's "bundle embeddings", read by A1111's LoRA loader; see ``app/ml/embeddings/files.py``).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -64,7 +67,12 @@ def save_adapter(
     else:
         raw = adapter_tensors(adapters, layout, unet_naming=unet_naming)
         layout_meta = {PEFT_METADATA_KEY: json.dumps(peft_metadata(adapters), indent=2, sort_keys=True)} if layout == "peft" else {}
-    tensors = {k: v.to(dt).contiguous() for k, v in raw.items()}
+    if embeddings:
+        from app.ml.embeddings import bundled_tensors
+
+        raw = {**raw, **bundled_tensors(embeddings)}
+    tensors = {k: v.to("cpu", dt).contiguous() if k.startswith("bundle_emb.") else v.to(dt).contiguous()
+               for k, v in raw.items()}
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_file(path, overwrite, size_hint=size) as target:
         meta = lora_metadata(
@@ -73,6 +81,8 @@ def save_adapter(
         )
         meta["nodetrainer_dtype"] = {v: k for k, v in SAVE_DTYPES.items()}[dt]
         meta.update(layout_meta)
+        if embeddings:
+            meta["nodetrainer_bundled_embeddings"] = json.dumps([e.token for e in embeddings])
         meta.update(file_hashes(tensors, meta))
         save_file(tensors, str(target.tmp), metadata=meta)
     return target.final
