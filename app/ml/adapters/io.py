@@ -121,6 +121,8 @@ def load_adapter_file(path: "str | os.PathLike", bundle, *, trainable: bool = Tr
     table = alias_table(comps, bundle.family, bundle.denoiser.config)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
+        if key.startswith("bundle_emb."):  # bundled embeddings: app.ml.embeddings.load_bundled_embeddings
+            continue
         prefix, param = _split(key)
         groups.setdefault(prefix, {})[param] = t
     unknown = [p for p in groups if p not in table]
