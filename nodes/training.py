@@ -151,6 +151,17 @@ _move_objective_to_its_node.graph_step = True  # app/graph/recipe.py: this step 
                tooltip="caption tokens read: longer ones are encoded in 75-token pieces, as A1111 and ComfyUI "
                        "do with long prompts (kohya's max_token_length)"),
           Bool("masked_training", False, tooltip="weight the loss by <stem>-masklabel.png masks"),
+          Int("blocks_to_swap", 0, min=0, max=1000, advanced=True,
+              tooltip="memory: denoiser blocks kept in RAM and streamed to the GPU as forward and backward reach "
+                      "them (kohya's blocks_to_swap; Flux has 19 + 38, an SD UNet 4 + 4, SDXL 3 + 3); adapters only, "
+                      "slower per step; 0 = off"),
+          Bool("offload_activations", False, advanced=True,
+               tooltip="memory: the activations backward needs wait in RAM instead of on the GPU; with "
+                       "gradient_checkpointing only each block's input travels (without it, every activation: slow)"),
+          Bool("fused_backward", False, advanced=True,
+               tooltip="memory, full fine-tunes: the optimizer steps each weight inside backward and frees its "
+                       "gradient at once, so all gradients never exist together (kohya's fused_backward_pass); "
+                       "AdamW or Adafactor, grad_accumulation 1, clip_grad_norm clips each weight's gradient alone"),
           Float("unmasked_probability", 0.1, min=0.0, max=1.0, tooltip="fraction of steps that ignore the mask"),
           Float("unmasked_weight", 0.1, min=0.0, max=1.0, tooltip="loss weight of the black (masked-out) area"),
           Bool("normalize_masked_area", False),
@@ -217,7 +228,7 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     # the epoch-1 leftovers are the Bucketer's to report; say them here only when this plan differs
     report = rank == 0 and not _bucketer_reported(ctx, p["seed"], world)
     source = BucketSource(buckets, p["seed"], bundle=bundle, world=world, masks=p["masked_training"],
-                          log=ctx.log if report else None)
+                          log=ctx.log if report else None, captions=expand)
     validation = None
     if buckets.dataset.validation_concepts:
         validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True)
@@ -254,13 +265,13 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     def save(step, epoch):
         from app.ml.save import save_adapter
 
-        if handle.adapters:
+        if handle.adapters and trainable.adapter is not None:
             # ss_output_name is A1111's alias: the workspace and node keep saves of two runs apart.
             alias = f"{workdir.parent.name}_{workdir.name}_step_{step:07d}"
             path = save_adapter(trainable.adapter, workdir / "saves" / f"step_{step:07d}.safetensors",
                                 recipe=ctx.recipe, step=step, epoch=epoch, overwrite=True,
                                 extra_metadata={**training_metadata({"resolution": resolution, "kohya": kohya}),
-                                                "ss_output_name": alias})
+                                                "ss_output_name": alias}, **bundled)
             ctx.log(f"saved {path}")
 
     hooks = Hooks(progress=lambda s, t: ctx.progress(s, t), metric=metric, log=ctx.log if rank == 0 else (lambda m: None),
@@ -287,14 +298,14 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
             sample(result.steps, result.epochs_done, inside=False)
         except Cancelled:
             # stopped during the "after" samples: the training itself is finished, keep it
-            if handle.adapters:
+            if picked:
                 save(result.steps, result.epochs_done)
             else:
                 ctx.warn("stopped during the final samples: the fine-tuned weights were not saved "
                          "(a Save node after TrainLoop writes them when the run is not stopped)")
             raise
     info = {"step": result.steps, "epoch": result.epochs_done, "resolution": resolution, "kohya": kohya}
-    if handle.adapters:
+    if picked:
         trained = trainable.trained_handle()
         trained = ModelHandle(trained.base, trained.adapters, trained.strengths, {**handle.info, **info})
     else:
@@ -303,7 +314,7 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
             f"{result.losses[-1]:.4f}" if result.losses else "no steps were trained")
     run = {"steps": result.steps, "epochs": result.epochs_done, "losses": result.losses,
            "validation": result.validation, "backups": result.backups, "workdir": str(workdir),
-           "elapsed_s": result.elapsed_s}
+           "elapsed_s": result.elapsed_s, "peak_bytes": result.peak_bytes}
     return trained, run
 
 
@@ -484,3 +495,5 @@ def _sample_during_training(ctx, bundle, adapters, prompts, p, buckets, step, wr
     if writer is not None:
         for i, img in enumerate(result.images):
             writer.add_image(f"samples/{i}", np.asarray(img).transpose(2, 0, 1), step)
+        blocks_to_swap=p.get("blocks_to_swap", 0), offload_activations=p.get("offload_activations", False),
+        fused_backward=p.get("fused_backward", False),

@@ -146,10 +146,14 @@ class BlockSwap:
             self._bring(index, backward=True)
         return hook
 
-    def remove(self) -> None:
+    def remove(self, target: str = DEVICE) -> None:
+        """Take the hooks off and put every block on ``target`` (HOST: the end of a run, when the
+        whole model goes back to RAM without first gathering on the device)."""
         for h in self._handles:
             h.remove()
         self._handles = []
         for i in range(len(self.blocks)):
-            self._set(i, DEVICE)
+            self._set(i, target)
             self._wait(i)
+        if target == HOST and isinstance(self._move, _CudaMover):
+            torch.cuda.synchronize(self.device)  # the copies into host buffers are complete before RAM is read

@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from app.ml.adapters import attached
+from app.ml.adapters.attach import _normalise
+from app.ml.memory.placement import current
 
 from .samplers import canonical_sampler
 
@@ -100,6 +102,8 @@ def sample_images(
     or ``(set, strength)`` pairs; ``strength`` applies to bare sets. ``progress(i, total)`` is called
     after each image so a node can report progress; ``check_cancel()`` after every denoising step,
     so that a stop request (which it raises as an exception) ends a long sample within one step.
+    Components and adapters not already on the compute device visit it for the call and go back
+    where they were (during training: the run's placement, so a streamed denoiser keeps streaming).
     ``steps`` 0 is the model's default (``family.sample_steps``: Flux schnell 4). ``options``: sampling
     settings only some families have (``family.sample_options``, e.g. Flux's ``true_cfg``), recorded too.
     """
@@ -124,7 +128,8 @@ def sample_images(
     images: list[Image.Image] = []
     params: list[dict[str, Any]] = []
     latents_out: list[torch.Tensor] = []
-    with attached(bundle, adapters, strength), torch.no_grad():
+    visitors = [bundle.denoiser, *bundle.text_encoders, bundle.vae, *(a for a, _ in _normalise(adapters, strength))]
+    with current().visit(*visitors), attached(bundle, adapters, strength), torch.no_grad():
         for n, (prompt, s) in enumerate(jobs):
             latents, impl = bundle.family.sample_latents(
                 bundle, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,

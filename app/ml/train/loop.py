@@ -26,9 +26,10 @@ from typing import Any, Callable, Protocol
 import torch
 
 from app.ml.dist import rank_world
+from app.ml.memory.placement import DEVICE, HOST, Placement, module_bytes
 from app.ml.flux.flow import FlowSettings
 from app.ml.train.objective import ObjectiveSettings, per_sample_loss
-from app.ml.train.optim import build_optimizer, build_scheduler, load_optimizer_state
+from app.ml.train.optim import FUSED_OPTIMIZERS, FusedBackward, build_optimizer, build_scheduler, load_optimizer_state
 
 
 class TrainingError(RuntimeError):
@@ -48,6 +49,11 @@ class TrainSettings:
     seed: int = 42
     train_dtype: str = "fp32"  # autocast dtype: fp32 | fp16 | bf16
     gradient_checkpointing: bool = False
+    # memory (see app/ml/memory): denoiser blocks streamed from RAM (kohya's blocks_to_swap; 0 = off),
+    # checkpointed activations kept in RAM, and the optimizer stepped per parameter inside backward
+    blocks_to_swap: int = 0
+    offload_activations: bool = False
+    fused_backward: bool = False
     zero_terminal_snr: bool = False
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     flow: FlowSettings = field(default_factory=FlowSettings)  # flow-matching families (Flux)
@@ -128,6 +134,11 @@ class TrainResult:
     last_backup: str | None
     elapsed_s: float
 
+    # the run's peak memory: on CUDA torch.cuda.max_memory_allocated over the run (weights included);
+    # on a CPU the resident-size growth over the loaded process (the kernel's high-water mark), so
+    # weights loaded before the run are not in it. None where neither can be read.
+    peak_bytes: int | None = None
+    peak_kind: str = ""
 
 def _seeded(*parts: int) -> torch.Generator:
     h = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
@@ -158,7 +169,7 @@ class EMA:
 class Trainer:
     def __init__(self, bundle, trainable: Trainable, data: BatchSource, optimizer_settings: dict,
                  settings: TrainSettings, workdir: Path, hooks: Hooks | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, mover: Callable | None = None) -> None:
         self.bundle = getattr(trainable, "model", bundle)  # the handle to train through
         self.trainable = trainable
         self.data = data
@@ -168,6 +179,10 @@ class Trainer:
         self.hooks = hooks or Hooks()
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.rank, self.world = rank_world()
+        # where components live: VAE and idle text encoders in RAM, visiting the device to encode;
+        # ``mover`` (tests) replaces the real moves, see app/ml/memory/placement.py
+        self.placement = Placement(self.device, mover)
+        self.offloaded: dict[str, int] = {}
         self.is_main = self.rank == 0
 
     # ---- planning --------------------------------------------------------------------------
@@ -181,15 +196,29 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------
     def run(self, resume_from: str | Path | None = None) -> TrainResult:
         t_start = time.monotonic()
+        """Train; every component is back in RAM afterwards (and after an error or a stop)."""
+        self._check_memory_settings()
+        peak = _PeakMemory(self.device)
+        swap = self._place()
+        try:
+            with self.placement.active():
+                result = self._run(resume_from)
+        finally:
+            self._unplace(swap)
+            if self.s.offload_activations and self.offloaded.get("offloaded"):
+                self.hooks.log(f"activations offloaded to RAM: {self.offloaded['offloaded']} tensors, "
+                               f"{self.offloaded['bytes'] / 2**20:.1f} MiB over the run")
+        result.peak_bytes, result.peak_kind = peak.read()
+        if result.peak_bytes is not None:
+            self.hooks.log(f"peak device memory: {_size(result.peak_bytes)} ({result.peak_kind})")
+        return result
+
+    def _run(self, resume_from) -> TrainResult:
         s = self.s
         total = self.total_steps()
         if total <= 0:
             raise TrainingError("nothing to train: the dataset gives no batches (check the Bucketer's "
                                 "batch size and the leftovers it reported)")
-        for module in (self.bundle.denoiser, self.bundle.vae, *self.bundle.text_encoders):
-            module.to(self.device)
-        if hasattr(self.trainable, "to"):
-            self.trainable.to(self.device)
         objective = self.bundle.family.make_objective(self.bundle, s)  # the family's: DDPM noise or flow
         groups = self.trainable.param_groups(self.opt_settings)
         params = [p for g in groups for p in g["params"]]
@@ -197,6 +226,8 @@ class Trainer:
             p.requires_grad_(True)
         optimizer = build_optimizer(self.opt_settings, groups)
         lr_sched = build_scheduler(optimizer, self.opt_settings, total)
+        fused = FusedBackward(optimizer, clip_grad_norm=s.clip_grad_norm,
+                              before_step=self._sync_gradients) if s.fused_backward else None
         ema = EMA(params, s.ema_decay, s.ema_on_cpu) if s.ema else None
         autocast = _autocast(self.device, s.train_dtype)
         if s.train_dtype == "fp16" and self.device.type == "cpu":
@@ -244,16 +275,8 @@ class Trainer:
                                     "rate, bf16 or fp32 instead of fp16, or gradient clipping.")
                             accum_loss += loss / s.grad_accumulation
                             batch_index += 1
-                        self._sync_gradients(params)
-                        if scaler is not None:
-                            scaler.unscale_(optimizer)
-                        if s.clip_grad_norm > 0:
-                            torch.nn.utils.clip_grad_norm_(params, s.clip_grad_norm)
-                        if scaler is not None:
-                            scaler.step(optimizer)
-                            scaler.update()
-                        else:
-                            optimizer.step()
+                        if fused is None:  # fused: each parameter was stepped inside backward
+                            self._optimizer_step(optimizer, params, scaler)
                         lr_sched.step()
                         optimizer.zero_grad(set_to_none=True)
                         step += 1
@@ -294,6 +317,8 @@ class Trainer:
                     optimizer.eval()  # schedule-free: switch to the averaged weights
             if self.is_main and self.hooks.validation is not None:
                 validation.append((step, self.validation_loss(objective, unet, text_encoders)))
+                if fused is not None:
+                    fused.remove()
         if ema is not None:
             with torch.no_grad():
                 for p, shadow in zip(params, ema.shadow):
@@ -305,6 +330,100 @@ class Trainer:
                     scaler, te_stopped) -> float:
         s = self.s
         # seeds depend on the global position only, so a resumed run draws exactly the same
+    def _optimizer_step(self, optimizer, params, scaler) -> None:
+        self._sync_gradients(params)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.s.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.s.clip_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    # ---- where components live ------------------------------------------------------------------
+    def _check_memory_settings(self) -> None:
+        """Refuse memory settings that cannot work together, by TrainLoop param, before anything moves."""
+        s = self.s
+        if s.blocks_to_swap:
+            family = self.bundle.family
+            blocks = family.swappable_blocks(self.bundle.denoiser)
+            counts = " + ".join(f"{len(getattr(self.bundle.denoiser, n, None) or ())} {n}" for n in family.swap_blocks)
+            if s.blocks_to_swap < 0 or s.blocks_to_swap >= len(blocks):
+                raise TrainingError(
+                    f"TrainLoop's blocks_to_swap is {s.blocks_to_swap}, but this {family.display_name} denoiser has "
+                    f"{len(blocks)} swappable blocks ({counts}): choose 1 to {len(blocks) - 1} (at least one block stays "
+                    "on the device), or 0 for no block swap.")
+            block_params = {id(p) for b in blocks for p in b.parameters()}
+            if any(id(p) in block_params for g in self.trainable.param_groups(self.opt_settings) for p in g["params"]):
+                raise TrainingError(
+                    "TrainLoop's blocks_to_swap streams frozen blocks of the denoiser, but this full fine-tune trains "
+                    "them: their weights, gradients and optimizer state would have to travel too. Set blocks_to_swap "
+                    "to 0, or train a LoRA (LoRAInject) on the model.")
+        if s.fused_backward:
+            name = self.opt_settings.get("optimizer", "adamw")
+            if name not in FUSED_OPTIMIZERS:
+                raise TrainingError(
+                    f"TrainLoop's fused_backward steps the optimizer one parameter at a time, which {name} does not "
+                    f"allow (it looks at all parameters at once); use {' or '.join(FUSED_OPTIMIZERS)}, or turn "
+                    "fused_backward off.")
+            if s.grad_accumulation > 1:
+                raise TrainingError(
+                    f"TrainLoop's fused_backward steps each parameter as soon as its gradient exists and frees it, so "
+                    f"nothing is left to accumulate: set grad_accumulation to 1 (it is {s.grad_accumulation}; a larger "
+                    "batch gives the same effective batch) or turn fused_backward off.")
+            if s.train_dtype == "fp16" and self.device.type == "cuda":
+                raise TrainingError(
+                    "TrainLoop's fused_backward cannot be combined with fp16 training, whose loss scaler checks every "
+                    "gradient before any step: train in bf16 (or fp32), or turn fused_backward off.")
+        if s.offload_activations and not s.gradient_checkpointing:
+            self.hooks.log("offload_activations without gradient_checkpointing copies every activation backward "
+                           "needs to RAM and back (slow); with checkpointing only each block's input travels")
+
+    def _place(self):
+        """Components where a step needs them: the denoiser (its swappable blocks streamed when
+        blocks_to_swap is set) and the trained parts on the device; the VAE, and the text encoders
+        unless they train, in RAM (they visit the device to encode: see ``_latents``, ``_conditioning``)."""
+        b, s, place = self.bundle, self.s, self.placement
+        te_on = self.trainable.trains_text_encoder() or getattr(self.trainable, "trains_embedding", lambda: False)()
+        swap = None
+        if s.blocks_to_swap:
+            from app.ml.memory.swap import BlockSwap
+
+            blocks = b.family.swappable_blocks(b.denoiser)
+            place.move_parts(b.denoiser, DEVICE, blocks)
+            mover = None
+            if place._mover is not None:
+                mover = lambda index, block, target: place._mover(block, target, ())  # noqa: E731
+            swap = BlockSwap(torch.nn.ModuleList(blocks), len(blocks) - s.blocks_to_swap, self.device, mover=mover,
+                             where="TrainLoop")
+        else:
+            place.move(b.denoiser, DEVICE)
+        idle = []
+        for name, module in [("VAE", b.vae)] + [(spec.name, te) for spec, te in zip(b.family.text_encoders, b.text_encoders)]:
+            on = module is not b.vae and te_on
+            place.move(module, DEVICE if on else HOST)
+            if not on:
+                idle.append(f"{name} {_size(module_bytes(module))}")
+        if hasattr(self.trainable, "to"):
+            self.trainable.to(self.device)
+        if idle and (self.device.type != "cpu" or place.instrumented):  # on a CPU the device is the RAM
+            self.hooks.log(f"kept in RAM, on the device only to encode or sample: {', '.join(idle)}")
+        if swap is not None:
+            self.hooks.log(f"block swap: {s.blocks_to_swap} of {len(swap.blocks)} denoiser blocks streamed from RAM")
+        return swap
+
+    def _unplace(self, swap) -> None:
+        """Everything back in RAM: the next node (a Sample, another TrainLoop) brings what it needs."""
+        b, place = self.bundle, self.placement
+        if swap is not None:
+            swap.remove(HOST)
+        for module in (b.denoiser, b.vae, *b.text_encoders):
+            place.move(module, HOST)
+        if hasattr(self.trainable, "to"):
+            self.trainable.to("cpu")
+
         torch.manual_seed(int(_seeded(s.seed, step, micro, 1).initial_seed() % (2**63)))
         batch = self.data.batch(epoch, index, self.rank, self.world)
         latents = self._latents(batch)
@@ -318,7 +437,7 @@ class Trainer:
         target = objective.target(latents, noise, timesteps)
         train_te = self.trainable.trains_text_encoder() and not te_stopped
         family = self.bundle.family
-        with autocast:
+        with autocast, self._offload():
             model_dtype = next(unet.parameters()).dtype
             cond = _cast(self._conditioning(batch, train_te, latents, objective), model_dtype)
             pred = family.predict(unet, noisy.to(model_dtype), timesteps, cond)
@@ -335,13 +454,23 @@ class Trainer:
     def _latents(self, batch: Batch) -> torch.Tensor:
         if batch.latents is not None:
             return batch.latents.to(self.device, torch.float32)
-        return self.bundle.encode_images(batch.pixels).to(torch.float32)  # moved once, after the range check
+        with self.placement.visit(self.bundle.vae):  # the VAE visits the device for the encode only
+            return self.bundle.encode_images(batch.pixels).to(torch.float32)  # moved once, after the range check
 
     def _conditioning(self, batch: Batch, train_te: bool, latents: torch.Tensor, objective) -> dict[str, Any]:
         if batch.text is not None and not train_te and self.s.prompt_chunks == 1:
+    def _offload(self):
+        from app.ml.memory.offload import activations_on_host
+
+        # on a CPU the saved tensors are already in RAM: they are copied anyway, so the path (and its
+        # counter) runs the same as on a GPU, at a cost only there
+        return activations_on_host(self.s.offload_activations, counter=self.offloaded,
+                                   copy_host_tensors=self.device.type == "cpu")
+
             text = {k: v.to(self.device) for k, v in batch.text.items()}
-        else:
-            text = self.bundle.encode_prompts(batch.captions, with_grad=train_te, chunks=self.s.prompt_chunks)
+        else:  # encoders that do not train visit the device for the encode only (trained ones live there)
+            with self.placement.visit(*self.bundle.text_encoders):
+                text = self.bundle.encode_prompts(batch.captions, with_grad=train_te, chunks=self.s.prompt_chunks)
         if batch.pixels is not None:
             size = tuple(batch.pixels.shape[-2:])
         else:
@@ -551,6 +680,54 @@ def _jsonable(value):
 
 
 _BACKUP_NAME = re.compile(r"^step_\d{7}$")
+
+
+class _PeakMemory:
+    """The run's peak: CUDA's allocator high-water mark, or on a CPU the kernel's resident-size
+    high-water mark (VmHWM, reset for the run through /proc/self/clear_refs) over the resident size
+    at the start. Read once at the end: nothing is sampled during steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system, so the base is what is held
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _proc_status("VmRSS")
+        except OSError:
+            self.base = None
+
+    def read(self) -> tuple[int | None, str]:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device)), "CUDA max_memory_allocated"
+        if self.base is None:
+            return None, ""
+        peak = _proc_status("VmHWM")
+        return (None, "") if peak is None else (max(0, peak - self.base), "RSS growth over the loaded process")
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def prune_backups(root: Path, keep: int) -> list[Path]:

@@ -84,6 +84,56 @@ def _fused(groups: list[dict]) -> dict:
     return {"fused": True} if ok and len({p.device for p in params}) == 1 else {}
 
 
+FUSED_OPTIMIZERS = ("adamw", "adafactor")  # per-parameter updates, as kohya's fused_backward_pass allows
+
+
+class FusedBackward:
+    """The optimizer steps each parameter inside backward, as soon as its gradient is complete, and
+    frees that gradient at once (kohya's ``--fused_backward_pass``, OneTrainer's "fused back pass").
+
+    A full fine-tune then never holds every gradient at the same time: the step's peak loses about
+    the model's size in gradients. The update is the unfused one for optimizers whose step treats
+    each parameter on its own (AdamW, Adafactor); what it rules out: accumulating gradients over
+    micro-batches and clipping by the norm over all parameters. ``clip_grad_norm`` > 0 clips each
+    parameter's gradient to that norm on its own, as kohya does with fused_backward_pass.
+    ``before_step([p])`` runs first (averaging the gradient across ranks).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float = 0.0, before_step=None):
+        self.optimizer = optimizer
+        self.clip = float(clip_grad_norm)
+        self.before_step = before_step
+        self._handles = []
+        for gi, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(gi)))
+
+    def _hook(self, gi: int):
+        def step(p: torch.Tensor) -> None:
+            if self.before_step is not None:
+                self.before_step([p])
+            if self.clip > 0:
+                torch.nn.utils.clip_grad_norm_([p], self.clip)
+            groups = self.optimizer.param_groups
+            kept = [g["params"] for g in groups]
+            try:  # a step over this one parameter: the others' lists are empty meanwhile
+                for i, g in enumerate(groups):
+                    g["params"] = [p] if i == gi else []
+                self.optimizer.step()
+            finally:
+                for g, params in zip(groups, kept):
+                    g["params"] = params
+            p.grad = None
+
+        return step
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a backup's optimizer state, keeping this optimizer's kernel choice (fused or not): a
     backup written with other kernels (an older version, another machine) resumes all the same."""

@@ -71,6 +71,9 @@ class ModelFamily:
     unet_cross_attention_dim: int = 0
     notes: str = ""
     denoiser: str = "unet"  # component name of the denoiser: "unet" | "transformer"
+    # the denoiser's block lists in the order a forward pass runs them: what TrainLoop's blocks_to_swap
+    # streams from RAM (attribute names of ModuleLists; the UNet's mid block stays resident)
+    swap_blocks: tuple[str, ...] = ("down_blocks", "up_blocks")
     objective: str = "noise"  # "noise" (DDPM epsilon / v) | "flow" (rectified flow matching)
     pixel_multiple: int = 8  # image sides must be multiples of this (VAE factor, times patching)
     sample_steps: int = 30  # Sample's steps when its steps param is 0 (the model's default)
@@ -114,6 +117,10 @@ class ModelFamily:
         if width % q or height % q or width <= 0 or height <= 0:
             raise ValueError(f"{where}: width and height must be positive multiples of {q} for {self.display_name}, "
                              f"got {width}x{height}")
+
+    def swappable_blocks(self, denoiser) -> list:
+        """The denoiser's blocks that block swap may stream, in forward order (``swap_blocks``)."""
+        return [block for name in self.swap_blocks for block in getattr(denoiser, name, None) or ()]
 
     def check_components(self, denoiser, text_encoders, source: str) -> None:
         """Refuse components that do not belong together (a ``ModelLoadError`` naming ``source``)."""
@@ -177,6 +184,11 @@ class ModelFamily:
             raise AdapterError(f"{where}: this is a LoRA for {other}, not for {self.display_name}; "
                              f"load it with a {other} model.")
         return tensors
+
+    def lora_file_warnings(self, path, metadata: Mapping[str, str]) -> list[str]:
+        """Notes LoadLoRA shows for a LoRA file that loads but was made for a sibling model (Flux dev on
+        schnell); none by default."""
+        return []
 
     # ------------------------------------------------------------------ full-model files
 
