@@ -145,12 +145,6 @@ _move_objective_to_its_node.graph_step = True  # app/graph/recipe.py: this step 
           Int("seed", 42, min=0, max=2**31 - 1, tooltip="drives data order, augmentation, noise and timesteps"),
           Enum("train_dtype", ["bf16", "fp16", "fp32"], tooltip="autocast precision (bf16 on RTX 30xx and newer)"),
           Bool("gradient_checkpointing", True, tooltip="saves memory at some speed cost"),
-          Bool("train_unet", True, tooltip="full fine-tune (no adapter): train the UNet"),
-          Bool("train_text_encoder", False, tooltip="full fine-tune (no adapter): train the text encoder(s)"),
-          Enum("max_tokens", ["75", "150", "225"],
-               tooltip="caption tokens read: longer ones are encoded in 75-token pieces, as A1111 and ComfyUI "
-                       "do with long prompts (kohya's max_token_length)"),
-          Bool("masked_training", False, tooltip="weight the loss by <stem>-masklabel.png masks"),
           Int("blocks_to_swap", 0, min=0, max=1000, advanced=True,
               tooltip="memory: denoiser blocks kept in RAM and streamed to the GPU as forward and backward reach "
                       "them (kohya's blocks_to_swap; Flux has 19 + 38, an SD UNet 4 + 4, SDXL 3 + 3); adapters only, "
@@ -162,6 +156,12 @@ _move_objective_to_its_node.graph_step = True  # app/graph/recipe.py: this step 
                tooltip="memory, full fine-tunes: the optimizer steps each weight inside backward and frees its "
                        "gradient at once, so all gradients never exist together (kohya's fused_backward_pass); "
                        "AdamW or Adafactor, grad_accumulation 1, clip_grad_norm clips each weight's gradient alone"),
+          Bool("train_unet", True, tooltip="full fine-tune (no adapter): train the UNet"),
+          Bool("train_text_encoder", False, tooltip="full fine-tune (no adapter): train the text encoder(s)"),
+          Enum("max_tokens", ["75", "150", "225"],
+               tooltip="caption tokens read: longer ones are encoded in 75-token pieces, as A1111 and ComfyUI "
+                       "do with long prompts (kohya's max_token_length)"),
+          Bool("masked_training", False, tooltip="weight the loss by <stem>-masklabel.png masks"),
           Float("unmasked_probability", 0.1, min=0.0, max=1.0, tooltip="fraction of steps that ignore the mask"),
           Float("unmasked_weight", 0.1, min=0.0, max=1.0, tooltip="loss weight of the black (masked-out) area"),
           Bool("normalize_masked_area", False),
@@ -228,7 +228,7 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     # the epoch-1 leftovers are the Bucketer's to report; say them here only when this plan differs
     report = rank == 0 and not _bucketer_reported(ctx, p["seed"], world)
     source = BucketSource(buckets, p["seed"], bundle=bundle, world=world, masks=p["masked_training"],
-                          log=ctx.log if report else None, captions=expand)
+                          log=ctx.log if report else None)
     validation = None
     if buckets.dataset.validation_concepts:
         validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True)
@@ -265,13 +265,13 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     def save(step, epoch):
         from app.ml.save import save_adapter
 
-        if handle.adapters and trainable.adapter is not None:
+        if handle.adapters:
             # ss_output_name is A1111's alias: the workspace and node keep saves of two runs apart.
             alias = f"{workdir.parent.name}_{workdir.name}_step_{step:07d}"
             path = save_adapter(trainable.adapter, workdir / "saves" / f"step_{step:07d}.safetensors",
                                 recipe=ctx.recipe, step=step, epoch=epoch, overwrite=True,
                                 extra_metadata={**training_metadata({"resolution": resolution, "kohya": kohya}),
-                                                "ss_output_name": alias}, **bundled)
+                                                "ss_output_name": alias})
             ctx.log(f"saved {path}")
 
     hooks = Hooks(progress=lambda s, t: ctx.progress(s, t), metric=metric, log=ctx.log if rank == 0 else (lambda m: None),
@@ -298,14 +298,14 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
             sample(result.steps, result.epochs_done, inside=False)
         except Cancelled:
             # stopped during the "after" samples: the training itself is finished, keep it
-            if picked:
+            if handle.adapters:
                 save(result.steps, result.epochs_done)
             else:
                 ctx.warn("stopped during the final samples: the fine-tuned weights were not saved "
                          "(a Save node after TrainLoop writes them when the run is not stopped)")
             raise
     info = {"step": result.steps, "epoch": result.epochs_done, "resolution": resolution, "kohya": kohya}
-    if picked:
+    if handle.adapters:
         trained = trainable.trained_handle()
         trained = ModelHandle(trained.base, trained.adapters, trained.strengths, {**handle.info, **info})
     else:
@@ -456,6 +456,8 @@ def _train_settings(p: dict, bundle, optimizer: dict, source, objective_choice=N
         epochs=p["epochs"], max_steps=p["max_steps"], grad_accumulation=p["grad_accumulation"],
         clip_grad_norm=p["clip_grad_norm"], seed=p["seed"], train_dtype=p["train_dtype"],
         gradient_checkpointing=p["gradient_checkpointing"], zero_terminal_snr=zero_terminal_snr,
+        blocks_to_swap=p.get("blocks_to_swap", 0), offload_activations=p.get("offload_activations", False),
+        fused_backward=p.get("fused_backward", False),
         objective=objective, flow=flow, ema=p["ema"], ema_decay=p["ema_decay"], ema_every=p["ema_every"],
         ema_on_cpu=p["ema_on_cpu"], sample_every=p["sample_every"], sample_unit=p["sample_unit"],
         save_every=p["save_every"], save_unit=p["save_unit"], backup_every=p["backup_every"],
@@ -495,5 +497,3 @@ def _sample_during_training(ctx, bundle, adapters, prompts, p, buckets, step, wr
     if writer is not None:
         for i, img in enumerate(result.images):
             writer.add_image(f"samples/{i}", np.asarray(img).transpose(2, 0, 1), step)
-        blocks_to_swap=p.get("blocks_to_swap", 0), offload_activations=p.get("offload_activations", False),
-        fused_backward=p.get("fused_backward", False),
