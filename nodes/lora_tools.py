@@ -63,6 +63,8 @@ def load_lora(ctx, model, path):
     ctx.log(f"{info['file']}: {info['algorithm']} rank {info['rank']} alpha {info['alpha']} for {info['base_model']} "
             f"({info['layout']} layout, {len(aset)} layers)" + (f"; trigger words: {info['trigger_words']}"
                                                               if info["trigger_words"] else ""))
+    for note in bundle.family.lora_file_warnings(path, info["metadata"]):  # e.g. a Flux dev LoRA on schnell
+        ctx.warn(note)
     _show(ctx, lora)
     return lora
 

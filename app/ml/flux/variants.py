@@ -50,3 +50,46 @@ def config(name: str, component: str, where: str = "Flux") -> dict[str, Any]:
         raise ValueError(f"{where}: unknown Flux component {component!r}; choose one of {', '.join(COMPONENT_FILES)}.")
     path = CONFIGS / variant(name, where).config_dir / COMPONENT_FILES[component]
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- a LoRA of one variant on the other
+GUIDANCE_MODULE = "time_text_embed.guidance_embedder."  # dev's guidance embedder (BFL: guidance_in.in_layer/out_layer)
+_GUIDANCE_KEY_MARKS = ("guidance_in", "guidance_embedder")  # kohya lora_unet_guidance_in_…, comfyui/peft names
+
+
+def lora_variant(metadata: dict, keys) -> str:
+    """``dev``, ``schnell`` or ``""`` (unknown) for a Flux LoRA file: our own family record, then the modelspec
+    architecture kohya and ComfyUI write (``flux-1-dev`` / ``flux-1-schnell``), then a guidance-embedder
+    module (only dev has one). kohya's ``ss_base_model_version`` is ``flux1`` for both, so it says nothing."""
+    fam = metadata.get("nodetrainer_base_family", "")
+    arch = metadata.get("modelspec.architecture", "")
+    for text in (fam, arch):
+        if "schnell" in text:
+            return "schnell"
+        if "dev" in text:
+            return "dev"
+    return "dev" if any(mark in k for k in keys for mark in _GUIDANCE_KEY_MARKS) else ""
+
+
+def guidance_modules_in(keys) -> list[str]:
+    """The guidance-embedder modules a LoRA file adapts, by their names in the file (without the tensor name)."""
+    import re
+
+    tensor = re.compile(r"\.(lora_(down|up|A|B|mid)|hada_\w+|lokr_\w+|dora_scale|lora_magnitude_vector|alpha)(\.\w+)?$")
+    return sorted({tensor.sub("", k) for k in keys if any(mark in k for mark in _GUIDANCE_KEY_MARKS)})
+
+
+def cross_variant_warnings(file: str, lora: str, model: str, guidance_modules) -> list[str]:
+    """What LoadLoRA tells a user who applies a dev LoRA to schnell (or the reverse). The two share every
+    transformer block, so kohya and ComfyUI apply such LoRAs and users do; only dev's guidance embedder is
+    missing on schnell, and a LoRA's modules there are skipped rather than refusing the whole file."""
+    names = {"dev": "Flux.1 dev", "schnell": "Flux.1 schnell"}
+    out = []
+    if lora and lora != model:
+        out.append(f"{file} was trained on {names[lora]}; the model is {names[model]}. The transformer blocks are the "
+                   f"same, so it applies (as in kohya and ComfyUI), but {names[model]} was distilled differently: "
+                   "results can differ from the LoRA's own samples")
+    if model == "schnell" and guidance_modules:
+        out.append(f"{file}: skipped {len(guidance_modules)} module(s) of dev's guidance embedder, which "
+                   f"{names[model]} does not have: {', '.join(guidance_modules)}")
+    return out

@@ -185,6 +185,11 @@ class ModelFamily:
                              f"load it with a {other} model.")
         return tensors
 
+    def lora_file_warnings(self, path, metadata: Mapping[str, str]) -> list[str]:
+        """Notes LoadLoRA shows for a LoRA file that loads but was made for a sibling model (Flux dev on
+        schnell); none by default."""
+        return []
+
     # ------------------------------------------------------------------ full-model files
 
     def single_file_state(self, bundle, state_dicts: Mapping[str, Any]) -> dict[str, Any]:

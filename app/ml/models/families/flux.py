@@ -231,8 +231,27 @@ class FluxFamily(ModelFamily):
                     out[f"{self.denoiser}.{name}.alpha"] = torch.tensor(float(lo.alpha))
         except lora_keys.FluxLoraKeyError as e:
             raise AdapterError(str(e)) from None
+        if not self.guidance_embeds:  # a dev LoRA on schnell: the blocks apply, dev's guidance embedder does not exist
+            from app.ml.flux.variants import GUIDANCE_MODULE
+
+            out = {k: v for k, v in out.items() if not k.startswith(f"{self.denoiser}.{GUIDANCE_MODULE}")}
         out.update(te)
         return out
+
+    def lora_file_warnings(self, path, metadata) -> list[str]:
+        """A Flux LoRA of the other variant (dev on schnell, schnell on dev) loads, with a note naming both; the
+        guidance-embedder modules of a dev LoRA are skipped on schnell and named (see ``read_adapter_tensors``)."""
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        from app.ml.flux.variants import cross_variant_warnings, guidance_modules_in, lora_variant
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+        model = "dev" if self.guidance_embeds else "schnell"
+        return cross_variant_warnings(Path(path).name, lora_variant(dict(metadata), keys), model,
+                                      guidance_modules_in(keys))
 
     # ------------------------------------------------------------------ full-model files
     scheduler_class: str = "FlowMatchEulerDiscreteScheduler"
