@@ -71,8 +71,8 @@ class _Site:
         handles = [
             te.register_forward_pre_hook(self._pre_hook(te), with_kwargs=True),
             te.register_forward_hook(self._post_hook(te), always_call=True),
-            input_embeddings(te).register_forward_hook(self._embedding_hook(te, component)),
         ]
+        handles += [m.register_forward_hook(self._embedding_hook(te, component)) for m in _token_tables(te)]
         self.encoders[component] = (te, handles)
 
     def remove(self) -> None:
@@ -252,6 +252,15 @@ class _Site:
             return torch.where(mask.to(output.device).unsqueeze(-1), picked, output)
 
         return hook
+
+
+def _token_tables(te) -> list:
+    """The embedding modules that look token ids up in the encoder's table: T5 keeps ``shared`` and a
+    tied ``encoder.embed_tokens`` (the one its forward calls), CLIP one ``token_embedding``."""
+    table = input_embeddings(te)
+    return [m for m in te.modules()
+            if isinstance(m, torch.nn.Embedding) and (m is table or m.weight is table.weight
+                                                      or m.weight.data_ptr() == table.weight.data_ptr())]
 
 
 def _stack(key: int) -> list:
