@@ -22,10 +22,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+import warnings
+
 import torch
 import torch.nn as nn
 
 DEVICE, HOST = "device", "host"
+
+# the backward pre-hook on a block whose input needs no gradient (the first block under a LoRA) is
+# exactly what block swap wants; torch warns about it on every step
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                                          "to module outputs since no inputs require gradients")
 
 
 def in_backward() -> bool:

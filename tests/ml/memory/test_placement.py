@@ -27,21 +27,20 @@ class Mover:
 
     def __call__(self, module, target, skip=()):
         skipped = {id(p) for m in skip for p in m.parameters()}
-        params = [p for p in module.parameters() if id(p) not in skipped]
-        if target == HOST and id(module) not in self.saved:
-            self.saved[id(module)] = [(p, p.data) for p in params]
-            for p in params:
+        for p in module.parameters():  # kept per parameter: a block moves alone and with its model
+            if id(p) in skipped:
+                continue
+            if target == HOST and id(p) not in self.saved:
+                self.saved[id(p)] = (p, p.data)
                 p.data = torch.full_like(p.data, float("nan"))
-        elif target == DEVICE and id(module) in self.saved:
-            for p, data in self.saved.pop(id(module)):
-                p.data = data
+            elif target == DEVICE and id(p) in self.saved:
+                p.data = self.saved.pop(id(p))[1]
         self.where[id(module)] = target
         self.moves.append((id(module), target))
 
     def restore(self):
-        for entries in self.saved.values():
-            for p, data in entries:
-                p.data = data
+        for p, data in self.saved.values():
+            p.data = data
         self.saved.clear()
 
 
