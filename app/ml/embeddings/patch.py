@@ -18,10 +18,11 @@ Two things must know the placeholder, and neither may be changed for good:
   the new vectors and nothing else.
 
 The patch is per tokenizer object (a "site"); several embeddings (different tokens) share it, each
-with its own slot range, recomputed from the embeddings attached at call time, so nested or
-sequential ``attached`` blocks with other vector counts never stack. Like LoRA hooks, the patch is
-seen by every thread using that model while it is attached; an embedding attached twice at once is
-refused, as is a second embedding with a token already attached.
+with its own slot range for as long as it is attached (a range freed by one block is reused by the
+next), so nested or sequential ``attached`` blocks with other vector counts never stack, and a block
+that ends on one thread never shifts the slots of an embedding another thread is using. Like LoRA
+hooks, the patch is seen by every thread using that model while it is attached; an embedding
+attached twice at once is refused, as is a second embedding with a token already attached.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class _Site:
     def __init__(self, tok):
         self.tok = tok
         self.encoders: dict[str, tuple] = {}  # component -> (text encoder, hook handles)
-        self.entries: list[EmbeddingSet] = []
+        # ((embedding, first slot), ...) by slot: replaced, never changed in place, so the hooks read
+        # a consistent snapshot without taking the lock
+        self.layout: tuple = ()
         self.base = len(tok)
         probe_with = type(tok)._encode_plus(tok, text="a", add_special_tokens=True).input_ids
         body = unpatched_ids(tok, "a")
@@ -84,15 +87,45 @@ class _Site:
 
     # ------------------------------------------------------------------ the layout of slot ids
 
-    def slots(self) -> dict[str, list[int]]:
-        out, start = {}, self.base
-        for emb in list(self.entries):
-            out[emb.token] = list(range(start, start + emb.num_vectors))
-            start += emb.num_vectors
+    @property
+    def entries(self) -> list[EmbeddingSet]:
+        return [emb for emb, _ in self.layout]
+
+    def add(self, emb: EmbeddingSet) -> None:
+        """Give ``emb`` the first free run of ``num_vectors`` slots; the others keep theirs."""
+        start = 0
+        for other, first in self.layout:
+            if start + emb.num_vectors <= first:
+                break
+            start = max(start, first + other.num_vectors)
+        self.layout = tuple(sorted(self.layout + ((emb, start),), key=lambda item: item[1]))
+
+    def discard(self, emb: EmbeddingSet) -> None:
+        self.layout = tuple(item for item in self.layout if item[0] is not emb)
+
+    def slots(self, layout=None) -> dict[str, list[int]]:
+        layout = self.layout if layout is None else layout
+        return {emb.token: list(range(self.base + first, self.base + first + emb.num_vectors)) for emb, first in layout}
+
+    @staticmethod
+    def covered(layout, end: int) -> torch.Tensor:
+        """Which slots up to ``end`` belong to an attached embedding."""
+        out = torch.zeros(end, dtype=torch.bool)
+        for emb, first in layout:
+            out[first:first + emb.num_vectors] = True
         return out
 
-    def rows(self, component: str) -> torch.Tensor:
-        return torch.cat([emb.vectors[component] for emb in list(self.entries)], dim=0)
+    @staticmethod
+    def rows(layout, component: str) -> torch.Tensor:
+        """The vectors by slot (zeros where a freed range lies between two embeddings)."""
+        pieces, pos = [], 0
+        for emb, first in layout:
+            vec = emb.vectors[component]
+            if first > pos:
+                pieces.append(vec.new_zeros(first - pos, vec.shape[1]).detach())
+            pieces.append(vec)
+            pos = first + emb.num_vectors
+        return torch.cat(pieces, dim=0)
 
     # ------------------------------------------------------------------ tokenizer side
 
@@ -114,7 +147,8 @@ class _Site:
         tok = self.tok
         original = type(tok)._encode_plus.__get__(tok)
         text = kw.get("text", args[0] if args else None)
-        pattern = tokens_pattern(e.token for e in self.entries)
+        layout = self.layout
+        pattern = tokens_pattern(e.token for e, _ in layout)
         single = isinstance(text, str)
         texts = [text] if single else text
         if (pattern is None or kw.get("text_pair") is not None or kw.get("is_split_into_words")
@@ -126,7 +160,7 @@ class _Site:
                 raise EmbeddingError(f"{unsupported} is not available for prompts with embedding placeholders")
         from transformers import BatchEncoding
 
-        slots = self.slots()
+        slots = self.slots(layout)
         special = kw.get("add_special_tokens", True)
         trunc = getattr(kw.get("truncation_strategy"), "value", kw.get("truncation_strategy")) or "do_not_truncate"
         padding = getattr(kw.get("padding_strategy"), "value", kw.get("padding_strategy")) or "do_not_pad"
@@ -167,10 +201,11 @@ class _Site:
 
     def _tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):
         tok = self.tok
-        pattern = tokens_pattern(e.token for e in self.entries)
+        layout = self.layout
+        pattern = tokens_pattern(e.token for e, _ in layout)
         if pattern is None or pair is not None or not isinstance(text, str):
             return type(tok).tokenize(tok, text, pair, add_special_tokens=add_special_tokens, **kwargs)
-        slots = self.slots()
+        slots = self.slots(layout)
         out, pos = [], 0
         for m in list(pattern.finditer(text)) + [None]:
             end = m.start() if m else len(text)
@@ -212,14 +247,15 @@ class _Site:
             if not torch.is_tensor(ids) or ids.numel() == 0 or int(ids.max()) < self.base:
                 stack.append(None)
                 return None
+            layout = self.layout
             mask = ids >= self.base
             index = (ids - self.base).clamp(min=0)
-            total = sum(e.num_vectors for e in list(self.entries))
-            if int(index[mask].max()) >= total:
+            used = index[mask].cpu()
+            if not layout or not bool(self.covered(layout, int(used.max()) + 1)[used].all()):
                 stack.append(None)
-                raise EmbeddingError(f"token id {int(ids.max())} is past the {total} embedding vectors attached now; "
+                raise EmbeddingError(f"token id {int(ids.max())} belongs to no embedding attached now; "
                                      "tokenize and encode inside the same `attached` block")
-            stack.append((mask, index))
+            stack.append((mask, index, layout))
             swapped = ids.masked_fill(mask, FILL_ID)
             if in_kwargs:
                 return args, {**kwargs, "input_ids": swapped}
@@ -246,8 +282,8 @@ class _Site:
             top = stack[-1] if stack else None
             if top is None:
                 return None
-            mask, index = top
-            rows = self.rows(component).to(device=output.device, dtype=output.dtype)
+            mask, index, layout = top
+            rows = self.rows(layout, component).to(device=output.device, dtype=output.dtype)
             picked = rows[index.to(rows.device)]
             return torch.where(mask.to(output.device).unsqueeze(-1), picked, output)
 
@@ -328,7 +364,7 @@ def embeddings_attached(bundle, embeddings: Sequence[EmbeddingSet]) -> Iterator[
                     if missing:
                         raise EmbeddingError(f"{emb.where()} has no vectors for {', '.join(missing)}, which shares its "
                                              "tokenizer with an encoder it covers")
-                    site.entries.append(emb)
+                    site.add(emb)
                     added.append((site, emb))
             for emb in embeddings:
                 _ACTIVE.add(id(emb))
@@ -345,8 +381,8 @@ def embeddings_attached(bundle, embeddings: Sequence[EmbeddingSet]) -> Iterator[
 
 def _detach(added, owned) -> None:
     for site, emb in added:
-        site.entries = [e for e in site.entries if e is not emb]
-        if not site.entries:
+        site.discard(emb)
+        if not site.layout:
             site.remove()
             if _SITES.get(id(site.tok)) is site:
                 del _SITES[id(site.tok)]

@@ -199,3 +199,30 @@ def test_helpers(sd):
         create_embedding(sd, "<x>", 76)
     with pytest.raises(EmbeddingError, match="space"):
         create_embedding(sd, "my token", 1)
+
+
+def test_a_block_ending_elsewhere_never_shifts_anothers_slots(sd):
+    """Blocks on two threads end in any order: an embedding keeps its slots while it is attached."""
+    tok = sd.tokenizers[0]
+    v = len(tok)
+    a = create_embedding(sd, "<a>", 2, "red square")
+    b = create_embedding(sd, "<b>", 2, "blue circle")
+    c = create_embedding(sd, "<c>", 1, "red")
+    want_b = sd.encode_prompts(["a blue circle"])["prompt_embeds"]
+    block_a, block_b = attached(sd, a), attached(sd, b)
+    block_a.__enter__()
+    block_b.__enter__()
+    ids_b = tok("a <b>").input_ids
+    block_a.__exit__(None, None, None)  # not the innermost block
+    try:
+        assert tok("a <b>").input_ids == ids_b == [tok.bos_token_id, 320, v + 2, v + 3, tok.eos_token_id]
+        torch.testing.assert_close(sd.encode_prompts(["a <b>"])["prompt_embeds"], want_b, rtol=0, atol=1e-6)
+        with attached(sd, c):  # reuses the freed range
+            assert tok("<c> <b>", add_special_tokens=False).input_ids == [v, v + 2, v + 3]
+            want = sd.encode_prompts(["red blue circle"])["prompt_embeds"]
+            torch.testing.assert_close(sd.encode_prompts(["<c> <b>"])["prompt_embeds"], want, rtol=0, atol=1e-6)
+        with pytest.raises(EmbeddingError, match="belongs to no embedding attached now"):
+            sd.text_encoders[0](torch.tensor([[tok.bos_token_id, v, tok.eos_token_id]]))
+    finally:
+        block_b.__exit__(None, None, None)
+    assert "_encode_plus" not in tok.__dict__ and tok("a <b>").input_ids != ids_b
