@@ -226,3 +226,47 @@ def test_a_block_ending_elsewhere_never_shifts_anothers_slots(sd):
     finally:
         block_b.__exit__(None, None, None)
     assert "_encode_plus" not in tok.__dict__ and tok("a <b>").input_ids != ids_b
+
+
+def test_pooled_output_reads_the_real_end_of_text_on_legacy_configs():
+    """Real SD/SDXL CLIP configs say eos_token_id 2, so CLIP pools at the highest id in the prompt: the
+    slot ids past the vocabulary must not be seen there (A1111/ComfyUI pool at the end-of-text token)."""
+    from app.ml.models import load_model
+
+    xl = load_model("builtin:tiny-sdxl")
+    pooled_te = xl.text_encoders[1]
+    pooled_te.text_model.eos_token_id = 2  # what real SDXL checkpoints' configs carry
+    emb = create_embedding(xl, "<ohwx>", 2, "red square")
+    want = xl.encode_prompts(["a red square shape"])["pooled_prompt_embeds"]
+    with attached(xl, emb):
+        got = xl.encode_prompts(["a <ohwx> shape"])["pooled_prompt_embeds"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_low_precision_encoder_trains_fp32_vectors(sd):
+    import dataclasses
+
+    te16 = copy.deepcopy(sd.text_encoders[0]).to(torch.bfloat16)
+    bf = dataclasses.replace(sd, text_encoders=(te16,))
+    emb = create_embedding(bf, "<ohwx>", 2, "red")
+    with attached(bf, emb):
+        out = bf.encode_prompts(["a <ohwx>"], with_grad=True)["prompt_embeds"]
+        out.square().mean().backward()
+    grad = emb.vectors["text_encoder"].grad
+    assert emb.vectors["text_encoder"].dtype == torch.float32 and grad.dtype == torch.float32
+    assert grad.abs().sum() > 0 and all(p.grad is None for p in te16.parameters())
+
+
+def test_long_prompt_sampling_and_merging_with_an_embedding(sd):
+    from app.ml.adapters import merged_state_dicts
+
+    emb = create_embedding(sd, "<ohwx>", 10, "red")
+    prompt = "a " * 70 + "<ohwx>"  # 80 tokens with the slots: encoded in two 75-token pieces
+    kw = dict(width=64, height=64, steps=2, seed=1, sampler="Euler")
+    with_emb = sample_images(sd, prompt, adapters=[emb], **kw)
+    without = sample_images(sd, prompt, **kw)
+    assert (with_emb.latents[0] - without.latents[0]).abs().max() > 1e-3
+    merged = merged_state_dicts(sd, [(emb, 1.0)])  # an embedding merges into no weight: the base tensors
+    base = sd.text_encoders[0].state_dict()
+    assert merged["text_encoder"].keys() == base.keys()
+    assert all(merged["text_encoder"][k].data_ptr() == v.data_ptr() for k, v in base.items())
