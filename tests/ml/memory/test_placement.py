@@ -47,9 +47,9 @@ class Mover:
 class Source:
     """Two batches of random images; latents and text cached (encoded up front) or not."""
 
-    def __init__(self, bundle, cached_latents, cached_text, n=2):
+    def __init__(self, bundle, cached_latents, cached_text, n=2, size=16):
         g = torch.Generator().manual_seed(0)
-        self.pixels = [torch.rand((2, 3, 16, 16), generator=g) * 2 - 1 for _ in range(n)]
+        self.pixels = [torch.rand((2, 3, size, size), generator=g) * 2 - 1 for _ in range(n)]
         self.captions = [["red square", "blue circle"]] * n
         self.latents = [bundle.encode_images(p) for p in self.pixels] if cached_latents else None
         self.text = [bundle.encode_prompts(c) for c in self.captions] if cached_text else None
@@ -175,3 +175,24 @@ def test_the_sample_node_path_visits_and_restores(bundle):
     assert seen and all(set(w.values()) == {DEVICE} for _, w in seen)
     assert {mover.where[id(m)] for m in (bundle.unet, bundle.vae, *bundle.text_encoders)} == {HOST}
     mover.restore()
+
+
+class Holding(Source):
+    """Holds ``extra`` bytes for a moment while it makes each batch: a known peak above the weights."""
+
+    extra = 160 * 2**20
+
+    def batch(self, epoch, index, rank=0, world=1):
+        block = torch.ones(self.extra // 4)  # written, so the pages are resident
+        assert float(block[-1]) == 1.0
+        del block
+        return super().batch(epoch, index, rank, world)
+
+
+def test_the_runs_peak_memory_is_measured_and_logged(bundle, tmp_path):
+    logs = []
+    result = Trainer(bundle, lora(bundle), Holding(bundle, True, True), OPT, TrainSettings(epochs=1), tmp_path,
+                     Hooks(log=logs.append), device=torch.device("cpu")).run()
+    assert result.peak_kind == "RSS growth over the loaded process"
+    assert Holding.extra <= result.peak_bytes < Holding.extra + 400 * 2**20
+    assert [m for m in logs if m.startswith("peak device memory: ")]
