@@ -9,6 +9,7 @@ cannot stack on an earlier run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from typing import Iterable, Mapping
@@ -199,9 +200,15 @@ def _token_pattern(token: str) -> str:
     return pat
 
 
-def tokens_pattern(tokens: Iterable[str]) -> "re.Pattern | None":
-    toks = sorted(set(tokens), key=len, reverse=True)  # the longest first: <a> inside <ab> never wins
-    return re.compile("|".join(_token_pattern(t) for t in toks)) if toks else None
+def tokens_pattern(tokens: Iterable[str], ignore_case: bool = False) -> "re.Pattern | None":
+    return _compiled(tuple(sorted(set(tokens), key=lambda t: (-len(t), t))), bool(ignore_case))
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(tokens: tuple[str, ...], ignore_case: bool) -> "re.Pattern | None":
+    # the longest first: <a> inside <ab> never wins
+    flags = re.IGNORECASE if ignore_case else 0
+    return re.compile("|".join(_token_pattern(t) for t in tokens), flags) if tokens else None
 
 
 def expand_caption(caption: str, embeddings, prepend_missing: bool = False) -> tuple[str, bool]:

@@ -52,11 +52,13 @@ class _Site:
 
     def __init__(self, tok):
         self.tok = tok
-        self.encoders: dict[str, tuple] = {}  # component -> (text encoder, hook handles)
+        self.encoders: dict[int, tuple] = {}  # id(text encoder) -> (component, text encoder, hook handles)
         # ((embedding, first slot), ...) by slot: replaced, never changed in place, so the hooks read
         # a consistent snapshot without taking the lock
         self.layout: tuple = ()
         self.base = len(tok)
+        # CLIP lowercases prompts, so A1111 users type <OHWX> for <ohwx>; T5 keeps case and so do we there
+        self.lowercase = unpatched_ids(tok, "A") == unpatched_ids(tok, "a")
         probe_with = type(tok)._encode_plus(tok, text="a", add_special_tokens=True).input_ids
         body = unpatched_ids(tok, "a")
         i = next(k for k in range(len(probe_with)) if probe_with[k:k + len(body)] == body)
@@ -68,18 +70,32 @@ class _Site:
     # ------------------------------------------------------------------ set-up
 
     def add_encoder(self, component: str, te) -> None:
-        if component in self.encoders:
+        if id(te) in self.encoders:
             return
-        self.base = max(self.base, int(input_embeddings(te).weight.shape[0]))
+        rows = int(input_embeddings(te).weight.shape[0])
+        if rows > self.base and self.layout:
+            raise EmbeddingError(f"the {component} token table has {rows} rows, more than the tokenizer it shares with "
+                                 "an encoder that has embeddings attached; attach the embeddings in one block")
+        self.base = max(self.base, rows)
         handles = [
             te.register_forward_pre_hook(self._pre_hook(te), with_kwargs=True),
             te.register_forward_hook(self._post_hook(te), always_call=True),
         ]
         handles += [m.register_forward_hook(self._embedding_hook(te, component)) for m in _token_tables(te)]
-        self.encoders[component] = (te, handles)
+        self.encoders[id(te)] = (component, te, handles)
+
+    @property
+    def components(self) -> set[str]:
+        return {component for component, _, _ in self.encoders.values()}
+
+    def key(self, token: str) -> str:
+        return token.lower() if self.lowercase else token
+
+    def pattern(self, layout):
+        return tokens_pattern(tuple(emb.token for emb, _ in layout), self.lowercase)
 
     def remove(self) -> None:
-        for _, handles in self.encoders.values():
+        for _, _, handles in self.encoders.values():
             for h in handles:
                 h.remove()
         for name in ("_encode_plus", "tokenize", "_decode"):
@@ -105,7 +121,8 @@ class _Site:
 
     def slots(self, layout=None) -> dict[str, list[int]]:
         layout = self.layout if layout is None else layout
-        return {emb.token: list(range(self.base + first, self.base + first + emb.num_vectors)) for emb, first in layout}
+        return {self.key(emb.token): list(range(self.base + first, self.base + first + emb.num_vectors))
+                for emb, first in layout}
 
     @staticmethod
     def covered(layout, end: int) -> torch.Tensor:
@@ -133,7 +150,7 @@ class _Site:
         pieces, pos = [], 0
         for m in pattern.finditer(text):
             pieces.append(text[pos:m.start()])
-            pieces.append(slots[m.group(0)])
+            pieces.append(slots[self.key(m.group(0))])
             pos = m.end()
         pieces.append(text[pos:])
         plain = [p for p in pieces if isinstance(p, str) and p.strip()]
@@ -148,7 +165,7 @@ class _Site:
         original = type(tok)._encode_plus.__get__(tok)
         text = kw.get("text", args[0] if args else None)
         layout = self.layout
-        pattern = tokens_pattern(e.token for e, _ in layout)
+        pattern = self.pattern(layout)
         single = isinstance(text, str)
         texts = [text] if single else text
         if (pattern is None or kw.get("text_pair") is not None or kw.get("is_split_into_words")
@@ -202,7 +219,7 @@ class _Site:
     def _tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):
         tok = self.tok
         layout = self.layout
-        pattern = tokens_pattern(e.token for e, _ in layout)
+        pattern = self.pattern(layout)
         if pattern is None or pair is not None or not isinstance(text, str):
             return type(tok).tokenize(tok, text, pair, add_special_tokens=add_special_tokens, **kwargs)
         slots = self.slots(layout)
@@ -212,7 +229,7 @@ class _Site:
             if text[pos:end].strip():
                 out.extend(type(tok)._encode_plus(tok, text=text[pos:end], add_special_tokens=False).tokens())
             if m:
-                out.extend([m.group(0)] * len(slots[m.group(0)]))
+                out.extend([m.group(0)] * len(slots[self.key(m.group(0))]))
                 pos = m.end()
         return out
 
@@ -345,32 +362,40 @@ def embeddings_attached(bundle, embeddings: Sequence[EmbeddingSet]) -> Iterator[
                 if tokens.count(emb.token) > 1:
                     raise EmbeddingError(f"two embeddings use the placeholder {emb.token}; give each its own token")
                 check_compatible(bundle, emb)
-            for spec, tok, te in zip(bundle.family.text_encoders, bundle.tokenizers, bundle.text_encoders):
+            encoders = list(zip(bundle.family.text_encoders, bundle.tokenizers, bundle.text_encoders))
+            patched = {id(tok) for spec, tok, _ in encoders if any(spec.name in e.vectors for e in embeddings)}
+            for spec, tok, te in encoders:  # every encoder a patched tokenizer feeds gets the hooks
+                if id(tok) in patched:
+                    if id(tok) not in _SITES:
+                        _SITES[id(tok)] = _Site(tok)
+                    _SITES[id(tok)].add_encoder(spec.name, te)
+            for spec, tok, te in encoders:
                 covered = [e for e in embeddings if spec.name in e.vectors]
-                if not covered:
-                    continue
                 site = _SITES.get(id(tok))
-                if site is None:
-                    site = _SITES[id(tok)] = _Site(tok)
-                site.add_encoder(spec.name, te)
                 for emb in covered:
                     if any(emb is e for _, e in added if _ is site):
                         continue
-                    clash = [e for e in site.entries if e.token == emb.token]
+                    clash = [e for e in site.entries if site.key(e.token) == site.key(emb.token)]
                     if clash:
-                        raise EmbeddingError(f"another embedding with the placeholder {emb.token} is attached to this "
-                                             "model already; give each embedding its own token")
-                    missing = [c for c in site.encoders if c not in emb.vectors]
+                        raise EmbeddingError(f"another embedding with the placeholder {clash[0].token} is attached to "
+                                             f"this model already; give {emb.where()} its own token")
+                    site.add(emb)
+                    added.append((site, emb))
+            for site in {id(s): s for s, _ in added}.values():
+                for emb in site.entries:
+                    missing = sorted(site.components - set(emb.vectors))
                     if missing:
                         raise EmbeddingError(f"{emb.where()} has no vectors for {', '.join(missing)}, which shares its "
                                              "tokenizer with an encoder it covers")
-                    site.add(emb)
-                    added.append((site, emb))
             for emb in embeddings:
                 _ACTIVE.add(id(emb))
                 owned.append(id(emb))
         except BaseException:
             _detach(added, owned)
+            for site in list(_SITES.values()):  # a site made for this block that got no embedding
+                if not site.layout:
+                    site.remove()
+                    del _SITES[id(site.tok)]
             raise
     try:
         yield

@@ -270,3 +270,44 @@ def test_long_prompt_sampling_and_merging_with_an_embedding(sd):
     base = sd.text_encoders[0].state_dict()
     assert merged["text_encoder"].keys() == base.keys()
     assert all(merged["text_encoder"][k].data_ptr() == v.data_ptr() for k, v in base.items())
+
+
+def test_clip_matches_the_placeholder_in_any_case(sd):
+    tok = sd.tokenizers[0]
+    emb = create_embedding(sd, "<ohwx>", 1, "red")
+    with attached(sd, emb):  # CLIP lowercases prompts: A1111 users write <OHWX> for <ohwx>
+        assert tok("<OHWX>", add_special_tokens=False).input_ids == [len(tok)]
+        with pytest.raises(EmbeddingError, match="placeholder <ohwx> is attached"):
+            with attached(sd, create_embedding(sd, "<OHWX>", 1)):
+                pass
+
+
+def test_a_copy_of_an_encoder_sharing_the_tokenizer_is_patched_too(sd):
+    """A full fine-tune trains copies of the encoders next to the shared tokenizer: both must read the vectors."""
+    import dataclasses
+
+    twin = dataclasses.replace(sd, text_encoders=(copy.deepcopy(sd.text_encoders[0]),))
+    a = create_embedding(sd, "<a>", 2, "red square")
+    b = create_embedding(sd, "<b>", 2, "blue circle")
+    with attached(sd, a), attached(twin, b):
+        got = twin.encode_prompts(["<a> <b>"])["prompt_embeds"]
+        base = sd.encode_prompts(["<a> <b>"])["prompt_embeds"]
+    want = sd.encode_prompts(["red square blue circle"])["prompt_embeds"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(base, want, rtol=0, atol=1e-6)
+
+
+def test_a_refused_attach_leaves_no_patch(sdxl):
+    import dataclasses
+
+    tok = sdxl.tokenizers[0]
+    shared = dataclasses.replace(sdxl, tokenizers=(tok, tok))  # one tokenizer for both encoders
+    half = create_embedding(shared, "<ohwx>", 1, "red", encoders=["clip_l"])
+    before = _state(sdxl)
+    with pytest.raises(EmbeddingError, match="no vectors for text_encoder_2, which shares its tokenizer"):
+        with attached(shared, half):
+            pass
+    _assert_same(before, _state(sdxl))
+    with attached(shared, create_embedding(shared, "<ohwx>", 1, "red")):  # covering both is fine
+        assert tok("<ohwx>", add_special_tokens=False).input_ids == [len(tok)]
+    _assert_same(before, _state(sdxl))
