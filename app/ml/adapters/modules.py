@@ -193,6 +193,15 @@ class LoRAModule(AdapterModule):
                 shape = (h.shape[0],) + (1,) * (h.dim() - 2) + (self.rank,)
             mask = (torch.rand(shape, device=h.device) >= self.rank_dropout).to(h.dtype) / (1 - self.rank_dropout)
             h = h * mask
+        up = self.lora_up.weight
+        same = base_out.dtype == h.dtype == up.dtype or torch.is_autocast_enabled(base_out.device.type)
+        if not self.is_conv and same and base_out.is_contiguous():
+            # base_out + s·(h @ upᵀ) as one addmm: no output-sized product and scaled copy, forward or
+            # backward (peft's ``result + lora_B(lora_A(x)) * scaling`` makes both); the same math.
+            # Under autocast addmm casts all three to the autocast dtype, as lora_up and the add did.
+            flat = torch.addmm(base_out.reshape(-1, self.out_dim), h.reshape(-1, self.rank), up.t(),
+                               alpha=self.scale * strength)
+            return flat.reshape(base_out.shape)
         return base_out + (self.lora_up(h) * (self.scale * strength)).to(base_out.dtype)
 
 
