@@ -311,3 +311,33 @@ def test_a_refused_attach_leaves_no_patch(sdxl):
     with attached(shared, create_embedding(shared, "<ohwx>", 1, "red")):  # covering both is fine
         assert tok("<ohwx>", add_special_tokens=False).input_ids == [len(tok)]
     _assert_same(before, _state(sdxl))
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_denoising_step_trains_only_the_new_vectors(name, request):
+    """A full training step (prompt -> text encoders -> UNet -> noise loss): the model stays bit-identical."""
+    bundle = request.getfixturevalue(name)
+    models = {"unet": bundle.unet, "vae": bundle.vae, **{f"te{i}": te for i, te in enumerate(bundle.text_encoders)}}
+    before = {n: {k: t.clone() for k, t in m.state_dict().items()} for n, m in models.items()}
+    emb = create_embedding(bundle, "<ohwx>", 2, "red")
+    start = {c: v.detach().clone() for c, v in emb.vectors.items()}
+    opt = torch.optim.AdamW(emb.parameter_groups()["embedding"], lr=5e-3)
+    sched = bundle.make_noise_scheduler()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.tensor([100, 700])
+    with attached(bundle, emb):
+        text = bundle.encode_prompts(["a <ohwx> shape", "<ohwx>"], with_grad=True)
+        cond = bundle.family.conditioning(bundle, text, pixel_size=(64, 64), batch=2, device=latents.device)
+        pred = bundle.family.predict(bundle.unet, sched.add_noise(latents, noise, t), t, cond)
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for c, v in emb.vectors.items():
+        assert not torch.equal(v.detach(), start[c]), c  # every covered encoder's vectors learn
+    for n, m in models.items():
+        assert all(p.grad is None for p in m.parameters()), n
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[n][k]), (n, k)
