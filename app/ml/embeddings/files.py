@@ -54,7 +54,10 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         except (SafetensorError, OSError, ValueError) as e:
             raise EmbeddingError(f"{path.name}: not a readable .safetensors file ({e})") from None
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        # old A1111 files hold a ParameterDict: torch's own container of tensors, allowed by name; anything
+        # else that needs code to unpickle is refused
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a pickle that needs code is refused, not run
         raise EmbeddingError(f"{path.name}: cannot be read safely ({str(e).splitlines()[0][:200]}); "
                              "use a .safetensors embedding") from None

@@ -63,6 +63,10 @@ def test_a1111_pt_and_diffusers_files(tmp_path, sd):
     emb = load_embedding_file(a1111, sd)
     assert emb.token == "my_style" and torch.equal(emb.vectors["text_encoder"], vec)
 
+    old = tmp_path / "old_style.pt"  # what A1111 saved with torch 1.11: a ParameterDict
+    torch.save({"string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vec)}), "name": "x"}, old)
+    assert torch.equal(load_embedding_file(old, sd).vectors["text_encoder"], vec)
+
     learned = tmp_path / "learned_embeds.safetensors"
     save_file({"<cat-toy>": vec[0]}, str(learned))
     emb = load_embedding_file(learned, sd)

@@ -77,6 +77,7 @@ def test_other_ids_unchanged_and_slots_follow_the_vector_count(sd):
             assert ids[2:2 + n] == list(range(v, v + n))
             assert len(ids) == 4 + n
             assert tok("ohwx").input_ids == plain[3]  # the bare word is not the placeholder
+            assert tok.decode(ids, skip_special_tokens=True) == "a <ohwx> b"
         assert len(tok) == v and tok("a <ohwx> b").input_ids == tok("a <ohwx> b").input_ids
 
 
