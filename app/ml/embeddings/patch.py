@@ -40,6 +40,7 @@ _SITES: dict[int, "_Site"] = {}  # id(tokenizer) -> its patch
 _ACTIVE: set[int] = set()  # ids of embedding sets attached somewhere
 _LOCAL = threading.local()  # per thread: the slot positions of the encoder call in progress
 FILL_ID = 0  # what slot ids become before the encoder's own lookup (A1111 uses the same)
+_PATCHED = ("_encode_plus", "tokenize", "_decode")  # the tokenizer methods shadowed while attached
 
 
 def unpatched_ids(tok, text: "str | list[str]"):
@@ -63,6 +64,7 @@ class _Site:
         body = unpatched_ids(tok, "a")
         i = next(k for k in range(len(probe_with)) if probe_with[k:k + len(body)] == body)
         self.prefix, self.suffix = list(probe_with[:i]), list(probe_with[i + len(body):])
+        self.saved = {n: tok.__dict__[n] for n in _PATCHED if n in tok.__dict__}  # put back exactly as found
         tok._encode_plus = self._encode_plus
         tok.tokenize = self._tokenize
         tok._decode = self._decode
@@ -98,8 +100,9 @@ class _Site:
         for _, _, handles in self.encoders.values():
             for h in handles:
                 h.remove()
-        for name in ("_encode_plus", "tokenize", "_decode"):
+        for name in _PATCHED:
             self.tok.__dict__.pop(name, None)
+        self.tok.__dict__.update(self.saved)
 
     # ------------------------------------------------------------------ the layout of slot ids
 
