@@ -28,7 +28,31 @@ class FlowSettingsError(ValueError):
 
 @dataclass(frozen=True)
 class FlowSettings:
-    """What a user chooses for flow-matching training (defaults: the peers' Flux LoRA recipes)."""
+    """What a user chooses for flow-matching training. Each default is what the peers' Flux LoRA recipes use
+    (checked against their code; the FlowObjective node and TrainLoop's unlinked default carry the same values):
+
+    * ``timesteps="sigmoid"``, ``logit_scale=1.0``, ``logit_mean=0.0``: σ = sigmoid(N(0, 1)). It is kohya
+      sd-scripts' draw under ``--timestep_sampling sigmoid``, ``shift`` and ``flux_shift`` (``--sigmoid_scale``
+      1.0), SimpleTuner's default (``--flow_use_uniform_schedule`` off, ``--flow_sigmoid_scale`` 1.0),
+      ai-toolkit's (``timestep_type: sigmoid``) and OneTrainer's Flux preset (``LOGIT_NORMAL`` with
+      ``noising_bias`` 0, ``noising_weight`` 0, i.e. std 1). kohya's own default, ``sigma``, indexes the
+      scheduler's shifted table instead; its Flux documentation trains with ``flux_shift`` or ``shift``.
+      OneTrainer's global default is uniform, which SimpleTuner warns biases towards dark images.
+    * ``shift="resolution"``, ``base_shift=0.5``, ``max_shift=1.15``, ``base_seq_len=256``,
+      ``max_seq_len=4096``: Flux's dynamic shift, mu linear in the image token count, as FLUX.1-dev's
+      ``scheduler_config.json`` sets it for sampling; kohya ``--timestep_sampling flux_shift`` (its README's
+      Flux example), OneTrainer's Flux preset (``dynamic_timestep_shifting``), SimpleTuner's
+      ``--flow_schedule_auto_shift``. It trains each bucket at the shift it is sampled with.
+    * ``shift_value=3.1582`` (``shift="fixed"`` only): e^1.15, the resolution shift at 1024x1024, which kohya's
+      Flux guides recommend with ``--timestep_sampling shift``. kohya's argparse default ``discrete_flow_shift``
+      is 3.0 and SimpleTuner's ``--flow_schedule_shift`` 3 (SD3's value); both are a choice away.
+    * ``weighting="none"``: kohya's ``--weighting_scheme`` and diffusers' ``train_dreambooth_lora_flux.py``
+      default; the model output is the velocity itself (kohya's recommended ``--model_prediction_type raw``
+      and diffusers' script; kohya's default ``sigma_scaled`` is not offered).
+    * ``guidance=1.0``: dev's guidance input while training in SimpleTuner (``--flux_guidance_value`` 1.0,
+      "preserves the CFG distillation"), OneTrainer and diffusion-pipe; kohya's argparse default is 3.5 but
+      its Flux README and guides train with ``--guidance_scale 1.0``. Schnell has no guidance input.
+    """
 
     timesteps: str = "sigmoid"  # uniform | sigmoid (σ = sigmoid(scale·z), kohya) | logit_normal (σ = sigmoid(mean + scale·z))
     logit_mean: float = 0.0
