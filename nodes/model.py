@@ -1,6 +1,6 @@
 """Model nodes: load a base model, patch adapters in, sample images, save results."""
 
-from app.graph.spec import Enum, Float, Int, Output, Path, Socket, String, node
+from app.graph.spec import Bool, Enum, Float, Int, Output, Path, Socket, String, node
 
 PENDING = "is declared but not implemented yet: it arrives with the model issue"
 DTYPES = ["fp32", "fp16", "bf16"]
@@ -201,24 +201,32 @@ def show_images(ctx, result) -> None:
 
 
 @node(type="Save", category="output", side_effect=True,
-      description="Writes the adapter or full model, atomically, with the recipe in its metadata.",
+      description="Writes the adapter, the trained embedding(s) or the full model, atomically, with the recipe in "
+                  "its metadata.",
       inputs=[
           Socket("model", "MODEL"),
           Path("path", "", kind="output_file",
                tooltip="where to write; relative paths go into the run's workspace (e.g. my_lora.safetensors)"),
-          Enum("what", ["adapter", "full_model"]),
+          Enum("what", ["adapter", "full_model", "embedding"],
+               tooltip="embedding: the Embedding node's trained embedding(s) as standalone files (SD 1.5: emb_params; "
+                       "SDXL: clip_l and clip_g), what A1111/Forge, ComfyUI and diffusers load; they call it by the "
+                       "file name"),
           Enum("layout", ["kohya", "peft", "comfyui", "single_file", "diffusers_folder"],
                tooltip="kohya: what A1111 and ComfyUI read; peft: diffusers load_lora_weights; full models: "
-                       "single_file or diffusers_folder"),
+                       "single_file or diffusers_folder; embeddings have one layout per family (not used)"),
           Enum("dtype", ["fp16", "bf16", "fp32"]),
           Enum("if_exists", ["add_suffix", "overwrite"], tooltip="never overwrite unless chosen"),
           String("title", "", tooltip="adapter: modelspec.title and ss_output_name (A1111's alias); empty: the file name"),
           String("author", "", tooltip="adapter: modelspec.author"),
           String("description", "", multiline=True, tooltip="adapter: modelspec.description"),
           String("trigger_phrase", "", tooltip="adapter: modelspec.trigger_phrase, the words that call the LoRA up"),
+          Bool("bundle_embeddings", False,
+               tooltip="adapter: put the trained embedding(s) into the LoRA file as bundle_emb.<token> (OneTrainer's "
+                       "bundle embeddings; A1111/Forge and SD.Next read them, ComfyUI and diffusers do not)"),
       ],
       outputs=[])
-def save(ctx, model, path, what, layout, dtype, if_exists, title="", author="", description="", trigger_phrase=""):
+def save(ctx, model, path, what, layout, dtype, if_exists, title="", author="", description="", trigger_phrase="",
+         bundle_embeddings=False):
     from app.atomic import WriteError
     from app.engine.errors import NodeError
     from app.ml import dist
@@ -233,9 +241,18 @@ def save(ctx, model, path, what, layout, dtype, if_exists, title="", author="", 
         if what == "adapter":
             if layout not in ("kohya", "peft", "comfyui"):
                 raise NodeError(f"layout {layout!r} is for full models; an adapter saves as kohya, peft or comfyui")
-            if not handle.adapters:
+            from nodes.embedding import lora_and_embeddings
+
+            lora, embeddings = lora_and_embeddings(handle)
+            if lora is None and embeddings:
+                raise NodeError("the model carries embeddings but no LoRA: choose what = embedding")
+            if lora is None:
                 raise NodeError("the model has no adapter to save (connect it after LoRAInject / TrainLoop, or "
                                 "choose what = full_model)")
+            if embeddings and not bundle_embeddings:
+                ctx.warn(f"the embedding(s) {', '.join(e.token for e in embeddings)} are not in this LoRA file: turn on "
+                         "bundle_embeddings, or save them with another Save node, what = embedding")
+            bundled = {"embeddings": embeddings} if embeddings and bundle_embeddings else {}
             from app.ml.save import save_adapter
 
             from app.ml.save.metadata import training_metadata
@@ -244,9 +261,14 @@ def save(ctx, model, path, what, layout, dtype, if_exists, title="", author="", 
 
             extra = {**training_metadata(info), **user_metadata(title=title, author=author, description=description,
                                                                  trigger_phrase=trigger_phrase)}
-            written = save_adapter(handle.adapters[-1], path, layout=layout, dtype=dtype, recipe=ctx.recipe,
+            written = save_adapter(lora, path, layout=layout, dtype=dtype, recipe=ctx.recipe,
                                    step=info.get("step"), epoch=info.get("epoch"), overwrite=overwrite,
-                                   extra_metadata=extra, base_model_name=model_name(handle.base))
+                                   extra_metadata=extra, base_model_name=model_name(handle.base), **bundled)
+        elif what == "embedding":
+            from nodes.embedding import save_embedding_node
+
+            written = save_embedding_node(ctx, handle, path, dtype, overwrite, title=title, author=author,
+                                          description=description, trigger_phrase=trigger_phrase)
         else:
             from app.ml.save import save_diffusers, save_single_file
 

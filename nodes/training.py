@@ -35,6 +35,12 @@ PENDING = "is declared but not implemented yet: it arrives with the training iss
           Int("stop_text_encoder_after", 0, min=0, max=10_000_000,
               tooltip="stop training the text encoder(s) after this many steps or epochs; 0 = never"),
           Enum("stop_text_encoder_unit", ["epochs", "steps"]),
+          Float("embedding_lr", 5e-3, min=0.0, max=10.0,
+                tooltip="learning rate of trained embeddings (Embedding node); 5e-3 with AdamW as OneTrainer"),
+          Int("stop_embedding_after", 0, min=0, max=10_000_000,
+              tooltip="stop training the embedding(s) after this many steps or epochs (pivotal tuning: the LoRA "
+                      "goes on); 0 = never"),
+          Enum("stop_embedding_unit", ["epochs", "steps"]),
       ],
       outputs=[Output("optimizer", "OPTIMIZER")])
 def optimizer(ctx, **params):
@@ -194,7 +200,7 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     from app.ml.train.loop import Hooks, Trainer, TrainingError, verify_backup
     from app.ml.train.optim import OptimizerError
     from app.ml.save.metadata import run_facts, training_metadata
-    from app.ml.train.trainables import AdapterTrainable, FullFinetune
+    from app.ml.train.trainables import AdapterTrainable, FullFinetune, is_embedding, trained_indices
 
     t_started = time.time()
     if p["resume_from"]:
@@ -206,9 +212,17 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     bundle = handle.base
     rank, world = dist.rank_world()
     # in a one-shot run nothing reads the untrained weights again: train them in place, no copy
-    if handle.adapters:
-        in_place = ctx.exclusive(handle.adapters[-1])
+    picked = trained_indices(handle) if handle.adapters else []
+    if handle.adapters and not picked:
+        raise NodeError("the model carries only frozen embeddings or adapters (LoadEmbedding, ApplyLoRA) and nothing "
+                        "to train: add a LoRAInject or an Embedding node before this TrainLoop")
+    if picked:
+        in_place = all(ctx.exclusive(handle.adapters[i]) for i in picked)
         trainable = AdapterTrainable(handle, in_place=in_place)
+        if trainable.embeddings:
+            from nodes.embedding import log_trained
+
+            log_trained(ctx, trainable, optimizer)
     else:
         trained = ([bundle.unet] if p["train_unet"] else []) + (list(bundle.text_encoders) if p["train_text_encoder"] else [])
         in_place = bool(trained) and all(ctx.exclusive(m) for m in trained)
@@ -219,19 +233,29 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
         ctx.log("training the incoming weights in place: no later node reads the untrained ones")
     # cached text embeddings are only valid while the text encoders do not train, and hold 75 tokens
     chunks = int(p["max_tokens"]) // 75
-    if buckets.cache is not None and buckets.cache.text_identity and (trainable.trains_text_encoder() or chunks > 1):
+    embeddings = [a for a in handle.adapters if is_embedding(a)]
+    if buckets.cache is not None and buckets.cache.text_identity and (trainable.trains_text_encoder() or chunks > 1
+                                                                       or embeddings):
         import dataclasses
 
-        if chunks > 1 and not trainable.trains_text_encoder():
+        if embeddings:
+            ctx.log("captions are encoded on the fly: the Cache node's text embeddings were made without the "
+                    "model's embeddings")
+        elif chunks > 1 and not trainable.trains_text_encoder():
             ctx.log(f"captions are encoded on the fly: the Cache node's text embeddings hold 75 tokens, not {p['max_tokens']}")
         buckets = dataclasses.replace(buckets, cache=dataclasses.replace(buckets.cache, text_identity=None))
     # the epoch-1 leftovers are the Bucketer's to report; say them here only when this plan differs
     report = rank == 0 and not _bucketer_reported(ctx, p["seed"], world)
+    from nodes.embedding import caption_expander, report_captions
+
+    expand = caption_expander(embeddings)
     source = BucketSource(buckets, p["seed"], bundle=bundle, world=world, masks=p["masked_training"],
-                          log=ctx.log if report else None)
+                          log=ctx.log if report else None, captions=expand)
     validation = None
     if buckets.dataset.validation_concepts:
-        validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True)
+        validation = BucketSource(buckets, p["seed"], bundle=bundle, validation=True, captions=expand)
+    if expand is not None and rank == 0:
+        report_captions(ctx, source, embeddings)
     if rank == 0:
         _warn_long_captions(ctx, bundle, source, chunks)
     _check_bucket_sizes(ctx, bundle, source)
@@ -243,6 +267,10 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     writer = _tensorboard(workdir, ctx) if rank == 0 else None
     ctx.check_cancel()  # set-up (data plan, caption check, TensorBoard) can take seconds
     prompts = [line.strip() for line in p["sample_prompts"].splitlines() if line.strip()]
+    if embeddings:
+        from nodes.embedding import expand_prompts
+
+        prompts = expand_prompts(prompts, embeddings)
 
     def metric(**values):
         if rank != 0:
@@ -265,14 +293,22 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     def save(step, epoch):
         from app.ml.save import save_adapter
 
-        if handle.adapters:
+        if handle.adapters and trainable.adapter is not None:
             # ss_output_name is A1111's alias: the workspace and node keep saves of two runs apart.
             alias = f"{workdir.parent.name}_{workdir.name}_step_{step:07d}"
+            bundled = {"embeddings": trainable.embeddings} if trainable.embeddings else {}
             path = save_adapter(trainable.adapter, workdir / "saves" / f"step_{step:07d}.safetensors",
                                 recipe=ctx.recipe, step=step, epoch=epoch, overwrite=True,
                                 extra_metadata={**training_metadata({"resolution": resolution, "kohya": kohya}),
-                                                "ss_output_name": alias})
+                                                "ss_output_name": alias}, **bundled)
             ctx.log(f"saved {path}")
+        if handle.adapters and trainable.embeddings:
+            from nodes.embedding import save_embeddings
+
+            # one folder per step: A1111 and ComfyUI call an embedding by its file name
+            for path in save_embeddings(trainable.embeddings, workdir / "saves" / f"step_{step:07d}", ctx.recipe,
+                                        overwrite=True):
+                ctx.log(f"saved {path}")
 
     hooks = Hooks(progress=lambda s, t: ctx.progress(s, t), metric=metric, log=ctx.log if rank == 0 else (lambda m: None),
                   check_cancel=ctx.check_cancel, sample=sample if prompts else None, save=save, validation=validation)
@@ -298,14 +334,14 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
             sample(result.steps, result.epochs_done, inside=False)
         except Cancelled:
             # stopped during the "after" samples: the training itself is finished, keep it
-            if handle.adapters:
+            if picked:
                 save(result.steps, result.epochs_done)
             else:
                 ctx.warn("stopped during the final samples: the fine-tuned weights were not saved "
                          "(a Save node after TrainLoop writes them when the run is not stopped)")
             raise
     info = {"step": result.steps, "epoch": result.epochs_done, "resolution": resolution, "kohya": kohya}
-    if handle.adapters:
+    if picked:
         trained = trainable.trained_handle()
         trained = ModelHandle(trained.base, trained.adapters, trained.strengths, {**handle.info, **info})
     else:
@@ -452,6 +488,9 @@ def _train_settings(p: dict, bundle, optimizer: dict, source, objective_choice=N
     stop_te = optimizer.get("stop_text_encoder_after", 0)
     if stop_te and optimizer.get("stop_text_encoder_unit") == "epochs":
         stop_te = sum(-(-source.iterations(e) // p["grad_accumulation"]) for e in range(stop_te))
+    stop_emb = optimizer.get("stop_embedding_after", 0)
+    if stop_emb and optimizer.get("stop_embedding_unit", "epochs") == "epochs":
+        stop_emb = sum(-(-source.iterations(e) // p["grad_accumulation"]) for e in range(stop_emb))
     return TrainSettings(
         epochs=p["epochs"], max_steps=p["max_steps"], grad_accumulation=p["grad_accumulation"],
         clip_grad_norm=p["clip_grad_norm"], seed=p["seed"], train_dtype=p["train_dtype"],
@@ -462,7 +501,8 @@ def _train_settings(p: dict, bundle, optimizer: dict, source, objective_choice=N
         ema_on_cpu=p["ema_on_cpu"], sample_every=p["sample_every"], sample_unit=p["sample_unit"],
         save_every=p["save_every"], save_unit=p["save_unit"], backup_every=p["backup_every"],
         backup_unit=p["backup_unit"], validate_every=p["validate_every"], validate_unit=p["validate_unit"],
-        backups_kept=p["backups_kept"], stop_text_encoder_after=stop_te, prompt_chunks=int(p["max_tokens"]) // 75)
+        backups_kept=p["backups_kept"], stop_text_encoder_after=stop_te, prompt_chunks=int(p["max_tokens"]) // 75,
+        stop_embedding_after=stop_emb)
 
 
 def _tensorboard(workdir, ctx):

@@ -21,8 +21,9 @@ from app.ml.train.loop import Batch
 
 class BucketSource:
     def __init__(self, buckets: Buckets, seed: int, bundle=None, *, world: int = 1, validation: bool = False,
-                 masks: bool = False, loader_threads: int = 2, log=None) -> None:
+                 masks: bool = False, loader_threads: int = 2, log=None, captions=None) -> None:
         self.buckets = buckets
+        self.captions = captions  # caption -> the text encoded (embedding placeholders); None: as written
         self.seed = seed
         self.bundle = bundle
         self.world = world
@@ -89,6 +90,8 @@ class BucketSource:
         per_rank = max(1, len(items) // world)
         items = items[rank * per_rank:(rank + 1) * per_rank]
         captions = [it.caption for it in items]
+        if self.captions is not None:
+            captions = [self.captions(c) for c in captions]
         weights = torch.tensor([it.loss_weight for it in items], dtype=torch.float32)
         batch = Batch(captions=captions, loss_weights=weights,
                       original_sizes=[(it.resize[1], it.resize[0]) for it in items],

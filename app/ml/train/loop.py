@@ -72,6 +72,7 @@ class TrainSettings:
     validate_unit: str = "epochs"
     backups_kept: int = 3
     stop_text_encoder_after: int = 0  # optimizer steps; 0 = never
+    stop_embedding_after: int = 0  # optimizer steps after which trained embeddings freeze; 0 = never
     prompt_chunks: int = 1  # captions read in 75-token pieces: 1, 2 or 3 (75, 150, 225 tokens)
 
 
@@ -133,12 +134,12 @@ class TrainResult:
     backups: list[str]
     last_backup: str | None
     elapsed_s: float
-
     # the run's peak memory: on CUDA torch.cuda.max_memory_allocated over the run (weights included);
     # on a CPU the resident-size growth over the loaded process (the kernel's high-water mark), so
     # weights loaded before the run are not in it. None where neither can be read.
     peak_bytes: int | None = None
     peak_kind: str = ""
+
 
 def _seeded(*parts: int) -> torch.Generator:
     h = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
@@ -178,11 +179,11 @@ class Trainer:
         self.workdir = Path(workdir)
         self.hooks = hooks or Hooks()
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.rank, self.world = rank_world()
         # where components live: VAE and idle text encoders in RAM, visiting the device to encode;
         # ``mover`` (tests) replaces the real moves, see app/ml/memory/placement.py
         self.placement = Placement(self.device, mover)
         self.offloaded: dict[str, int] = {}
+        self.rank, self.world = rank_world()
         self.is_main = self.rank == 0
 
     # ---- planning --------------------------------------------------------------------------
@@ -195,7 +196,6 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self, resume_from: str | Path | None = None) -> TrainResult:
-        t_start = time.monotonic()
         """Train; every component is back in RAM afterwards (and after an error or a stop)."""
         self._check_memory_settings()
         peak = _PeakMemory(self.device)
@@ -214,6 +214,7 @@ class Trainer:
         return result
 
     def _run(self, resume_from) -> TrainResult:
+        t_start = time.monotonic()
         s = self.s
         total = self.total_steps()
         if total <= 0:
@@ -225,9 +226,9 @@ class Trainer:
         for p in params:
             p.requires_grad_(True)
         optimizer = build_optimizer(self.opt_settings, groups)
-        lr_sched = build_scheduler(optimizer, self.opt_settings, total)
         fused = FusedBackward(optimizer, clip_grad_norm=s.clip_grad_norm,
                               before_step=self._sync_gradients) if s.fused_backward else None
+        lr_sched = build_scheduler(optimizer, self.opt_settings, total)
         ema = EMA(params, s.ema_decay, s.ema_on_cpu) if s.ema else None
         autocast = _autocast(self.device, s.train_dtype)
         if s.train_dtype == "fp16" and self.device.type == "cpu":
@@ -247,6 +248,8 @@ class Trainer:
         smooth = None
         timer = _Periodic()
         te_stopped = False
+        # a resumed run past the stop starts stopped, as the uninterrupted run is at that step
+        emb_stopped = bool(s.stop_embedding_after) and step >= s.stop_embedding_after and self._stop_embedding(optimizer)
         t_steps, steps_timed = time.monotonic(), 0
         unet, text_encoders = self.trainable.components()
         ckpt_ctx = _gradient_checkpointing(unet, s.gradient_checkpointing)
@@ -265,7 +268,7 @@ class Trainer:
                                 break
                             self.hooks.check_cancel()
                             loss = self._micro_step(objective, unet, text_encoders, epoch, batch_index, step, micro,
-                                                    autocast, scaler, te_stopped)
+                                                    autocast, scaler, te_stopped, emb_stopped)
                             if not math.isfinite(loss):
                                 optimizer.zero_grad(set_to_none=True)
                                 path = self._backup(step, *step_start, optimizer, lr_sched, ema, backups)
@@ -284,6 +287,8 @@ class Trainer:
                             ema.update(params)
                         if s.stop_text_encoder_after and step >= s.stop_text_encoder_after and not te_stopped:
                             te_stopped = self._stop_text_encoder(optimizer)
+                        if s.stop_embedding_after and step >= s.stop_embedding_after and not emb_stopped:
+                            emb_stopped = self._stop_embedding(optimizer)
                         losses.append(accum_loss)
                         smooth = accum_loss if smooth is None else 0.95 * smooth + 0.05 * accum_loss
                         steps_timed += 1
@@ -312,24 +317,19 @@ class Trainer:
                     self.hooks.log(f"stopped at step {step}; resumable backup in {last_backup}")
                 raise
             finally:
+                if fused is not None:
+                    fused.remove()
                 _set_eval(unet, text_encoders)
                 if hasattr(optimizer, "eval"):
                     optimizer.eval()  # schedule-free: switch to the averaged weights
             if self.is_main and self.hooks.validation is not None:
                 validation.append((step, self.validation_loss(objective, unet, text_encoders)))
-                if fused is not None:
-                    fused.remove()
         if ema is not None:
             with torch.no_grad():
                 for p, shadow in zip(params, ema.shadow):
                     p.copy_(shadow.to(p.device, p.dtype))
         return TrainResult(step, epoch, losses, validation, backups, last_backup, time.monotonic() - t_start)
 
-    # ---- one micro-batch ---------------------------------------------------------------------
-    def _micro_step(self, objective, unet, text_encoders, epoch, index, step, micro, autocast,
-                    scaler, te_stopped) -> float:
-        s = self.s
-        # seeds depend on the global position only, so a resumed run draws exactly the same
     def _optimizer_step(self, optimizer, params, scaler) -> None:
         self._sync_gradients(params)
         if scaler is not None:
@@ -424,6 +424,11 @@ class Trainer:
         if hasattr(self.trainable, "to"):
             self.trainable.to("cpu")
 
+    # ---- one micro-batch ---------------------------------------------------------------------
+    def _micro_step(self, objective, unet, text_encoders, epoch, index, step, micro, autocast,
+                    scaler, te_stopped, emb_stopped=False) -> float:
+        s = self.s
+        # seeds depend on the global position only, so a resumed run draws exactly the same
         torch.manual_seed(int(_seeded(s.seed, step, micro, 1).initial_seed() % (2**63)))
         batch = self.data.batch(epoch, index, self.rank, self.world)
         latents = self._latents(batch)
@@ -436,10 +441,12 @@ class Trainer:
         noisy = objective.noisy(latents, noise, timesteps, g)
         target = objective.target(latents, noise, timesteps)
         train_te = self.trainable.trains_text_encoder() and not te_stopped
+        # a trained embedding is read by the text encoders: they run every step, with gradients to its rows
+        trains_embedding = getattr(self.trainable, "trains_embedding", lambda: False)() and not emb_stopped
         family = self.bundle.family
         with autocast, self._offload():
             model_dtype = next(unet.parameters()).dtype
-            cond = _cast(self._conditioning(batch, train_te, latents, objective), model_dtype)
+            cond = _cast(self._conditioning(batch, train_te or trains_embedding, latents, objective), model_dtype)
             pred = family.predict(unet, noisy.to(model_dtype), timesteps, cond)
             loss = per_sample_loss(pred, target, s.objective, batch.masks.to(pred.device) if batch.masks is not None else None,
                                    use_mask.to(pred.device))
@@ -451,14 +458,6 @@ class Trainer:
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return value
 
-    def _latents(self, batch: Batch) -> torch.Tensor:
-        if batch.latents is not None:
-            return batch.latents.to(self.device, torch.float32)
-        with self.placement.visit(self.bundle.vae):  # the VAE visits the device for the encode only
-            return self.bundle.encode_images(batch.pixels).to(torch.float32)  # moved once, after the range check
-
-    def _conditioning(self, batch: Batch, train_te: bool, latents: torch.Tensor, objective) -> dict[str, Any]:
-        if batch.text is not None and not train_te and self.s.prompt_chunks == 1:
     def _offload(self):
         from app.ml.memory.offload import activations_on_host
 
@@ -467,6 +466,14 @@ class Trainer:
         return activations_on_host(self.s.offload_activations, counter=self.offloaded,
                                    copy_host_tensors=self.device.type == "cpu")
 
+    def _latents(self, batch: Batch) -> torch.Tensor:
+        if batch.latents is not None:
+            return batch.latents.to(self.device, torch.float32)
+        with self.placement.visit(self.bundle.vae):  # the VAE visits the device for the encode only
+            return self.bundle.encode_images(batch.pixels).to(torch.float32)  # moved once, after the range check
+
+    def _conditioning(self, batch: Batch, train_te: bool, latents: torch.Tensor, objective) -> dict[str, Any]:
+        if batch.text is not None and not train_te and self.s.prompt_chunks == 1:
             text = {k: v.to(self.device) for k, v in batch.text.items()}
         else:  # encoders that do not train visit the device for the encode only (trained ones live there)
             with self.placement.visit(*self.bundle.text_encoders):
@@ -581,6 +588,17 @@ class Trainer:
         self.hooks.log("text encoder training stopped")
         return True
 
+    def _stop_embedding(self, optimizer) -> bool:
+        """Pivotal tuning's "stop the embedding after N steps": its rows freeze, the adapter trains on."""
+        for g in optimizer.param_groups:
+            if g.get("name") == "embedding":
+                g["lr"] = 0.0
+                g["weight_decay"] = 0.0
+                for p in g["params"]:
+                    p.requires_grad_(False)
+        self.hooks.log("embedding training stopped")
+        return True
+
     def _sync_gradients(self, params) -> None:
         if self.world <= 1:
             return
@@ -664,24 +682,6 @@ def _set_eval(unet, text_encoders) -> None:
         te.eval()
 
 
-def _memory_mb(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    except Exception:
-        return None
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=str))
-
-
-_BACKUP_NAME = re.compile(r"^step_\d{7}$")
-
-
 class _PeakMemory:
     """The run's peak: CUDA's allocator high-water mark, or on a CPU the kernel's resident-size
     high-water mark (VmHWM, reset for the run through /proc/self/clear_refs) over the resident size
@@ -728,6 +728,24 @@ def _proc_status(key: str) -> int | None:
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except Exception:
+        return None
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+_BACKUP_NAME = re.compile(r"^step_\d{7}$")
 
 
 def prune_backups(root: Path, keep: int) -> list[Path]:

@@ -86,28 +86,61 @@ def _refuse_quantized(bundle, train_unet: bool, train_text_encoders: bool) -> No
         require_trainable(module, "TrainLoop", what=f"the {name} ({quant.get(name, 'quantized')} from LoadModel)")
 
 
+def is_embedding(adapter) -> bool:
+    """An embedding (textual inversion) among a handle's adapters, as opposed to a LoRA-family set."""
+    return bool(getattr(adapter, "is_embedding_set", False))  # app.ml.embeddings.EmbeddingSet
+
+
+def _trainable(adapter) -> bool:
+    return any(p.requires_grad for params in adapter.parameter_groups().values() for p in params)
+
+
+def trained_indices(handle) -> list[int]:
+    """Which of a handle's adapters a TrainLoop trains: the newest LoRA-family set (as always) and
+    every embedding whose vectors train (an Embedding node's; LoadEmbedding's are frozen). When an
+    embedding trains, an older frozen LoRA (LoadLoRA) stays frozen: embedding-only training."""
+    adapters = handle.adapters
+    embeddings = [i for i, a in enumerate(adapters) if is_embedding(a) and _trainable(a)]
+    sets = [i for i, a in enumerate(adapters) if not is_embedding(a)]
+    lora = sets[-1:] if sets and (not embeddings or _trainable(adapters[sets[-1]])) else []
+    return sorted(lora + embeddings)
+
+
 class AdapterTrainable:
-    """Trains the newest adapter of a model handle. It trains its own copy of that adapter, so
-    the cached LoRAInject output (and the base model) stay exactly as they were; with ``in_place``
-    (nothing else will read that adapter again: a one-shot run) the adapter itself."""
+    """Trains the newest adapter of a model handle and/or the embeddings added for training (pivotal
+    tuning: both, each in its own param group). It trains its own copies, so the cached LoRAInject /
+    Embedding outputs (and the base model) stay exactly as they were; with ``in_place`` (nothing else
+    will read them again: a one-shot run) the adapters themselves."""
 
     def __init__(self, handle, *, in_place: bool = False) -> None:
-        if not handle.adapters:
-            raise ValueError("the model has no adapter to train")
+        picked = trained_indices(handle)
+        if not picked:
+            raise ValueError("the model has no adapter or embedding to train")
         self.handle = handle
         self.model = handle.base
-        self.adapter = handle.adapters[-1] if in_place else copy.deepcopy(handle.adapters[-1])
-        # earlier adapters stay attached but frozen: on copies, so the cached ones keep their flags
-        self.frozen = [(copy.deepcopy(a).requires_grad_(False), s)
-                       for a, s in zip(handle.adapters[:-1], handle._strengths()[:-1])]
-        self._trains_te = any(c.startswith("text_encoder") for c in self.adapter.parameter_groups())
+        own = (lambda a: a) if in_place else copy.deepcopy
+        # the others stay attached but frozen: on copies, so the cached ones keep their flags
+        self.pairs = [(own(a) if i in picked else copy.deepcopy(a).requires_grad_(False), s)
+                      for i, (a, s) in enumerate(zip(handle.adapters, handle._strengths()))]
+        self.picked = picked
+        trained = [self.pairs[i][0] for i in picked]
+        self.embeddings = [a for a in trained if is_embedding(a)]
+        sets = [a for a in trained if not is_embedding(a)]
+        self.adapter = sets[0] if sets else None  # the LoRA-family set, if one trains
+        self._trains_te = self.adapter is not None and any(
+            c.startswith("text_encoder") for c in self.adapter.parameter_groups())
 
     def param_groups(self, optimizer_settings: dict) -> list[dict]:
         groups = []
-        for component, params in self.adapter.parameter_groups().items():
-            key = "text_encoder_lr" if component.startswith("text_encoder") else "lr"
-            lr = float(optimizer_settings.get(key, optimizer_settings["lr"]))
-            groups.append({"name": component, "params": list(params), "lr": lr})
+        if self.adapter is not None:
+            for component, params in self.adapter.parameter_groups().items():
+                key = "text_encoder_lr" if component.startswith("text_encoder") else "lr"
+                lr = float(optimizer_settings.get(key, optimizer_settings["lr"]))
+                groups.append({"name": component, "params": list(params), "lr": lr})
+        if self.embeddings:
+            params = [p for e in self.embeddings for ps in e.parameter_groups().values() for p in ps]
+            groups.append({"name": "embedding", "params": params,
+                           "lr": float(optimizer_settings.get("embedding_lr", 5e-3))})
         return groups
 
     def components(self):
@@ -121,23 +154,38 @@ class AdapterTrainable:
     def trains_text_encoder(self) -> bool:
         return self._trains_te
 
+    def trains_embedding(self) -> bool:
+        return bool(self.embeddings)
+
     def adapter_pairs(self) -> list:
-        return self.frozen + [(self.adapter, 1.0)]
+        return list(self.pairs)
 
     def to(self, device) -> None:
-        self.adapter.to(device)
-        for a, _ in self.frozen:
+        for a, _ in self.pairs:
             a.to(device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.adapter.state_dict()
+        """The LoRA's tensors under their own names (backups of LoRA runs read as before), each
+        embedding's under ``embeddings.<i>.``."""
+        out = dict(self.adapter.state_dict()) if self.adapter is not None else {}
+        for i, e in enumerate(self.embeddings):
+            out.update({f"embeddings.{i}.{k}": v for k, v in e.state_dict().items()})
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_state_dict(state)
+        own = {k: v for k, v in state.items() if not k.startswith("embeddings.")}
+        if self.adapter is not None:
+            self.adapter.load_state_dict(own)
+        for i, e in enumerate(self.embeddings):
+            prefix = f"embeddings.{i}."
+            e.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def trained_handle(self):
-        """A new handle with the trained adapter in place of the untrained one."""
+        """A new handle with the trained adapter and embeddings in place of the untrained ones."""
         from app.ml.handle import ModelHandle
 
         h = self.handle
-        return ModelHandle(h.base, h.adapters[:-1] + (self.adapter,), h.strengths, dict(h.info))
+        adapters = tuple(self.pairs[i][0] if i in self.picked else a for i, a in enumerate(h.adapters))
+        for e in self.embeddings:  # a stop during the run froze them; they stay what a later TrainLoop trains
+            e.requires_grad_(True)
+        return ModelHandle(h.base, adapters, h.strengths, dict(h.info))
