@@ -151,6 +151,9 @@ def create_embedding(bundle, token: str, num_vectors: int, init_text: str = "", 
     None covers every text encoder of the family (SDXL: both, as A1111 and ComfyUI expect).
     """
     token = check_token(token)
+    from .patch import check_placeholder
+
+    check_placeholder(bundle, token)
     n = int(num_vectors)
     if not 1 <= n <= MAX_VECTORS:
         raise EmbeddingError(f"vectors per token must be 1 to {MAX_VECTORS}, got {num_vectors}")

@@ -330,12 +330,22 @@ def _layout(family) -> tuple[str, ...]:
     return tuple(s.embedding_key for s in family.text_encoders)
 
 
+def check_placeholder(bundle, token: str, where: str = "") -> None:
+    """Refuse a placeholder that is one of the tokenizers' special tokens (BOS, EOS, padding)."""
+    for spec, tok in zip(bundle.family.text_encoders, bundle.tokenizers):
+        if token in (getattr(tok, "all_special_tokens", None) or ()):
+            raise EmbeddingError(f"{where or 'the embedding'}: {token} is a special token of the {spec.architecture} "
+                                 "tokenizer (it marks the start, end or padding of every prompt); choose another "
+                                 "placeholder")
+
+
 def check_compatible(bundle, emb: EmbeddingSet) -> None:
     """Refuse, by name, an embedding for another family or encoder width."""
     fam = emb.family
     if fam is not None and _layout(fam) != _layout(bundle.family):
         raise EmbeddingError(f"{emb.where()} was made for {fam.display_name} but the model is "
                              f"{bundle.family.display_name}; load it with a {fam.display_name} model")
+    check_placeholder(bundle, emb.token, emb.where())
     specs = {s.name: (s, te) for s, te in zip(bundle.family.text_encoders, bundle.text_encoders)}
     for name, vec in emb.vectors.items():
         if name not in specs:

@@ -200,6 +200,8 @@ def test_helpers(sd):
         create_embedding(sd, "<x>", 76)
     with pytest.raises(EmbeddingError, match="space"):
         create_embedding(sd, "my token", 1)
+    with pytest.raises(EmbeddingError, match="<\\|endoftext\\|> is a special token of the CLIP ViT-L/14 tokenizer"):
+        create_embedding(sd, "<|endoftext|>", 1)
 
 
 def test_a_block_ending_elsewhere_never_shifts_anothers_slots(sd):
