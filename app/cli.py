@@ -1,6 +1,7 @@
 """Command-line interface: `launch.py [gui|nodes|validate|run] ...`.
 
-`--help`, `nodes` and `validate` never import torch (nor the executor): they must answer at once.
+`--help`, `nodes` and `validate` never import torch (nor the executor): they must answer at once
+(`validate --plan`, which builds the models on torch's ``meta`` device, is the exception).
 Exit codes of `run`: 0 done, 1 a node failed, 2 invalid recipe or usage, 130 interrupted.
 """
 
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-output", action="append", default=[], metavar="DIR", help=ALLOW_OUTPUT_HELP)
     v.add_argument("--workspace", metavar="DIR", help="the workspace a run would use, for the check of written paths "
                                                       "(default: as for run)")
+    v.add_argument("--plan", action="store_true",
+                   help="also print each TrainLoop's predicted peak device memory, broken down (loads no weights; "
+                        "imports torch)")
+    v.add_argument("--fit", metavar="SIZE", help="with the plan, the cheapest changes that fit SIZE (e.g. 12GB, "
+                                                 "11.5GiB, 8000MB), or that nothing does")
 
     r = sub.add_parser("run", help="run a recipe (only what the targets need)")
     r.add_argument("recipe")
@@ -176,15 +182,38 @@ def cmd_validate(args) -> int:
         else:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    plans = _memory_plans(args, graph, reg) if (args.plan or args.fit) else None
     if args.json:
-        print(json.dumps({"valid": not problems, "problems": [p.to_dict() for p in problems]}, indent=2))
-    elif problems:
-        for p in problems:
-            print(p)
-        print(f"{args.recipe}: {len(problems)} problem(s)", file=sys.stderr)
+        out = {"valid": not problems, "problems": [p.to_dict() for p in problems]}
+        if plans is not None:
+            out["memory"] = {k: v for k, v in plans.items() if k != "text"}
+        print(json.dumps(out, indent=2))
     else:
-        print(f"{args.recipe}: valid ({len(graph.nodes)} nodes, {len(graph.links)} links)")
+        if problems:
+            for p in problems:
+                print(p)
+            print(f"{args.recipe}: {len(problems)} problem(s)", file=sys.stderr)
+        else:
+            print(f"{args.recipe}: valid ({len(graph.nodes)} nodes, {len(graph.links)} links)")
+        if plans is not None:
+            print("\n".join(plans["text"]))
+    if plans is not None and plans.get("error"):
+        return EXIT_INVALID
     return EXIT_INVALID if problems else EXIT_OK
+
+
+def _memory_plans(args, graph, registry) -> dict:
+    """``validate --plan / --fit``: {"plans": [...], "text": [...]} or {"error": ...} (see app/ml/memory/recipe_plan.py)."""
+    from app.ml.memory.recipe_plan import PlanError, parse_size, plan_graph
+
+    try:
+        target = parse_size(args.fit) if args.fit else None
+        plans = plan_graph(graph, registry, Path(args.recipe).resolve().parent)
+    except (PlanError, ValueError) as e:
+        return {"error": str(e), "text": [f"memory plan: {e}"]}
+    text = [""] + [p.text(target) for p in plans]
+    text.append("(device memory of a training step; the CUDA context, about 0.3-0.5 GB, comes on top)")
+    return {"plans": [p.to_dict(target) for p in plans], "text": text}
 
 
 # ---- run -------------------------------------------------------------------------------------

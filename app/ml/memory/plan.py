@@ -82,6 +82,22 @@ class Recipe:
     compute_dtype: str = "bf16"
     transient_per_weight: float | None = None  # measured (measure_transient) bytes per weight of the largest
                                                # layer's forward+backward; None: the dequantized copy only
+    # activations from a measured profile (app/ml/models/families/memory.py): bytes per token of the
+    # whole denoiser's step without / with checkpointing / with checkpointed inputs offloaded; when
+    # act_full is set these replace act_per_token x blocks
+    act_full: float | None = None
+    act_ckpt: float = 0.0
+    act_ckpt_offloaded: float = 0.0
+    adapter_inputs: float = 0.0       # bytes of the adapted layers' inputs in one step (batch included)
+    adapter_inputs_ckpt: float = 0.0  # the same for the largest checkpointed block alone
+    adapter_factor: float = 1.0       # measured step bytes per byte of those inputs
+    # full fine-tune: the trained weights are the component's own (counted under weights); gradients
+    # and optimizer state in their dtype; fused backward keeps only the largest gradient
+    full_finetune: bool = False
+    trainable_dtype: str = "fp32"
+    fused_backward: bool = False
+    largest_param: int = 0
+    ema_on_device: bool = False
 
 
 @dataclass
@@ -132,9 +148,31 @@ def predict(recipe: Recipe) -> Plan:
         parts["dequantized layer (transient)"] = recipe.largest_linear * WEIGHT_BYTES[recipe.compute_dtype]
     if swap_saving:
         parts["block swap (weights in RAM)"] = -swap_saving
-    parts["adapter weights (fp32)"] = 4.0 * recipe.adapter_params
-    parts["adapter gradients (fp32)"] = 4.0 * recipe.adapter_params
-    parts[f"optimizer state ({recipe.optimizer})"] = _optimizer_bytes(recipe)
+    if recipe.full_finetune:
+        size = WEIGHT_BYTES[recipe.trainable_dtype]
+        grads = recipe.largest_param if recipe.fused_backward else recipe.adapter_params
+        parts[f"gradients ({recipe.trainable_dtype}{', fused backward' if recipe.fused_backward else ''})"] = size * grads
+        scale = 1.0 if recipe.optimizer.endswith("8bit") else size / 4.0  # torch keeps moments in the weights' dtype
+        parts[f"optimizer state ({recipe.optimizer})"] = _optimizer_bytes(recipe) * scale
+        if recipe.ema_on_device:
+            parts["EMA copy"] = size * recipe.adapter_params
+    else:
+        parts["adapter weights (fp32)"] = 4.0 * recipe.adapter_params
+        parts["adapter gradients (fp32)"] = 4.0 * recipe.adapter_params
+        parts[f"optimizer state ({recipe.optimizer})"] = _optimizer_bytes(recipe)
+    if recipe.act_full is not None:
+        if not recipe.checkpointing:
+            per_token, label, adapter = recipe.act_full, "activations", recipe.adapter_inputs
+        elif recipe.offload_activations:
+            per_token, label = recipe.act_ckpt_offloaded, "activations (checkpointed, inputs offloaded)"
+            adapter = recipe.adapter_inputs_ckpt
+        else:
+            per_token, label, adapter = recipe.act_ckpt, "activations (checkpointed)", recipe.adapter_inputs_ckpt
+        parts[label] = per_token * recipe.tokens
+        if adapter:
+            parts["activations (adapted layers' inputs)"] = adapter * recipe.adapter_factor
+        parts["fixed overhead"] = recipe.overhead
+        return Plan(parts)
     full = recipe.act_per_token * recipe.tokens  # one block's saved activations
     if recipe.checkpointing:
         kept = 0.0 if recipe.offload_activations else recipe.ckpt_per_token * recipe.tokens * recipe.blocks
@@ -160,6 +198,10 @@ def _options(recipe: Recipe) -> list[list[_Option]]:
     for fmt, cost in (("fp8", 2.0), ("int8", 2.5), ("nf4", 3.0)):
         quant.append(_Option(f"{fmt} {den}", cost, lambda r, f=fmt: replace(
             r, components=[replace(c, quant=f) if c.name == den else c for c in r.components])))
+    held = [c.quant for c in recipe.components if c.name == den and c.quant]
+    if held:  # already quantized: only smaller formats are changes
+        order = ("fp8", "int8", "nf4")
+        quant = quant[:1] + [o for o in quant[1:] if order.index(o.label.split()[0]) > order.index(held[0])]
     ckpt = [_Option("", 0, lambda r: r), _Option("gradient checkpointing", 1.0, lambda r: replace(r, checkpointing=True)),
             _Option("gradient checkpointing + activation offload", 2.0,
                     lambda r: replace(r, checkpointing=True, offload_activations=True))]
@@ -172,10 +214,13 @@ def _options(recipe: Recipe) -> list[list[_Option]]:
         for keep in range(recipe.blocks - 1, 0, -1):
             swap.append(_Option(f"block swap {recipe.blocks - keep}", 1.0 + 3.0 * (recipe.blocks - keep) / recipe.blocks,
                                 lambda r, k=keep: replace(r, blocks_resident=k)))
-    if recipe.checkpointing:
-        ckpt = ckpt[1:]
+    if recipe.checkpointing:  # on already: not a change; offloading its inputs is
+        ckpt = ckpt[:1] + ([] if recipe.offload_activations else [
+            _Option("activation offload", 1.0, lambda r: replace(r, offload_activations=True))])
     if recipe.blocks_resident is not None:
         swap = swap[:1]
+    if recipe.full_finetune:  # block swap streams frozen weights only; quantized weights cannot train
+        quant, swap = quant[:1], swap[:1]
     return [quant, ckpt, opt, swap]
 
 

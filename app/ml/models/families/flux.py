@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from .base import ModelFamily, TextEncoderSpec
+from .memory import ActivationProfile
 
 GUIDANCE_SAMPLE_DEFAULT = 3.5  # dev's distilled guidance for previews (FluxPipeline's default)
 
@@ -376,4 +377,19 @@ FLUX_SCHNELL = replace(
     t5_max_length=256,
     sample_steps=4,
     notes="Timestep-distilled: sample in 4 steps; it has no guidance input.",
+)
+
+# Activation memory of the Flux transformers, per image + text token of one sample (see memory.py),
+# measured by tests/bench/measure_coefficients.py: the full-width transformer at 1+1, 2+1 and 1+2
+# double + single blocks, so the cost per block holds at the full 19 + 38.
+ACTIVATION_PROFILES = (
+    ActivationProfile(
+        name='flux-dev',
+        signature=('FluxTransformer2DModel', 24, 128, 4096, 64),
+        dtype='bf16', width=3072.0,
+        base=85664.9, ckpt_base=151552.0,
+        per_block=(('transformer_blocks', 86396.3, 16735.1), ('single_transformer_blocks', 77151.1, 6290.3)),
+        adapter_factor=0.75,
+        measured="tests/bench/measure_coefficients.py, CPU, latent sides (8, 12, 16)",
+    ),
 )

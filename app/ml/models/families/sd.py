@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from .base import ModelFamily, TextEncoderSpec
+from .memory import ActivationProfile
 
 
 @dataclass(frozen=True)
@@ -171,4 +172,28 @@ SD2_V = replace(
     kohya_base_model_version="sd_v2_v",  # what kohya's sd-scripts write for SD 2.x v-prediction
     config_dir="sd2-v",
     notes="Cannot be told from sd2 by its weights; selected explicitly or by config/metadata.",
+)
+
+# Activation memory of the UNets this module trains, per latent pixel of one sample (see memory.py),
+# measured by tests/bench/measure_coefficients.py: the memory planner's data, not a table per GPU.
+ACTIVATION_PROFILES = (
+    ActivationProfile(
+        name='tiny-sd',
+        signature=('UNet2DConditionModel', (16, 32), 2, ('CrossAttnDownBlock2D', 'DownBlock2D'), 1, 4, 32, False),
+        dtype='fp32', width=16.0,
+        base=13676.8, ckpt_base=4736.0,
+        per_block=(),
+        adapter_factor=1.32,
+        measured="tests/bench/measure_coefficients.py, CPU, latent sides (16, 32, 48)",
+    ),
+    ActivationProfile(
+        name='sd15',
+        signature=('UNet2DConditionModel', (320, 640, 1280, 1280), 2, ('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D',
+                   'CrossAttnDownBlock2D', 'DownBlock2D'), 1, 8, 768, False),
+        dtype='bf16', width=320.0,
+        base=86528.0, ckpt_base=16870.4,
+        per_block=(),
+        adapter_factor=0.62,
+        measured="tests/bench/measure_coefficients.py, CPU, latent sides (8, 16, 24)",
+    ),
 )

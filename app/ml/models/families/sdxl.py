@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .base import TextEncoderSpec
+from .memory import ActivationProfile
 from .sd import SDFamily
 
 
@@ -78,4 +79,18 @@ SDXL = SDXLFamily(
     pipeline_class="StableDiffusionXLPipeline",
     unet_cross_attention_dim=2048,
     notes="The SDXL VAE overflows in fp16: keep it in fp32 or bf16.",
+)
+
+# Activation memory of the SDXL UNets, per latent pixel of one sample (see memory.py), measured by
+# tests/bench/measure_coefficients.py.
+ACTIVATION_PROFILES = (
+    ActivationProfile(
+        name='tiny-sdxl',
+        signature=('UNet2DConditionModel', (16, 32), 2, ('DownBlock2D', 'CrossAttnDownBlock2D'), (1, 2), (2, 4), 80, True),
+        dtype='fp32', width=16.0,
+        base=16259.2, ckpt_base=4579.2,
+        per_block=(),
+        adapter_factor=1.38,
+        measured="tests/bench/measure_coefficients.py, CPU, latent sides (16, 32, 48)",
+    ),
 )
