@@ -348,6 +348,11 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
         trained = ModelHandle(trainable.model, (), (), {**handle.info, **info})
     ctx.log(f"trained {result.steps} steps in {result.elapsed_s:.1f} s; final loss "
             f"{result.losses[-1]:.4f}" if result.losses else "no steps were trained")
+    if rank == 0 and ctx.recipe:  # the run's measured peak next to the memory plan's prediction
+        from app.ml.memory.recipe_plan import measured_vs_predicted
+
+        ctx.log(measured_vs_predicted(ctx.recipe, ctx.recipe_dir, ctx.node_id, result.peak_bytes,
+                                      getattr(result, "peak_kind", "")))
     run = {"steps": result.steps, "epochs": result.epochs_done, "losses": result.losses,
            "validation": result.validation, "backups": result.backups, "workdir": str(workdir),
            "elapsed_s": result.elapsed_s, "peak_bytes": result.peak_bytes}
