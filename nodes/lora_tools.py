@@ -60,6 +60,7 @@ def load_lora(ctx, model, path):
     except AdapterError as e:
         raise _fail(str(e)) from None
     lora = LoRA(aset, info["metadata"], info["file"], {**info, "model_name": model_name(bundle)})
+    _warn_precision(ctx, info, aset, bundle)
     ctx.log(f"{info['file']}: {info['algorithm']} rank {info['rank']} alpha {info['alpha']} for {info['base_model']} "
             f"({info['layout']} layout, {len(aset)} layers)" + (f"; trigger words: {info['trigger_words']}"
                                                               if info["trigger_words"] else ""))
@@ -67,6 +68,20 @@ def load_lora(ctx, model, path):
         ctx.warn(note)
     _show(ctx, lora)
     return lora
+
+
+def _warn_precision(ctx, info, aset, bundle) -> None:
+    """A LoRA trained on a quantized base (QLoRA) applied to another precision, or the other way round: it works,
+    but it learned against its base's rounding, so the user is told which file and which components differ."""
+    from app.ml.save.metadata import read_base_precision
+
+    trained = read_base_precision(info["metadata"])
+    here = bundle.precisions
+    differ = [c for c in aset.components if c in trained and c in here and trained[c] != here[c]]
+    if differ:
+        ctx.warn(f"{info['file']} was trained on a base with " + ", ".join(f"{c} {trained[c]}" for c in differ)
+                 + "; this model has " + ", ".join(f"{c} {here[c]}" for c in differ) + ". It applies, but it learned "
+                 "against its base's rounding: results can differ slightly from its samples")
 
 
 @node(type="ApplyLoRA", category="lora",

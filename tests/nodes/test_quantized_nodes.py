@@ -24,6 +24,7 @@ def _run(reg, data: dict, workspace, targets=None):
     assert not problems, problems
     events = []
     result = Executor(reg).run(graph, targets=targets, workspace=workspace, emit=events.append)
+    assert result.status != "invalid", [e for e in events if e["event"] not in ("log", "progress")]
     return result, events
 
 
@@ -127,3 +128,108 @@ def test_quantized_linear_keeps_its_format_when_the_model_is_cast(reg, tmp_path)
     bundle.unet.to(torch.bfloat16)
     assert set(_quantized(bundle.unet).values()) == {"nf4"}
     assert before.keys() == dict(bundle.unet.named_buffers()).keys()
+
+
+def _storage(module) -> dict[str, torch.Tensor]:
+    from app.ml.memory.quant import QuantizedLinear
+
+    return {f"{n}.{i}": t.clone() for n, m in module.named_modules() if isinstance(m, QuantizedLinear)
+            for i, t in enumerate(m.storage())}
+
+
+@pytest.mark.parametrize("source,fmt,algorithm", [("builtin:tiny-sd", "nf4", "lora"), ("builtin:tiny-sd", "fp8", "dora"),
+                                                  ("builtin:tiny-flux", "nf4", "dora"), ("builtin:tiny-flux", "fp8", "lora")])
+def test_qlora_trainloop_trains_samples_and_saves_on_a_quantized_base(reg, tmp_path, source, fmt, algorithm):
+    """TrainLoop with an adapter on an nf4 / fp8 base: finite losses, the adapter changes, the quantized storage
+    does not; samples before, during and after training; the saved LoRA records the base precision."""
+    from safetensors import safe_open
+
+    data = lora_recipe(DEMO, {"max_steps": 3, "train_dtype": "bf16", "sample_prompts": "red circle", "sample_steps": 2,
+                              "sample_every": 2, "sample_unit": "steps"}, res="32", save="qlora.safetensors")
+    data["nodes"]["1"]["params"].update(source=source, denoiser_quant=fmt, text_encoder_quant=fmt)
+    data["nodes"]["5"]["params"].update(algorithm=algorithm, text_encoder_layers="attn-only")
+    if "flux" in source:
+        data["nodes"]["3"]["params"]["quantization"] = 16
+    graph, problems = loads_recipe(json.dumps(data), registry=reg)
+    assert not problems
+    ex = Executor(reg)
+    first = ex.run(graph, targets=["1", "5"], workspace=tmp_path / "ws")
+    base, untrained = first.outputs["1"]["model"].base, first.outputs["5"]["model"].adapters[0]
+    before = _storage(base.denoiser), _storage(base.text_encoders[0])
+    start = {k: v.clone() for k, v in untrained.state_dict().items()}
+    events = []
+    result = ex.run(graph, targets=["6", "7"], workspace=tmp_path / "ws", emit=events.append)
+    assert result.status == "done", [e["message"] for e in events if e["event"] == "node_error"]
+    losses = [e["values"]["loss"] for e in events if e["event"] == "metric" and "loss" in e["values"]]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    trained = result.outputs["6"]["model"].adapters[0]
+    assert any(not torch.equal(v, start[k]) for k, v in trained.state_dict().items())
+    for got, want in zip((_storage(base.denoiser), _storage(base.text_encoders[0])), before):
+        assert got.keys() == want.keys() and got and all(torch.equal(got[k], want[k]) for k in want)
+    samples = sorted(p.name for p in (tmp_path / "ws").rglob("*.png"))
+    assert len(samples) >= 3, samples  # before, at step 2, after
+    saved = next((tmp_path / "ws").rglob("qlora.safetensors"))
+    with safe_open(str(saved), "pt") as f:
+        meta = f.metadata()
+    recorded = json.loads(meta["nodetrainer_base_precision"])
+    assert recorded[base.family.denoiser] == fmt and recorded["text_encoder"] == fmt and "vae" not in recorded
+    assert meta["ss_fp8_base"] == str(fmt == "fp8")
+
+
+@pytest.fixture(scope="module")
+def nf4_lora(tmp_path_factory):
+    """A LoRA trained (briefly) on an nf4 tiny-sd, saved by the Save node, and one trained on the plain base."""
+    reg = load_registry(include_user=False)
+    out = {}
+    for fmt in ("nf4", "none"):
+        tmp = tmp_path_factory.mktemp(f"lora_{fmt}")
+        data = lora_recipe(DEMO, {"max_steps": 2}, res="32", save=f"{fmt}.safetensors")
+        data["nodes"]["1"]["params"]["denoiser_quant"] = fmt
+        result, _ = _run(reg, data, tmp / "ws")
+        assert result.status == "done"
+        out[fmt] = next((tmp / "ws").rglob(f"{fmt}.safetensors"))
+    return out
+
+
+def test_a_lora_from_an_nf4_base_matches_in_layout_and_load_lora_warns_on_another_precision(reg, tmp_path, nf4_lora):
+    from safetensors import safe_open
+
+    with safe_open(str(nf4_lora["nf4"]), "pt") as a, safe_open(str(nf4_lora["none"]), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(a.get_slice(k).get_shape() == b.get_slice(k).get_shape() for k in a.keys())
+    # applied on the plain (fp32) base: loads, warns naming the file and both precisions, and samples
+    data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-sd"}),
+                   "2": ("LoadLoRA", {"path": str(nf4_lora["nf4"])}),
+                   "3": ("ApplyLoRA", {"strength": 1.0, "text_encoder_strength": 1.0}),
+                   "4": ("Sample", {"prompt": "red circle", "width": 64, "height": 64, "steps": 2, "seed": 1})},
+                  [("1", "model", "2", "model"), ("1", "model", "3", "model"), ("2", "lora", "3", "lora"),
+                   ("3", "model", "4", "model")])
+    result, events = _run(reg, data, tmp_path / "ws")
+    assert result.status == "done"
+    warnings = [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning"]
+    line = next(m for m in warnings if "was trained on a base with" in m)
+    assert line.startswith(f"{nf4_lora['nf4'].name} was trained on a base with unet nf4; this model has unet fp32")
+    assert len(result.outputs["4"]["images"]["paths"]) == 1
+    # the same file on an nf4 base, and the plain LoRA on the plain base: no warning
+    for path, quant in ((nf4_lora["nf4"], "nf4"), (nf4_lora["none"], "none")):
+        data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-sd", "denoiser_quant": quant}),
+                       "2": ("LoadLoRA", {"path": str(path)})}, [("1", "model", "2", "model")])
+        result, events = _run(reg, data, tmp_path / f"ws_{quant}")
+        assert result.status == "done"
+        assert not any("was trained on a base with" in e.get("message", "") for e in events)
+
+
+def test_sample_node_on_a_quantized_base_with_a_lora(reg, tmp_path, nf4_lora):
+    data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-sd", "denoiser_quant": "nf4", "text_encoder_quant": "fp8"}),
+                   "2": ("LoadLoRA", {"path": str(nf4_lora["nf4"])}),
+                   "3": ("ApplyLoRA", {"strength": 1.0, "text_encoder_strength": 1.0}),
+                   "4": ("Sample", {"prompt": "red circle\nblue square", "width": 64, "height": 64, "steps": 3,
+                                    "seed": 1})},
+                  [("1", "model", "2", "model"), ("1", "model", "3", "model"), ("2", "lora", "3", "lora"),
+                   ("3", "model", "4", "model")])
+    result, _ = _run(reg, data, tmp_path / "ws")
+    assert result.status == "done"
+    from PIL import Image
+
+    paths = result.outputs["4"]["images"]["paths"]
+    assert len(paths) == 2 and all(Image.open(p).size == (64, 64) for p in paths)

@@ -47,6 +47,9 @@ class AdapterSet(nn.Module):
         self.config = config
         self.family = family
         self.base_identity = base_identity
+        # weight storage per component of the base it is trained on ({"transformer": "nf4", "vae": "bf16", ...},
+        # ModelBundle.precisions): saved as nodetrainer_base_precision, so applying it elsewhere can warn
+        self.base_precision: dict[str, str] = {}
         self.unet_config = dict(unet_config or {})
         self.adapters = nn.ModuleList()
         self._index: list[tuple[str, str]] = []
@@ -109,6 +112,7 @@ def create_adapter_set(bundle, config: AdapterConfig, *, device: "torch.device |
     """
     comps = component_modules(bundle)
     aset = AdapterSet(config, bundle.family, getattr(bundle, "identity", ""), bundle.denoiser.config)
+    aset.base_precision = dict(getattr(bundle, "precisions", {}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(config.seed))
         for component, preset in config.targets.items():

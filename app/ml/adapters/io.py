@@ -218,6 +218,8 @@ def assemble_adapter_set(bundle, built, algorithm: str, rank: int, alpha: float,
     for component, name, module in sorted(built, key=lambda b: (b[0], order[b[0]][b[1]])):
         aset.add(component, name, module)
     aset.requires_grad_(trainable)
+    if trainable:  # trained further on this base (LoRAInject's init_from): its precision is the one to record
+        aset.base_precision = dict(getattr(bundle, "precisions", {}))
     return aset.to(device=bundle.denoiser.device)
 
 

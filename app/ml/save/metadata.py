@@ -175,9 +175,36 @@ def lora_metadata(
         "nodetrainer_step": "" if step is None else str(int(step)),
         "nodetrainer_epoch": "" if epoch is None else str(int(epoch)),
     })
+    meta.update(base_precision_metadata(getattr(aset, "base_precision", None), fam))
     for k, v in (extra or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     return meta
+
+
+BASE_PRECISION_KEY = "nodetrainer_base_precision"
+
+
+def base_precision_metadata(precisions: Mapping[str, str] | None, family) -> dict[str, str]:
+    """The weight storage of the base a LoRA was trained on: ``nodetrainer_base_precision`` as JSON
+    (``{"transformer": "nf4", "text_encoder": "bf16", ...}``, the VAE left out: adapters never touch it)
+    and kohya's ``ss_fp8_base`` (the denoiser in fp8) / ``ss_fp8_base_unet`` (only the denoiser in fp8).
+    Nothing when the base is unknown (a LoRA read from a file and saved again)."""
+    if not precisions:
+        return {}
+    shown = {k: v for k, v in precisions.items() if k != "vae"}
+    den = precisions.get(family.denoiser) if family is not None else None
+    te_fp8 = any(v == "fp8" for k, v in shown.items() if k.startswith("text_encoder"))
+    return {BASE_PRECISION_KEY: json.dumps(shown, sort_keys=True),
+            "ss_fp8_base": str(den == "fp8"), "ss_fp8_base_unet": str(den == "fp8" and not te_fp8)}
+
+
+def read_base_precision(metadata: Mapping[str, str]) -> dict[str, str]:
+    """``nodetrainer_base_precision`` of a LoRA file's metadata; {} when absent or unreadable."""
+    try:
+        value = json.loads(metadata.get(BASE_PRECISION_KEY) or "{}")
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def checkpoint_metadata(bundle, *, title: str, recipe: Any = None, step: int | None = None, epoch: int | None = None) -> dict[str, str]:
