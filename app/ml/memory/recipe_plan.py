@@ -16,6 +16,7 @@ device; text encoders and VAE off it when the Cache node holds their outputs and
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import re
@@ -678,3 +679,34 @@ def plan_file(path: str | Path, registry=None) -> list[RecipePlan]:
 
 __all__ = ["PlanError", "RecipePlan", "adapted_inputs", "parse_size", "plan_file", "plan_graph", "safetensors_shapes",
            "WEIGHT_BYTES"]
+
+
+def measured_vs_predicted(recipe: dict, recipe_dir, node_id: str, peak_bytes: int | None, peak_kind: str = "") -> str:
+    """TrainLoop's closing line: the run's measured peak next to the plan's prediction. On a CPU the
+    measure is the resident size's growth over the loaded process (weights and adapter already
+    there), so the prediction it is set against leaves those out too."""
+    from app.graph.recipe import parse_recipe
+    from app.graph.registry import load_registry
+
+    why = "the recipe has no plan for this node"
+    plans: list[RecipePlan] = []
+    try:
+        registry = load_registry()
+        graph, _ = parse_recipe(copy.deepcopy(recipe or {}), registry=registry)
+        plans = [p for p in plan_graph(graph, registry, recipe_dir) if p.node == node_id]
+    except Exception as e:  # a closing log line never fails a finished run
+        why = str(e)
+    if not plans:
+        measured = f"measured {gb(peak_bytes)} ({peak_kind})" if peak_bytes is not None else "not measured here"
+        return f"peak device memory: {measured}; no prediction ({why})"
+    plan = plans[0].plan
+    predicted, scope = plan.peak, ""
+    if peak_bytes is not None and "RSS" in peak_kind:
+        predicted = sum(v for k, v in plan.parts.items()
+                        if not k.startswith(("weights ", "adapter weights", "block swap")))
+        scope = " beyond the loaded weights"
+    if peak_bytes is None:
+        return f"peak device memory: not measured on this device; predicted {gb(predicted)}"
+    error = (predicted - peak_bytes) / peak_bytes if peak_bytes else 0.0
+    return (f"peak device memory: measured {gb(peak_bytes)} ({peak_kind}), predicted {gb(predicted)}{scope} "
+            f"({error:+.0%}); the whole plan {gb(plan.peak)}")

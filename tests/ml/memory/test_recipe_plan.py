@@ -169,3 +169,19 @@ def test_fit_through_the_recipe_and_sizes(registry):
 def test_missing_links_are_named(registry):
     with pytest.raises(PlanError, match=r"TrainLoop \(node 7\): its model input is not linked"):
         _plan(registry, **{"5": None, "1": {}})
+
+
+def test_the_run_log_sets_the_measured_peak_next_to_the_prediction(registry):
+    from app.ml.memory.recipe_plan import gb, measured_vs_predicted
+
+    plan = _plan(registry).plan
+    step = sum(v for k, v in plan.parts.items() if not k.startswith(("weights ", "adapter weights")))
+    line = measured_vs_predicted(RECIPE, None, "7", int(step * 1.1), "RSS growth over the loaded process")
+    assert line.startswith(f"peak device memory: measured {gb(int(step * 1.1))} (RSS growth over the loaded process), "
+                           f"predicted {gb(step)} beyond the loaded weights (-9%)"), line
+    line = measured_vs_predicted(RECIPE, None, "7", int(plan.peak), "CUDA max_memory_allocated")
+    assert f"predicted {gb(plan.peak)} (+0%)" in line
+    broken = copy.deepcopy(RECIPE)
+    broken["links"] = [l for l in broken["links"] if l["to_input"] != "buckets"]
+    assert "no prediction (TrainLoop (node 7): its buckets input is not linked" in measured_vs_predicted(
+        broken, None, "7", 1000, "RSS growth over the loaded process")
