@@ -192,8 +192,7 @@ class _Site:
             if trunc not in ("do_not_truncate", False) and max_length is not None:
                 body = body[:max(0, max_length - extra)]
             rows.append((self.prefix + body + self.suffix) if special else body)
-        lengths = [len(r) for r in rows]
-        target = max(lengths) if padding == "longest" else (max_length if padding == "max_length" and max_length else 0)
+        target = max(len(r) for r in rows) if padding == "longest" else (max_length if padding == "max_length" and max_length else 0)
         multiple = kw.get("pad_to_multiple_of")
         if target and multiple:
             target = -(-target // multiple) * multiple
@@ -212,11 +211,11 @@ class _Site:
         want_types = kw.get("return_token_type_ids")
         if want_types or (want_types is None and "token_type_ids" in tok.model_input_names):
             data["token_type_ids"] = [[0] * len(r) for r in rows]
-        if kw.get("return_length"):
-            data["length"] = lengths
         tensors = kw.get("return_tensors")
         if single:
             data = {k: v[0] for k, v in data.items()}
+        if kw.get("return_length"):  # padded lengths, a list even for one text (as the tokenizer's own)
+            data["length"] = [len(r) for r in rows]
         return BatchEncoding(data, tensor_type=tensors, prepend_batch_axis=single and tensors is not None)
 
     def _tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):

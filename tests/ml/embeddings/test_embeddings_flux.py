@@ -51,3 +51,9 @@ def test_flux_file_has_clip_l_and_t5(tmp_path, flux):
     with attached(flux, clip_only):  # T5 reads "<c>" as plain text: only CLIP is patched
         assert max(flux.tokenizers[1]("<c>").input_ids) < len(flux.tokenizers[1])
         assert flux.tokenizers[0]("<c>").input_ids[1] == len(flux.tokenizers[0])
+
+
+def test_t5_tokenizer_options_behave_as_without_the_patch(flux):
+    from test_embeddings_patch import _fidelity
+
+    _fidelity(flux, create_embedding(flux, "<ohwx>", 1), "blue")
