@@ -9,6 +9,7 @@ from safetensors import safe_open
 from app.ml.adapters import attached
 from app.ml.embeddings import create_embedding, load_embedding_file, save_embedding
 from app.ml.sampling import sample_images
+from embedding_helpers import tokenizes_like_a_word
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,4 @@ def test_flux_file_has_clip_l_and_t5(tmp_path, flux):
 
 
 def test_t5_tokenizer_options_behave_as_without_the_patch(flux):
-    from test_embeddings_patch import _fidelity
-
-    _fidelity(flux, create_embedding(flux, "<ohwx>", 1), "blue")
+    tokenizes_like_a_word(flux, create_embedding(flux, "<ohwx>", 1), "blue")
