@@ -167,7 +167,8 @@ def create_embedding(bundle, token: str, num_vectors: int, init_text: str = "", 
         table = input_embeddings(te).weight
         with torch.no_grad():
             vectors[spec.name] = table[torch.tensor(ids, device=table.device)].detach().float().cpu()
-    return EmbeddingSet(token, vectors, bundle.family, trainable=trainable, base_identity=getattr(bundle, "identity", ""))
+    return EmbeddingSet(token, vectors, bundle.family, trainable=trainable,
+                        base_identity=getattr(bundle, "identity", ""))
 
 
 def _plain_ids(tok, text: str) -> list[int]:

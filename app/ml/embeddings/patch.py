@@ -190,9 +190,13 @@ class _Site:
         for t in texts:
             body = self._ids(t, pattern, slots)
             if trunc not in ("do_not_truncate", False) and max_length is not None:
-                body = body[:max(0, max_length - extra)]
+                keep = max(0, max_length - extra)
+                body = body[len(body) - keep:] if tok.truncation_side == "left" else body[:keep]
             rows.append((self.prefix + body + self.suffix) if special else body)
-        target = max(len(r) for r in rows) if padding == "longest" else (max_length if padding == "max_length" and max_length else 0)
+        if padding == "longest":
+            target = max(len(r) for r in rows)
+        else:
+            target = max_length if padding == "max_length" and max_length else 0
         multiple = kw.get("pad_to_multiple_of")
         if target and multiple:
             target = -(-target // multiple) * multiple
@@ -348,12 +352,14 @@ def check_compatible(bundle, emb: EmbeddingSet) -> None:
     specs = {s.name: (s, te) for s, te in zip(bundle.family.text_encoders, bundle.text_encoders)}
     for name, vec in emb.vectors.items():
         if name not in specs:
-            raise EmbeddingError(f"{emb.where()} has vectors for {name}, which {bundle.family.display_name} does not have")
+            raise EmbeddingError(f"{emb.where()} has vectors for {name}, which {bundle.family.display_name} "
+                                 "does not have")
         spec, te = specs[name]
         want, got = int(input_embeddings(te).weight.shape[1]), int(vec.shape[1])
         if want != got:
             raise EmbeddingError(f"{emb.where()}: the {spec.architecture} text encoder ({spec.embedding_key}) takes "
-                                 f"vectors {want} wide but the embedding's are {got} wide; it was made for another model")
+                                 f"vectors {want} wide but the embedding's are {got} wide; it was made for another "
+                                 "model")
 
 
 @contextmanager
