@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .keys import Group, flux_groups
+from .keys import Group, _swap_halves, flux_groups
 
 KOHYA_PREFIX = "lora_unet_"
 LYCORIS_PREFIX = "lycoris_"  # per-projection keys ComfyUI maps onto a slice of a fused BFL weight
@@ -91,7 +91,8 @@ def to_bfl(loras: Mapping[str, LoraWeights], *, mlp_ratio: float = MLP_RATIO, wh
         seen.add(g.bfl)
         if not g.fused:
             lo = loras[name]
-            out[g.bfl] = LoraWeights(lo.down, lo.up, float(lo.alpha))
+            # final_layer.adaLN_modulation.1 holds (shift, scale) where norm_out.linear holds (scale, shift)
+            out[g.bfl] = LoraWeights(lo.down, _swap_halves(lo.up) if g.swap else lo.up, float(lo.alpha))
             continue
         parts = [loras.get(n) for n in g.diffusers]
         present = [p for p in parts if p is not None]
@@ -167,7 +168,7 @@ def from_bfl(bfl: Mapping[str, LoraWeights], *, mlp_ratio: float = MLP_RATIO, wh
         if g.fused:
             out.update(_split_fused(g, lo, mlp_ratio, where))
         else:
-            out[g.diffusers[0]] = LoraWeights(lo.down, lo.up, float(lo.alpha))
+            out[g.diffusers[0]] = LoraWeights(lo.down, _swap_halves(lo.up) if g.swap else lo.up, float(lo.alpha))
     return out
 
 
@@ -329,7 +330,9 @@ def _any_table(names: Iterable[str]) -> list[Group]:
 
 def lycoris_prefixes(names: Iterable[str], layout: str, *, where: str = "Flux LoRA") -> dict[str, str]:
     """Our diffusers module names -> file key prefixes for LoHa/LoKr/DoRA modules in the kohya or comfyui
-    layout: BFL names where the BFL weight is the module's alone, ``lycoris_<module>`` on fused weights."""
+    layout: BFL names where the BFL weight is the module's alone, ``lycoris_<module>`` on fused weights and on
+    ``norm_out.linear`` (BFL's ``final_layer.adaLN_modulation.1`` has its halves swapped, which ComfyUI's
+    per-projection key map applies to the module's weight change, whatever the algorithm)."""
     names = list(names)
     by_name = _by_diffusers(_any_table(names))
     out = {}
@@ -337,7 +340,7 @@ def lycoris_prefixes(names: Iterable[str], layout: str, *, where: str = "Flux Lo
         if name not in by_name:
             raise FluxLoraKeyError(f"{where}: {name!r} is not a LoRA-able Flux transformer module (no BFL name for it).")
         g, _ = by_name[name]
-        if g.fused:
+        if g.fused or g.swap:
             out[name] = lycoris_name(name)
         else:
             out[name] = kohya_name(g.bfl) if layout == "kohya" else COMFY_PREFIX + g.bfl
@@ -379,6 +382,8 @@ def from_lycoris_tensors(tensors: Mapping[str, torch.Tensor], *, where: str = "F
             raise FluxLoraKeyError(f"{where}: {prefix!r} matches no module of a Flux transformer; "
                                    "is this a LoRA for another model?")
         g, name = table[prefix]
+        if name is not None and g.swap and not prefix.startswith(LYCORIS_PREFIX):
+            parts = _unswap_rows(prefix, parts, where)
         if name is not None:
             out.update({f"{name}.{p}": t for p, t in parts.items()})
             continue
@@ -391,4 +396,20 @@ def from_lycoris_tensors(tensors: Mapping[str, torch.Tensor], *, where: str = "F
         for n, w in _split_fused(g, lo, mlp_ratio, where).items():
             out[f"{n}.lora_down.weight"], out[f"{n}.lora_up.weight"] = w.down, w.up
             out[f"{n}.alpha"] = torch.tensor(float(w.alpha))
+    return out
+
+
+def _unswap_rows(prefix: str, parts: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """A module under BFL's ``final_layer.adaLN_modulation.1`` name, in (shift, scale) row order, for our
+    ``norm_out.linear`` (scale, shift): swap the halves of every factor that carries the output rows."""
+    out = dict(parts)
+    for p in ("lora_up.weight", "hada_w1_a", "hada_w2_a"):
+        if p in out:
+            out[p] = _swap_halves(out[p])
+    if "lokr_w1" in out:  # kron(w1, w2): swapping w1's row halves swaps the product's, when w1's rows are even
+        if out["lokr_w1"].shape[0] % 2:
+            raise FluxLoraKeyError(f"{where}: {prefix} is a LoKr whose w1 has {out['lokr_w1'].shape[0]} rows, which "
+                                   "cannot be reordered from BFL's (shift, scale) to diffusers' (scale, shift); "
+                                   "write it with the per-projection key lycoris_norm_out_linear.")
+        out["lokr_w1"] = _swap_halves(out["lokr_w1"])
     return out
