@@ -38,6 +38,7 @@ READ_INPUTS = {
     ("LoadModel", "ae"), ("LoadModel", "clip_l"), ("LoadModel", "t5xxl"),
     ("Concept", "folder"), ("Concept", "caption_file"),
     ("LoRAInject", "init_from"), ("LoadLoRA", "path"), ("TrainLoop", "resume_from"), ("Cache", "folder"),
+    ("Embedding", "init_from"), ("LoadEmbedding", "path"),
     ("Caption", "model_folder"), ("Masks", "model_folder"),
     ("Caption", "write_beside"), ("Masks", "write_beside"),  # the images' folder: written into, must exist
 }
@@ -365,6 +366,18 @@ def check_adapter_file(path: Path, params: dict) -> str | None:
     return None
 
 
+def check_embedding_file(path: Path, params: dict) -> str | None:
+    """An embedding file (Embedding, LoadEmbedding): readable, and not a model checkpoint; which layout
+    and family it holds is checked when the node loads it against the model."""
+    why = _readable_safetensors(path)
+    if why or path.suffix.lower() != ".safetensors":
+        return why
+    keys, _ = safetensors_header(path)
+    if any(k.startswith(("model.diffusion_model.", "unet.", "transformer.")) for k in keys):
+        return "is a model checkpoint, not an embedding; choose an embedding file (or a LoRA with bundled embeddings)"
+    return None
+
+
 def check_hf_model_folder(path: Path, params: dict) -> str | None:
     """A captioning or mask model folder (Caption, Masks) must hold config.json; its model type is
     checked when the node loads it."""
@@ -384,4 +397,6 @@ _CONTENT_CHECKS: dict[tuple[str, str], Callable[[Path, dict], "str | None"]] = {
     ("LoadModel", "t5xxl"): check_flux_part("t5xxl"),
     ("LoRAInject", "init_from"): check_adapter_file,
     ("LoadLoRA", "path"): check_adapter_file,
+    ("Embedding", "init_from"): check_embedding_file,
+    ("LoadEmbedding", "path"): check_embedding_file,
 }

@@ -344,3 +344,20 @@ def test_loaded_embedding_serves_sample_prompts(tmp_path):
     px = [np.asarray(Image.open(p), dtype=np.int16) for p in (with_emb, without, words)]
     assert np.abs(px[0] - px[1]).max() > 0  # the placeholder means something only with the embedding
     assert np.abs(px[0] - px[2]).max() <= 1  # ... the words its vectors came from
+
+
+def test_validation_names_a_missing_or_wrong_embedding_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from app.graph.validate import validate
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(1)}, str(checkpoint))
+    reg = load_registry(include_user=False)
+    for node, param in (("Embedding", "init_from"), ("LoadEmbedding", "path")):
+        for path, why in ((tmp_path / "gone.safetensors", "no such file"), (checkpoint, "not an embedding")):
+            data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-sd"}), "2": (node, {param: str(path)})},
+                          [("1", "model", "2", "model")])
+            graph, problems = loads_recipe(json.dumps(data), registry=reg)
+            found = [str(p) for p in problems + validate(graph, reg, recipe_dir=tmp_path)]
+            assert len(found) == 1 and found[0].startswith(f"node 2 ({node}): '{param}'") and why in found[0], found
