@@ -124,3 +124,35 @@ def test_step_coefficient_is_the_per_token_slope():
     # saved: GELU's input (1024 fp32 per token); live at the peak also the first Linear's output, GELU's
     # output and their gradients (about 5 of those 4 KiB rows per token), sampled from the resident size
     assert 4 * 1024 <= coef <= 4 * 1024 * 8, coef
+
+
+def test_fit_never_proposes_what_the_recipe_already_does():
+    r = _recipe(checkpointing=True)
+    for target in (2_000_000, 1_500_000):
+        plan = fit(r, target)
+        assert plan is not None and "gradient checkpointing" not in plan.changes, plan.changes
+    q = _recipe(components=[Component("transformer", 1_000_000, 900_000, "bf16", quant="fp8")])
+    plan = fit(q, 1_900_000)
+    assert plan is not None and not any(c.startswith("fp8 ") for c in plan.changes), plan.changes
+
+
+def test_measured_profile_activations_and_full_finetune_parts():
+    # activations from a measured profile: bytes per token of the whole step, per mode
+    r = _recipe(act_full=500.0, act_ckpt=80.0, act_ckpt_offloaded=30.0, adapter_inputs=4000.0,
+                adapter_inputs_ckpt=1000.0, adapter_factor=0.5)
+    assert predict(r).parts["activations"] == 500 * 256
+    assert predict(r).parts["activations (adapted layers' inputs)"] == 2000
+    c = predict(_recipe(act_full=500.0, act_ckpt=80.0, checkpointing=True, adapter_inputs_ckpt=1000.0,
+                        adapter_factor=0.5)).parts
+    assert c["activations (checkpointed)"] == 80 * 256 and c["activations (adapted layers' inputs)"] == 500
+    o = predict(_recipe(act_full=500.0, act_ckpt=80.0, act_ckpt_offloaded=30.0, checkpointing=True,
+                        offload_activations=True)).parts
+    assert o["activations (checkpointed, inputs offloaded)"] == 30 * 256
+    # full fine-tune in bf16: the weights are the trained ones; gradients and AdamW moments in bf16;
+    # a fused backward holds one gradient (the largest parameter) at a time
+    f = predict(_recipe(full_finetune=True, trainable_dtype="bf16", adapter_params=1_000_000)).parts
+    assert "adapter weights (fp32)" not in f and f["gradients (bf16)"] == 2_000_000
+    assert f["optimizer state (adamw)"] == 8.0 * 1_000_000 / 2
+    fused = predict(_recipe(full_finetune=True, trainable_dtype="bf16", adapter_params=1_000_000, fused_backward=True,
+                            largest_param=50_000)).parts
+    assert fused["gradients (bf16, fused backward)"] == 100_000
