@@ -20,6 +20,7 @@ from app.gui import commands as C
 from app.gui import compare_view, dialogs, queue_panel, settings
 from app.gui.canvas import Canvas, Pin
 from app.gui.document import Document
+from app.gui.memory_plan import MemoryPlanPanel
 from app.gui.panels import Inspector, Library, ProblemList, SearchPopup, StatusBar
 from app.gui.previews import Textures
 from app.gui.runner import Runner
@@ -77,6 +78,7 @@ class Editor:
                 with dpg.child_window(width=-1, height=-STATUS_H) as right:
                     self.problem_list = ProblemList(right, self.focus_node)
                     self.inspector = Inspector(right, self.textures, self.enlarge, self.reroll, self.run_to)
+                    self.memory = MemoryPlanPanel(self, self.inspector.header)
             self.status = StatusBar(self.window, self.themes)
         dpg.bind_theme(self.themes.app)
         self.canvas = Canvas(self.node_editor, self.themes, self.textures, on_param=self.on_param,
@@ -769,6 +771,7 @@ class Editor:
         if self.focus and self.focus not in self.doc.graph.nodes:
             self.focus = None
         self.inspector.show(self.doc, self.focus, self.run.nodes.get(self.focus) if self.focus else None)
+        self.memory.tick()  # the memory plan on TrainLoop nodes and in the inspector (computed off this thread)
         self._draw_groups()
         self._autosave()
         ft = self.frame_times[-60:]
@@ -873,6 +876,7 @@ class Editor:
             "problems": [p.to_dict() for p in self.problems],
             "message": self.message,
             "focus": self.focus,
+            "memory_plan": self.memory.report(),
             "search": {"shown": self.search.shown, "pin_type": self.search.pin_type, "side": self.search.side,
                        "results": [s.type for s in self.search.results[:20]]},
             "run": {"status": self.run.status, "running": self.run.running,

@@ -710,3 +710,31 @@ def measured_vs_predicted(recipe: dict, recipe_dir, node_id: str, peak_bytes: in
     error = (predicted - peak_bytes) / peak_bytes if peak_bytes else 0.0
     return (f"peak device memory: measured {gb(peak_bytes)} ({peak_kind}), predicted {gb(predicted)}{scope} "
             f"({error:+.0%}); the whole plan {gb(plan.peak)}")
+
+
+def main(argv=None) -> int:
+    """``python -m app.ml.memory.recipe_plan [--recipe-dir DIR] [--fit SIZE] < recipe.json``: the plans
+    as one JSON line ({"plans": [...]} or {"error": ...}); the editor runs it off its UI thread."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m app.ml.memory.recipe_plan")
+    ap.add_argument("--recipe-dir")
+    ap.add_argument("--fit")
+    args = ap.parse_args(argv)
+    try:
+        from app.graph.recipe import parse_recipe
+        from app.graph.registry import load_registry
+
+        target = parse_size(args.fit) if args.fit else None
+        registry = load_registry()
+        graph, _ = parse_recipe(json.loads(sys.stdin.read()), registry=registry)
+        out = {"plans": [p.to_dict(target) for p in plan_graph(graph, registry, args.recipe_dir)]}
+    except (PlanError, ValueError) as e:
+        out = {"error": str(e)}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
