@@ -7,7 +7,9 @@ gradient checkpointing; the per-token cost is the slope between the two larger c
 slope between the two smaller ones is printed next to it (equal slopes: no quadratic part, i.e.
 no attention-score matrices held). Transformers with repeated blocks (Flux) are measured at three
 depths (1+1, 2+1, 1+2 double + single blocks) to split the cost into a base and a cost per block,
-so a profile measured at reduced depth holds at full depth (the tiny Flux is measured whole). ``adapter_factor``: the extra peak of
+so a profile measured at reduced depth holds at full depth (the tiny Flux is measured whole). ``first_step``: the first step at the
+largest size over a later one (allocator growth and kernel workspaces that later steps reuse: a
+run's peak includes its first step). ``adapter_factor``: the extra peak of
 the same step with LoRA (rank 16, the family's attn-mlp layers) per byte of the adapted layers'
 inputs. Each model runs in a fresh subprocess (mmap-backed large allocations, as the benchmark).
 
@@ -164,7 +166,8 @@ def _growth(model, run, side) -> int:
     def step():
         run(side).float().square().mean().backward()
 
-    return min(peak_growth(step) for _ in range(2))
+    first = peak_growth(step)  # the first pass at this size
+    return first, min(first, peak_growth(step))
 
 
 def worker(name: str, depth: str | None) -> dict:
@@ -187,16 +190,17 @@ def worker(name: str, depth: str | None) -> dict:
         if ckpt:
             model.enable_gradient_checkpointing()
             model.train()
-        g = [_growth(model, run, s) for s in sides]
+        pairs = [_growth(model, run, s) for s in sides]
+        g = [steady for _, steady in pairs]
         t = [tokens(s) for s in sides]
         out["ckpt" if ckpt else "full"] = {"low": (g[1] - g[0]) / (t[1] - t[0]), "slope": (g[2] - g[1]) / (t[2] - t[1]),
-                                           "growth": g, "tokens": t}
+                                           "growth": g, "tokens": t, "first_step": pairs[2][0] / max(1, pairs[2][1])}
     if depth in (None, "1+1"):  # the adapter's extra, once per model
         model.disable_gradient_checkpointing()
         base = out["full"]["growth"][2]
         names, loras = _attach_lora(model, family)
         run(sides[0]).float().sum().backward()
-        with_lora = _growth(model, run, sides[2])
+        with_lora = _growth(model, run, sides[2])[1]
         inputs = input_bytes(model, names, lambda: run(sides[2]))
         out["adapter_factor"] = (with_lora - base) / inputs if inputs else 1.0
         out["adapter_inputs"] = inputs
@@ -222,7 +226,7 @@ def _profile(name: str, rows: list[dict]) -> str:
     sides = _sides(name)
     return (f"ActivationProfile(\n    name={name!r},\n    signature={sig!r},\n    dtype={first['dtype']!r}, width={width!r},\n"
             f"    base={base:.1f}, ckpt_base={ckpt:.1f},\n    per_block={blocks!r},\n"
-            f"    adapter_factor={first['adapter_factor']:.2f},\n"
+            f"    adapter_factor={first['adapter_factor']:.2f}, first_step={first['full']['first_step']:.2f},\n"
             f"    measured=\"tests/bench/measure_coefficients.py, CPU, latent sides {sides}\",\n),")
 
 
@@ -253,6 +257,7 @@ def main():
             rows.append(row)
             print(f"# {name} {depth or ''}: per token {row['full']['low']:.0f} -> {row['full']['slope']:.0f} B "
                   f"(checkpointed {row['ckpt']['low']:.0f} -> {row['ckpt']['slope']:.0f}) at tokens {row['full']['tokens']}"
+                  + f"; first step x{row['full']['first_step']:.2f}"
                   + (f"; adapter factor {row['adapter_factor']:.2f} on {row['adapter_inputs'] / 2**20:.1f} MiB of inputs"
                      if "adapter_factor" in row else ""), flush=True)
         else:

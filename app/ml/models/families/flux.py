@@ -383,6 +383,15 @@ FLUX_SCHNELL = replace(
 # measured by tests/bench/measure_coefficients.py: the full-width transformer at 1+1, 2+1 and 1+2
 # double + single blocks, so the cost per block holds at the full 19 + 38.
 ACTIVATION_PROFILES = (
+    ActivationProfile(  # builtin:tiny-flux, measured whole (its blocks are too small to tell apart)
+        name='tiny-flux',
+        signature=('FluxTransformer2DModel', 2, 16, 32, 64),
+        dtype='fp32', width=32.0,
+        base=7875.7, ckpt_base=3631.5,
+        per_block=(),
+        adapter_factor=1.21,
+        measured="tests/bench/measure_coefficients.py, CPU, latent sides (24, 48, 64)",
+    ),
     ActivationProfile(
         name='flux-dev',
         signature=('FluxTransformer2DModel', 24, 128, 4096, 64),

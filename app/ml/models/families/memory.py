@@ -39,6 +39,7 @@ class ActivationProfile:
     ckpt_base: float  # the same with gradient checkpointing (includes one block's recompute)
     per_block: tuple[tuple[str, float, float], ...] = ()  # (block list, bytes per token, with checkpointing)
     adapter_factor: float = 1.0  # step peak bytes per byte of adapted-layer input
+    first_step: float = 1.0  # a run's first step over later ones (allocator growth, kernel workspaces)
     width: float = 0.0  # the denoiser's width (UNet: first block's channels; Flux: heads x head size)
     measured: str = ""  # where and how (machine, sizes), for the record
 
@@ -47,7 +48,7 @@ class ActivationProfile:
         total = self.ckpt_base if checkpointing else self.base
         for name, full, ckpt in self.per_block:
             total += blocks.get(name, 0) * (ckpt if checkpointing else full)
-        return total * DTYPE_BYTES.get(dtype, 4) / DTYPE_BYTES[self.dtype]
+        return total * self.first_step * DTYPE_BYTES.get(dtype, 4) / DTYPE_BYTES[self.dtype]
 
 
 # The config values that decide activation size per token, per denoiser class (depth of a

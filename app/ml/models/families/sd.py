@@ -187,6 +187,15 @@ ACTIVATION_PROFILES = (
         measured="tests/bench/measure_coefficients.py, CPU, latent sides (16, 32, 48)",
     ),
     ActivationProfile(
+        name='shapes-sd',
+        signature=('UNet2DConditionModel', (32, 64), 1, ('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'), 1, 8, 32, False),
+        dtype='fp32', width=32.0,
+        base=23113.6, ckpt_base=7171.2,
+        per_block=(),
+        adapter_factor=0.73,
+        measured="tests/bench/measure_coefficients.py, CPU, latent sides (16, 32, 48)",
+    ),
+    ActivationProfile(
         name='sd15',
         signature=('UNet2DConditionModel', (320, 640, 1280, 1280), 2, ('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D',
                    'CrossAttnDownBlock2D', 'DownBlock2D'), 1, 8, 768, False),
