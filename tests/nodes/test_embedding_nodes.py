@@ -361,3 +361,39 @@ def test_validation_names_a_missing_or_wrong_embedding_file(tmp_path):
             graph, problems = loads_recipe(json.dumps(data), registry=reg)
             found = [str(p) for p in problems + validate(graph, reg, recipe_dir=tmp_path)]
             assert len(found) == 1 and found[0].startswith(f"node 2 ({node}): '{param}'") and why in found[0], found
+
+
+def test_cached_text_is_not_used_with_embeddings_on_the_model(tmp_path):
+    """The Cache node encodes captions with the base model alone: with an embedding on the wire (trained or
+    loaded) TrainLoop encodes them itself, with the embedding patched in."""
+    from app.ml.embeddings import create_embedding, save_embedding
+
+    bundle = load_model("builtin:tiny-sd")
+    path = save_embedding(create_embedding(bundle, "<style>", 1, "blue"), tmp_path / "style.safetensors", dtype="fp32")
+    data = train_recipe(load_embedding={"path": str(path)}, lora=True)
+    data["nodes"]["9"] = {"type": "Cache", "version": 1, "params": {"cache_text": True}}
+    data["links"] = [l for l in data["links"] if l["to_input"] != "buckets"]
+    data["links"] += [{"from_node": "3", "from_output": "buckets", "to_node": "9", "to_input": "buckets"},
+                      {"from_node": "1", "from_output": "model", "to_node": "9", "to_input": "model"},
+                      {"from_node": "9", "from_output": "buckets", "to_node": "6", "to_input": "buckets"}]
+    for i, link in enumerate(data["links"]):
+        link["id"] = i + 1
+    result, events = run(data, tmp_path / "ws")
+    assert result.status == "done", result.error
+    assert any("encoded on the fly" in m and "without the model's embeddings" in m for m in messages(events))
+
+
+def test_flux_embedding_covers_clip_l_and_t5(tmp_path):
+    data = train_recipe(embedding={"num_vectors": 2}, model="builtin:tiny-flux", lora=True,
+                        saves=[{"path": "flux_emb.safetensors", "what": "embedding"},
+                               {"path": "flux_lora.safetensors", "bundle_embeddings": True}])
+    data["nodes"]["3"]["params"].update(resolution="32", quantization=16)
+    result, _ = run(data, tmp_path)
+    assert result.status == "done", result.error
+    before, after = the_embedding(result.outputs["5"]["model"]), the_embedding(result.outputs["6"]["model"])
+    for name in ("text_encoder", "text_encoder_2"):  # CLIP-L (its pooled output) and T5 both read it
+        assert not torch.equal(before.vectors[name], after.vectors[name]), name
+    with safe_open(str(tmp_path / "flux_emb.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["clip_l", "t5"]
+    with safe_open(str(tmp_path / "flux_lora.safetensors"), "pt") as f:
+        assert {"bundle_emb.<ohwx>.clip_l", "bundle_emb.<ohwx>.t5"} <= set(f.keys())
