@@ -9,19 +9,24 @@ costs carry over to 19 + 38 blocks.
 ``keys``: LoRA on every linear of the transformer (preset ``full``), saved through Save's code in the kohya/BFL,
 ComfyUI and PEFT layouts, then loaded with ``FluxPipeline.load_lora_weights``: modules written, LoRA modules
 diffusers injected, loader complaints. ``step``: one process per implementation (fair peak memory): ours
-(LoRAInject's adapters attached by hooks, the Flux family's denoiser call and flow objective) and the
-reference written the way diffusers' ``train_dreambooth_lora_flux.py`` trains (``transformer.add_adapter``
-with a peft ``LoraConfig`` on the same modules, packing, ``FlowMatchEulerDiscreteScheduler`` sigmas, MSE on
-noise - latents), same rank, inputs and AdamW; ms/step after warm-up and peak RSS.
+(LoRAInject's adapters attached by hooks, the Flux family's denoiser call and flow objective, TrainLoop's
+optimizer from ``build_optimizer``) and the reference written the way diffusers'
+``train_dreambooth_lora_flux.py`` trains (``transformer.add_adapter`` with a peft ``LoraConfig`` on the same
+modules, packing, ``FlowMatchEulerDiscreteScheduler`` sigmas, MSE on noise - latents, its
+``torch.optim.AdamW``), same rank, inputs and learning rate; ms/step after warm-up, peak RSS and RSS before
+the first step. Both hold only the transformer (the text embeddings and latents are given). ``--rounds``
+runs both that many times, alternating which goes first, and reports per-round ratios and their medians,
+since a shared machine's load moves between runs. ``step --impl ours --profile 30`` prints the top torch ops.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python tests/bench/bench_flux.py keys [--double 2 --single 2]
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python tests/bench/bench_flux.py step [--double 1 --single 1 --res 128]
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python tests/bench/bench_flux.py step [--double 1 --single 1 --res 128 --rounds 5]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -66,6 +71,17 @@ def bundle_around(model):
                        tokenizers=tiny.tokenizers, scheduler_config=dict(tiny.scheduler_config),
                        dtypes={"transformer": model.dtype, **{k: v for k, v in tiny.dtypes.items() if k != "transformer"}},
                        identities=dict(tiny.identities), source="bench")
+
+
+def bare_bundle(model):
+    """A Flux dev bundle holding only the transformer, as the reference loop does (text embeddings and latents
+    are given): the step needs no VAE, text encoder or tokenizer, and holding the tiny model's would count
+    against ours in peak memory."""
+    from app.ml.models.bundle import ModelBundle
+    from app.ml.models.families.flux import FLUX_DEV
+
+    return ModelBundle(family=FLUX_DEV, denoiser=model, vae=None, text_encoders=(None, None), tokenizers=(None, None),
+                       scheduler_config={}, dtypes={"transformer": model.dtype}, identities={}, source="bench")
 
 
 def bench_keys(args) -> dict:
@@ -130,9 +146,13 @@ def _step_once(args) -> dict:
         from app.ml.adapters import AdapterConfig, attached, create_adapter_set
         from app.ml.train.objective import FlowObjective, ObjectiveSettings, per_sample_loss
 
-        b = bundle_around(model)
+        from app.ml.train.optim import build_optimizer
+
+        b = bare_bundle(model)
         aset = create_adapter_set(b, AdapterConfig(rank=args.rank, alpha=args.rank, targets={"unet": "attn-mlp"}))
         params = [p for p in aset.parameters() if p.requires_grad]
+        # TrainLoop's optimizer, from an Optimizer node's settings (AdamW; fused kernels where they apply)
+        opt = build_optimizer({"optimizer": "adamw", "weight_decay": 1e-4}, [{"params": params, "lr": 1e-4, "name": "unet"}])
         objective = FlowObjective(FlowSettings(shift="fixed"), ObjectiveSettings())
         cond = b.family.conditioning(b, {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled},
                                      pixel_size=(args.res, args.res), batch=1, device="cpu", guidance=1.0)
@@ -166,6 +186,8 @@ def _step_once(args) -> dict:
         model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                      target_modules=targets))
         params = [p for p in model.parameters() if p.requires_grad]
+        # the script's optimizer: torch.optim.AdamW(params, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
         model.enable_gradient_checkpointing() if args.checkpointing else None
         model.train()
         sched = FlowMatchEulerDiscreteScheduler(shift=3.1582)
@@ -187,7 +209,7 @@ def _step_once(args) -> dict:
             loss.backward()
             return loss
         presets_module = len(targets)
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    setup_rss = _rss_mb()
     times = []
     for i in range(args.steps + 1):
         t = time.perf_counter()
@@ -195,27 +217,65 @@ def _step_once(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            for i in range(2):
+                step(args.steps + 1 + i)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile), file=sys.stderr)
     steady = times[1:]
     return {"impl": args.impl, "ms_per_step": 1000 * sum(steady) / len(steady), "first_step_ms": 1000 * times[0],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "lora_modules": presets_module,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "setup_rss_mb": setup_rss,
+            "lora_modules": presets_module,
             "trainable": sum(p.numel() for p in params), "transformer_params": sum(p.numel() for p in model.parameters()
                                                                                  if not p.requires_grad)}
 
 
+def _rss_mb() -> float:
+    """Resident memory now (after the model, adapters and optimizer are built; before the first step)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _one(impl: str, args) -> dict:
+    cmd = [sys.executable, __file__, "step", "--impl", impl, "--double", str(args.double), "--single",
+           str(args.single), "--res", str(args.res), "--text", str(args.text), "--rank", str(args.rank),
+           "--steps", str(args.steps)] + (["--checkpointing"] if args.checkpointing else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def bench_step(args) -> dict:
-    results = {}
-    for impl in ("reference", "ours"):
-        cmd = [sys.executable, __file__, "step", "--impl", impl, "--double", str(args.double), "--single",
-               str(args.single), "--res", str(args.res), "--text", str(args.text), "--rank", str(args.rank),
-               "--steps", str(args.steps)] + (["--checkpointing"] if args.checkpointing else [])
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            raise SystemExit(r.stderr[-3000:])
-        results[impl] = json.loads(r.stdout.strip().splitlines()[-1])
-    ours, ref = results["ours"], results["reference"]
-    return {"config": {k: getattr(args, k) for k in ("double", "single", "res", "text", "rank", "steps", "checkpointing")},
-            **results, "ratio_time": ours["ms_per_step"] / ref["ms_per_step"],
-            "ratio_memory": ours["peak_rss_mb"] / ref["peak_rss_mb"]}
+    """``--rounds`` rounds, each running both implementations one after the other in a fresh process, the
+    order alternating (reference first in even rounds), so a load change on a shared machine hits both
+    alike; ratios are per round, then the median."""
+    from statistics import median
+
+    rounds = []
+    for k in range(args.rounds):
+        order = ("reference", "ours") if k % 2 == 0 else ("ours", "reference")
+        r = {impl: _one(impl, args) for impl in order}
+        rounds.append({"first": order[0], "load": round(os.getloadavg()[0], 2),
+                       "ours_ms": r["ours"]["ms_per_step"], "ref_ms": r["reference"]["ms_per_step"],
+                       "ours_rss_mb": r["ours"]["peak_rss_mb"], "ref_rss_mb": r["reference"]["peak_rss_mb"],
+                       "ours_setup_rss_mb": r["ours"]["setup_rss_mb"], "ref_setup_rss_mb": r["reference"]["setup_rss_mb"],
+                       "ratio_time": r["ours"]["ms_per_step"] / r["reference"]["ms_per_step"],
+                       "ratio_memory": r["ours"]["peak_rss_mb"] / r["reference"]["peak_rss_mb"]})
+    last = r
+    return {"config": {k: getattr(args, k) for k in ("double", "single", "res", "text", "rank", "steps", "checkpointing",
+                                                     "rounds")},
+            "lora_modules": last["ours"]["lora_modules"], "trainable": last["ours"]["trainable"],
+            "transformer_params": last["ours"]["transformer_params"], "rounds": rounds,
+            "median_ours_ms": median(x["ours_ms"] for x in rounds), "median_ref_ms": median(x["ref_ms"] for x in rounds),
+            "median_ratio_time": median(x["ratio_time"] for x in rounds),
+            "median_ratio_memory": median(x["ratio_memory"] for x in rounds)}
 
 
 def main() -> None:
@@ -229,6 +289,8 @@ def main() -> None:
     ap.add_argument("--preset", default="full", help="keys: LoRAInject layer preset")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="step: rounds of both implementations, order alternating")
+    ap.add_argument("--profile", type=int, default=0, help="step --impl: print the top N torch ops of two more steps")
     ap.add_argument("--impl", choices=["ours", "reference"])
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
