@@ -212,8 +212,9 @@ def show_images(ctx, result) -> None:
                        "SDXL: clip_l and clip_g), what A1111/Forge, ComfyUI and diffusers load; they call it by the "
                        "file name"),
           Enum("layout", ["kohya", "peft", "comfyui", "single_file", "diffusers_folder"],
-               tooltip="kohya: what A1111 and ComfyUI read; peft: diffusers load_lora_weights; full models: "
-                       "single_file or diffusers_folder; embeddings have one layout per family (not used)"),
+               tooltip="kohya: what A1111 and ComfyUI read; peft: diffusers load_lora_weights (Flux: diffusers' "
+                       "kohya converter skips the full preset's embedder and final-layer modules, peft loads them); "
+                       "full models: single_file or diffusers_folder; embeddings have one layout per family (not used)"),
           Enum("dtype", ["fp16", "bf16", "fp32"]),
           Enum("if_exists", ["add_suffix", "overwrite"], tooltip="never overwrite unless chosen"),
           String("title", "", tooltip="adapter: modelspec.title and ss_output_name (A1111's alias); empty: the file name"),

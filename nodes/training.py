@@ -95,9 +95,10 @@ def noise_objective(ctx, **params):
 @node(type="FlowObjective", category="training",
       description="The rectified-flow (flow-matching) objective of Flux: sigma drawn uniform, sigmoid or "
                   "logit-normal, shifted by a fixed value or by Flux's resolution-dependent schedule; target "
-                  "noise - image; the guidance value dev's guidance embedder sees while training (1.0 as kohya, "
-                  "SimpleTuner and ai-toolkit train it); MSE / Huber loss with optional SD3 weighting. Link it to "
-                  "TrainLoop's objective; unlinked, TrainLoop uses these defaults for Flux models.",
+                  "noise - image; the guidance value dev's guidance embedder sees while training (1.0 as SimpleTuner "
+                  "and OneTrainer train it and kohya's Flux guide recommends); MSE / Huber loss with optional SD3 "
+                  "weighting. Link it to TrainLoop's objective; unlinked, TrainLoop uses these defaults for Flux "
+                  "models. Where each default comes from: FlowSettings in app/ml/flux/flow.py.",
       inputs=[
           Enum("timesteps", list(FLOW_TIMESTEPS),
                tooltip="sigmoid: sigmoid(scale x normal) (kohya); logit_normal: sigmoid(mean + scale x normal) (SD3)"),
