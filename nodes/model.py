@@ -277,6 +277,10 @@ def save(ctx, model, path, what, layout, dtype, if_exists, title="", author="", 
                 raise NodeError(f"layout {layout!r} is for adapters; a full model saves as single_file or "
                                 "diffusers_folder")
             fn = save_single_file if layout == "single_file" else save_diffusers
+            tokens = [a.token for a in handle.adapters if getattr(a, "is_embedding_set", False)]
+            if tokens:  # a checkpoint has no place for them: its token table is the base model's
+                ctx.warn(f"the embedding(s) {', '.join(tokens)} are not part of a full model file; save them with "
+                         "another Save node, what = embedding")
             written = fn(handle.base, path, adapters=handle.adapter_pairs(1.0) or None, dtype=dtype,
                          recipe=ctx.recipe, overwrite=overwrite)
     except FileExistsError as e:

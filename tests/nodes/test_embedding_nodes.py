@@ -397,3 +397,18 @@ def test_flux_embedding_covers_clip_l_and_t5(tmp_path):
         assert sorted(f.keys()) == ["clip_l", "t5"]
     with safe_open(str(tmp_path / "flux_lora.safetensors"), "pt") as f:
         assert {"bundle_emb.<ohwx>.clip_l", "bundle_emb.<ohwx>.t5"} <= set(f.keys())
+
+
+def test_save_refuses_or_warns_where_an_embedding_cannot_go(tmp_path):
+    no_lora = train_recipe(embedding={"num_vectors": 1}, saves=[{"path": "x.safetensors", "what": "adapter"}])
+    result, _ = run(no_lora, tmp_path / "a")
+    assert result.status == "error" and "choose what = embedding" in result.error
+    full = train_recipe(embedding={"num_vectors": 1}, lora=True,
+                        saves=[{"path": "m.safetensors", "what": "full_model", "layout": "single_file"}])
+    result, events = run(full, tmp_path / "b")
+    assert result.status == "done", result.error
+    assert any("not part of a full model file" in m for m in messages(events, "warning"))
+    nothing = recipe({"1": ("LoadModel", {"source": "builtin:tiny-sd"}),
+                      "2": ("Save", {"path": "e.safetensors", "what": "embedding"})}, [("1", "model", "2", "model")])
+    result, _ = run(nothing, tmp_path / "c")
+    assert result.status == "error" and "no embedding to save" in result.error
