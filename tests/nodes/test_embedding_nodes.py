@@ -412,3 +412,32 @@ def test_save_refuses_or_warns_where_an_embedding_cannot_go(tmp_path):
                       "2": ("Save", {"path": "e.safetensors", "what": "embedding"})}, [("1", "model", "2", "model")])
     result, _ = run(nothing, tmp_path / "c")
     assert result.status == "error" and "no embedding to save" in result.error
+
+
+def test_loaded_embedding_serves_trainloop_sample_prompts(tmp_path):
+    """OneTrainer's additional embeddings: TrainLoop's sample prompts read a LoadEmbedding's token. Before
+    training (the LoRA starts at zero) "a <style> circle" is exactly the words its vectors came from."""
+    from app.ml.embeddings import create_embedding, save_embedding
+
+    bundle = load_model("builtin:tiny-sd")
+    path = save_embedding(create_embedding(bundle, "<style>", 2, "red square"), tmp_path / "style.safetensors",
+                          dtype="fp32")
+    settings = {"steps": 2, "cfg": 7.0, "seed": 1, "sampler": "euler"}
+    data = train_recipe(load_embedding={"path": str(path)}, lora=True,
+                        train={"max_steps": 1, "sample_prompts": "a <style> circle",
+                               **{f"sample_{k}": v for k, v in settings.items()}})
+    data["nodes"]["3"]["params"]["resolution"] = "64"
+    data["nodes"]["30"] = {"type": "Sample", "version": 1,
+                           "params": {"prompt": "a red square circle", "width": 64, "height": 64, **settings}}
+    data["links"].append({"id": len(data["links"]) + 1, "from_node": "1", "from_output": "model", "to_node": "30",
+                          "to_input": "model"})
+    result, _ = run(data, tmp_path / "ws")
+    assert result.status == "done", result.error
+    from PIL import Image
+    import numpy as np
+
+    before = sorted((tmp_path / "ws" / "TrainLoop_6" / "samples").glob("step_0000000*.png"))
+    words = result.outputs["30"]["images"]["paths"]
+    assert len(before) == 1 and len(words) == 1
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (before[0], words[0]))
+    assert np.abs(a - b).max() <= 1
