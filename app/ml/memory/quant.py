@@ -150,6 +150,33 @@ class QuantizedLinear(nn.Linear):
             n += self.bias.numel() * self.bias.element_size()
         return n
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A state dict like the plain layer's (``weight`` dequantized in its original dtype, ``bias``): a
+        quantized model saves, hashes and merges as a plain one, with the rounding of its format baked in."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.dequantize()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A ``weight`` given in full precision is quantized again in this layer's format and block size."""
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict[key]
+            if tuple(w.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)}, the "
+                                  f"quantized layer holds {(self.out_features, self.in_features)}")
+            else:
+                device = self._q["q"].device
+                plain = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+                plain.weight = nn.Parameter(w.detach().to(self.orig_dtype), requires_grad=False)
+                fresh = QuantizedLinear(plain, self.fmt, block_size=self.block_size)
+                self._q, self._state = fresh._q, fresh._state
+                self.to(device)
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # the bias: moved and cast as the caller asks
         device = fn(torch.empty(0, device=self._q["q"].device)).device  # where the caller moves things

@@ -154,3 +154,27 @@ def test_fp8_denoiser_records_kohya_fp8_keys(bases, tmp_path):
         meta = f.metadata()
     assert json.loads(meta["nodetrainer_base_precision"]) == {"unet": "fp8", "text_encoder": "fp32"}
     assert (meta["ss_fp8_base"], meta["ss_fp8_base_unet"]) == ("True", "True")
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp8", "int8"])
+def test_a_quantized_model_saves_and_loads_state_dicts_like_the_plain_one(fmt):
+    """state_dict() gives the plain layer's keys and shapes (weights dequantized), so Save full_model, merges and
+    hashes see a normal model; load_state_dict() quantizes given weights again in the layer's own format."""
+    plain = load_model("builtin:tiny-sd")
+    quant = load_model("builtin:tiny-sd", quant={"unet": fmt})
+    sd_plain, sd_quant = plain.unet.state_dict(), quant.unet.state_dict()
+    assert sd_quant.keys() == sd_plain.keys()
+    assert all(sd_quant[k].shape == sd_plain[k].shape and sd_quant[k].dtype == sd_plain[k].dtype for k in sd_plain)
+    name = next(n for n, m in quant.unet.named_modules() if isinstance(m, QuantizedLinear))
+    layer = quant.unet.get_submodule(name)
+    assert torch.equal(sd_quant[f"{name}.weight"], layer.dequantize())
+    rel = (sd_quant[f"{name}.weight"] - sd_plain[f"{name}.weight"]).norm() / sd_plain[f"{name}.weight"].norm()
+    assert 0 < rel < 0.15
+    # loading other weights re-quantizes them: the layer now holds those weights, still packed
+    other = {k: v * 2 if k == f"{name}.weight" else v for k, v in sd_plain.items()}
+    quant.unet.load_state_dict(other)
+    assert isinstance(quant.unet.get_submodule(name), QuantizedLinear) and layer.fmt == fmt
+    reloaded = layer.dequantize().float()
+    assert ((reloaded - other[f"{name}.weight"]).norm() / other[f"{name}.weight"].norm()) < 0.15
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        quant.unet.load_state_dict({**other, f"{name}.weight": torch.zeros(3, 3)})
