@@ -441,3 +441,18 @@ def test_loaded_embedding_serves_trainloop_sample_prompts(tmp_path):
     assert len(before) == 1 and len(words) == 1
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (before[0], words[0]))
     assert np.abs(a - b).max() <= 1
+
+
+def test_periodic_saves_keep_the_embedding_beside_and_inside_the_lora(tmp_path):
+    data = train_recipe(embedding={"num_vectors": 1}, lora=True,
+                        train={"max_steps": 3, "save_every": 2, "save_unit": "steps"})
+    result, _ = run(data, tmp_path)
+    assert result.status == "done", result.error
+    saves = tmp_path / "TrainLoop_6" / "saves"
+    assert sorted(p.name for p in saves.iterdir()) == ["step_0000002", "step_0000002.safetensors"]
+    with safe_open(str(saves / "step_0000002.safetensors"), "pt") as f:
+        bundled = f.get_tensor("bundle_emb.<ohwx>.string_to_param.*")
+    with safe_open(str(saves / "step_0000002" / "ohwx.safetensors"), "pt") as f:  # A1111 calls it by its file name
+        standalone = f.get_tensor("emb_params")
+    assert standalone.dtype == torch.float32  # exact vectors to continue from; the LoRA file is fp16 as usual
+    torch.testing.assert_close(standalone, bundled.float(), rtol=1e-3, atol=1e-4)
