@@ -97,6 +97,7 @@ def embedding(ctx, model, token, num_vectors, init_text, encoders, prepend_missi
       outputs=[Output("model", "MODEL")])
 def load_embedding(ctx, model, path, token=""):
     from app.ml.embeddings import EmbeddingError, known_token_warning, load_bundled_embeddings, load_embedding_file
+    from app.ml.embeddings.embedding_set import check_token
     from app.ml.handle import as_handle
 
     if not path:
@@ -105,11 +106,13 @@ def load_embedding(ctx, model, path, token=""):
     bundle = handle.base
     try:
         bundled = load_bundled_embeddings(path, bundle)
-        if bundled and not token:
-            embs = list(bundled)
-        elif bundled and len(bundled) > 1:
+        if bundled and token.strip() and len(bundled) > 1:
             raise _fail(f"{path} bundles {len(bundled)} embeddings ({', '.join(e.token for e in bundled)}); leave "
                         "token empty to load them all under their own names")
+        if bundled:  # a LoRA file with bundled embeddings: its LoRA part is LoadLoRA's
+            embs = list(bundled)
+            if token.strip():
+                embs[0].token = check_token(token)
         else:
             embs = [load_embedding_file(path, bundle, token=token.strip() or None)]
         warnings = [w for w in (known_token_warning(bundle, e.token) for e in embs) if w]

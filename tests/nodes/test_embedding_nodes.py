@@ -286,6 +286,16 @@ def test_save_writes_standalone_and_bundled_files_that_load_again(tmp_path):
     assert standalone.token == "<ohwx>" and [e.token for e in bundled] == ["<ohwx>"]
     for e in (standalone, bundled[0]):
         assert torch.equal(e.vectors["text_encoder"], trained.vectors["text_encoder"])
+    # LoadEmbedding reads the bundled one from the LoRA file, under its own token or a new one
+    for token, want in (("", "<ohwx>"), ("face", "face")):
+        data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-sd"}),
+                       "2": ("LoadEmbedding", {"path": str(tmp_path / "lora.safetensors"), "token": token})},
+                      [("1", "model", "2", "model")])
+        loaded, _ = run(data, tmp_path / f"load{token}")
+        assert loaded.status == "done", loaded.error
+        emb = the_embedding(loaded.outputs["2"]["model"])
+        assert emb.token == want and not emb.trainable
+        assert torch.equal(emb.vectors["text_encoder"], trained.vectors["text_encoder"])
 
 
 def test_continue_training_from_a_saved_embedding(tmp_path):
