@@ -49,12 +49,12 @@ def _fail(message: str):
           String("init_text", "", tooltip="the vectors start as this text's token vectors (e.g. 'woman'), cut at "
                                           "num_vectors or padded with '*' (OneTrainer's way); empty: all '*'"),
           Enum("encoders", ENCODERS, tooltip="which text encoders get vectors: all (SD 1.5: CLIP-L; SDXL: CLIP-L and "
-                                             "CLIP-G, as A1111 and ComfyUI expect), or one of them"),
+                                             "CLIP-G, as A1111 and ComfyUI expect; Flux: CLIP-L and T5), or one of them"),
           Bool("prepend_missing", True, tooltip="captions without the token or <embedding> get the token in front "
                                                 "(TrainLoop reports how many); off: they train without the embedding"),
           Path("init_from", "", kind="file", optional=True,
-               tooltip="continue from an embedding file (A1111/ComfyUI/diffusers .safetensors); its vector count wins "
-                       "over num_vectors"),
+               tooltip="continue from an embedding file (.safetensors as A1111/Forge, ComfyUI, diffusers or Save "
+                       "write it, or an A1111 .pt); its vector count wins over num_vectors"),
       ],
       outputs=[Output("model", "MODEL")])
 def embedding(ctx, model, token, num_vectors, init_text, encoders, prepend_missing, init_from=""):
