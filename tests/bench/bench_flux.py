@@ -16,10 +16,11 @@ modules, packing, ``FlowMatchEulerDiscreteScheduler`` sigmas, MSE on noise - lat
 ``torch.optim.AdamW``), same rank, inputs and learning rate; ms/step after warm-up, peak RSS and RSS before
 the first step. Both hold only the transformer (the text embeddings and latents are given). ``--rounds``
 runs both that many times, alternating which goes first, and reports per-round ratios and their medians,
-since a shared machine's load moves between runs. ``step --impl ours --profile 30`` prints the top torch ops.
+since a shared machine's load moves between runs; ``--count`` adds each step's torch ops and MB of fresh
+tensors (forward + backward), figures load cannot blur. ``step --impl ours --profile 30`` prints the top ops.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python tests/bench/bench_flux.py keys [--double 2 --single 2]
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python tests/bench/bench_flux.py step [--double 1 --single 1 --res 128 --rounds 5]
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2 python tests/bench/bench_flux.py step [--double 1 --single 1 --res 128 --rounds 5 --count]
 """
 from __future__ import annotations
 
@@ -226,12 +227,49 @@ def _step_once(args) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile), file=sys.stderr)
+    work = {}
+    if args.count:
+        counter = _Work()
+        with counter:
+            step(args.steps + 3)
+        opt.zero_grad(set_to_none=True)
+        work = {"ops_per_step": counter.ops, "fresh_tensor_mb_per_step": counter.bytes / 2**20}
     steady = times[1:]
-    return {"impl": args.impl, "ms_per_step": 1000 * sum(steady) / len(steady), "first_step_ms": 1000 * times[0],
+    return {**work, "impl": args.impl, "ms_per_step": 1000 * sum(steady) / len(steady), "first_step_ms": 1000 * times[0],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "setup_rss_mb": setup_rss,
             "lora_modules": presets_module,
             "trainable": sum(p.numel() for p in params), "transformer_params": sum(p.numel() for p in model.parameters()
                                                                                  if not p.requires_grad)}
+
+
+class _Work:
+    """Counts aten ops and the bytes of every fresh (non-view, not in-place) tensor over one forward and backward:
+    the work of a step, which a loaded machine cannot blur (tests/ml/flux/test_flux_lora_step.py does the same
+    on the tiny model)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outer.ops += 1
+                if not func._schema.is_mutable and all(r.alias_info is None for r in func._schema.returns):
+                    outer.bytes += sum(t.numel() * t.element_size() for t in tree_flatten(out)[0]
+                                       if isinstance(t, torch.Tensor))
+                return out
+
+        self.ops, self.bytes, self._mode = 0, 0, Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
 
 
 def _rss_mb() -> float:
@@ -245,7 +283,8 @@ def _rss_mb() -> float:
 def _one(impl: str, args) -> dict:
     cmd = [sys.executable, __file__, "step", "--impl", impl, "--double", str(args.double), "--single",
            str(args.single), "--res", str(args.res), "--text", str(args.text), "--rank", str(args.rank),
-           "--steps", str(args.steps)] + (["--checkpointing"] if args.checkpointing else [])
+           "--steps", str(args.steps)] + (["--checkpointing"] if args.checkpointing else []) + \
+        (["--count"] if args.count else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(r.stderr[-3000:])
@@ -266,6 +305,8 @@ def bench_step(args) -> dict:
                        "ours_ms": r["ours"]["ms_per_step"], "ref_ms": r["reference"]["ms_per_step"],
                        "ours_rss_mb": r["ours"]["peak_rss_mb"], "ref_rss_mb": r["reference"]["peak_rss_mb"],
                        "ours_setup_rss_mb": r["ours"]["setup_rss_mb"], "ref_setup_rss_mb": r["reference"]["setup_rss_mb"],
+                       **{f"{who}_{k}": r[impl][k] for who, impl in (("ours", "ours"), ("ref", "reference"))
+                          for k in ("ops_per_step", "fresh_tensor_mb_per_step") if k in r[impl]},
                        "ratio_time": r["ours"]["ms_per_step"] / r["reference"]["ms_per_step"],
                        "ratio_memory": r["ours"]["peak_rss_mb"] / r["reference"]["peak_rss_mb"]})
     last = r
@@ -291,6 +332,8 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--rounds", type=int, default=5, help="step: rounds of both implementations, order alternating")
     ap.add_argument("--profile", type=int, default=0, help="step --impl: print the top N torch ops of two more steps")
+    ap.add_argument("--count", action="store_true",
+                    help="step: also count ops and fresh-tensor MB of one more step (forward + backward)")
     ap.add_argument("--impl", choices=["ours", "reference"])
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
