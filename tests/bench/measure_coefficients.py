@@ -190,7 +190,9 @@ def worker(name: str, depth: str | None) -> dict:
         if ckpt:
             model.enable_gradient_checkpointing()
             model.train()
-        pairs = [_growth(model, run, s) for s in sides]
+        # the largest size first: its first pass is then a run's first step (nothing at that size before)
+        last = _growth(model, run, sides[2])
+        pairs = [_growth(model, run, s) for s in sides[:2]] + [last]
         g = [steady for _, steady in pairs]
         t = [tokens(s) for s in sides]
         out["ckpt" if ckpt else "full"] = {"low": (g[1] - g[0]) / (t[1] - t[0]), "slope": (g[2] - g[1]) / (t[2] - t[1]),
@@ -218,8 +220,12 @@ def _profile(name: str, rows: list[dict]) -> str:
     else:
         by = {r["depth"]: r for r in rows}
         g = {k: (by[k]["full"]["slope"], by[k]["ckpt"]["slope"]) for k in by}
+        # a checkpointed block keeps at least its input (width x dtype bytes a token): a smaller
+        # difference is the noise of two larger measurements
+        floor = width * (2 if first["dtype"] == "bf16" else 4)
         dbl = tuple(g["2+1"][i] - g["1+1"][i] for i in range(2))
         sgl = tuple(g["1+2"][i] - g["1+1"][i] for i in range(2))
+        dbl, sgl = (dbl[0], max(dbl[1], floor)), (sgl[0], max(sgl[1], floor))
         base, ckpt = (g["1+1"][i] - dbl[i] - sgl[i] for i in range(2))
         blocks = (("transformer_blocks", round(dbl[0], 1), round(dbl[1], 1)),
                   ("single_transformer_blocks", round(sgl[0], 1), round(sgl[1], 1)))

@@ -79,15 +79,16 @@ def test_breakdown_of_a_known_recipe_matches_a_hand_computation(registry):
     assert adapter == 7808
     assert parts["adapter weights (fp32)"] == 4 * adapter and parts["adapter gradients (fp32)"] == 4 * adapter
     assert parts["optimizer state (adamw)"] == 8 * adapter
-    # activations: the profile's bytes per latent pixel x 8 x 8 latents x batch 2
+    # activations: the profile's bytes per latent pixel (a first step's) x 8 x 8 latents x batch 2
     prof = next(q for q in ACTIVATION_PROFILES if q.name == "tiny-sd")
-    assert parts["activations"] == pytest.approx(prof.base * 64 * 2)
+    assert parts["activations"] == pytest.approx(prof.base * prof.first_step * 64 * 2)
     # adapted layers' inputs (fp32, batch 2): per block the normed input (q, k, v share it), attn1's
     # output, norm2's output, attn2's output (64 tokens x 16 at level 0; 16 x 32 in the mid block);
     # the text (77 x 32) once: every block reads the same tensor
     inputs = 5 * 4 * 2 * 64 * 16 * 4 + 4 * 2 * 16 * 32 * 4 + 2 * 77 * 32 * 4
     assert parts["activations (adapted layers' inputs)"] == pytest.approx(inputs * prof.adapter_factor)
-    assert p.peak == pytest.approx(4 * unet + 16 * adapter + prof.base * 128 + inputs * prof.adapter_factor)
+    assert p.peak == pytest.approx(4 * unet + 16 * adapter + prof.base * prof.first_step * 128
+                                   + inputs * prof.adapter_factor)
 
 
 def test_uncached_components_and_checkpointing_enter_the_plan(registry):
@@ -98,7 +99,7 @@ def test_uncached_components_and_checkpointing_enter_the_plan(registry):
               **{"4": None, "7": {"gradient_checkpointing": True, "train_dtype": "fp32"}})
     links = [l for l in p.plan.parts]
     assert any(k.startswith("weights vae") for k in links) and any(k.startswith("weights text_encoder") for k in links)
-    assert p.plan.parts["activations (checkpointed)"] == pytest.approx(prof.ckpt_base * 128)
+    assert p.plan.parts["activations (checkpointed)"] == pytest.approx(prof.ckpt_base * prof.first_step * 128)
     assert any("no Cache node" in n for n in p.notes)
 
 
