@@ -317,30 +317,32 @@ def train_loop(ctx, model, buckets, optimizer, objective=None, **p):
     if prompts and rank == 0:
         sample(0, 0, inside=False)  # "before", to compare with
     try:
-        result = trainer.run(resume_from=p["resume_from"] or None)
-    except (TrainingError, OptimizerError) as e:
-        raise NodeError(str(e)) from None
-    except Cancelled:
-        if rank == 0:
-            _announce_backup(ctx, workdir, t_started)
-        raise
-    finally:
-        source.close()
-        if validation is not None:
-            validation.close()
-        if writer is not None:
-            writer.close()
-    if prompts and rank == 0:
         try:
-            sample(result.steps, result.epochs_done, inside=False)
+            result = trainer.run(resume_from=p["resume_from"] or None)
+        except (TrainingError, OptimizerError) as e:
+            raise NodeError(str(e)) from None
         except Cancelled:
-            # stopped during the "after" samples: the training itself is finished, keep it
-            if picked:
-                save(result.steps, result.epochs_done)
-            else:
-                ctx.warn("stopped during the final samples: the fine-tuned weights were not saved "
-                         "(a Save node after TrainLoop writes them when the run is not stopped)")
+            if rank == 0:
+                _announce_backup(ctx, workdir, t_started)
             raise
+        finally:
+            source.close()
+            if validation is not None:
+                validation.close()
+        if prompts and rank == 0:
+            try:
+                sample(result.steps, result.epochs_done, inside=False)
+            except Cancelled:
+                # stopped during the "after" samples: the training itself is finished, keep it
+                if picked:
+                    save(result.steps, result.epochs_done)
+                else:
+                    ctx.warn("stopped during the final samples: the fine-tuned weights were not saved "
+                             "(a Save node after TrainLoop writes them when the run is not stopped)")
+                raise
+    finally:
+        if writer is not None:  # after the "after" samples: they are logged too
+            writer.close()
     info = {"step": result.steps, "epoch": result.epochs_done, "resolution": resolution, "kohya": kohya}
     if picked:
         trained = trainable.trained_handle()

@@ -195,6 +195,13 @@ def test_periodic_samples_saves_backups_metrics_and_tensorboard(tmp_path):
     backups = sorted(p.name for p in (node_dir / "backups").iterdir())
     assert backups == ["step_0000006", "step_0000009"]  # every 3 steps, 2 kept
     assert list((node_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(node_dir / "tensorboard"), size_guidance={"images": 0})
+    board.Reload()
+    # every sample reaches TensorBoard, the "after" ones included, and its writer never fails
+    assert [e.step for e in board.Images("samples/0")] == list(range(0, steps + 1, 2))
+    assert not [e for e in events if e["event"] in ("log", "warning") and "TensorBoard" in str(e.get("message"))]
     metrics = [e["values"] for e in events if e["event"] == "metric" and "loss" in e["values"]]
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert {"loss", "smooth_loss", "lr", "steps_per_s", "eta_s", "memory_mb", "epoch"} <= set(metrics[-1])
