@@ -247,8 +247,9 @@ class Trainer:
         last_backup = None
         smooth = None
         timer = _Periodic()
-        te_stopped = False
-        # a resumed run past the stop starts stopped, as the uninterrupted run is at that step
+        # a resumed run past a stop starts stopped, as the uninterrupted run is at that step
+        te_stopped = bool(s.stop_text_encoder_after) and step >= s.stop_text_encoder_after and \
+            self._stop_text_encoder(optimizer)
         emb_stopped = bool(s.stop_embedding_after) and step >= s.stop_embedding_after and self._stop_embedding(optimizer)
         t_steps, steps_timed = time.monotonic(), 0
         unet, text_encoders = self.trainable.components()
