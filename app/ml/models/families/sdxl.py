@@ -93,4 +93,13 @@ ACTIVATION_PROFILES = (
         adapter_factor=1.36, first_step=1.23,
         measured="tests/bench/measure_coefficients.py, CPU, latent sides (16, 32, 48)",
     ),
+    ActivationProfile(
+        name='sdxl',
+        signature=('UNet2DConditionModel', (320, 640, 1280), 2, ('DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'), (1, 2, 10), (5, 10, 20), 2048, True),
+        dtype='bf16', width=320.0,
+        base=263753.1, ckpt_base=32630.9,
+        per_block=(),
+        adapter_factor=0.78, first_step=1.03,
+        measured="tests/bench/measure_coefficients.py, CPU, latent sides (16, 24, 32)",
+    ),
 )
