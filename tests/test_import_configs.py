@@ -124,9 +124,9 @@ def test_lycoris_and_dataset_toml(tmp_path, capsys):
 
 
 def test_unsupported_configs_are_refused_by_name(tmp_path):
-    bad = tmp_path / "embedding.json"
-    bad.write_text(json.dumps({"training_method": "EMBEDDING", "model_type": "STABLE_DIFFUSION_15"}))
-    with pytest.raises(ImportError_, match="EMBEDDING is not supported"):
+    bad = tmp_path / "vae.json"
+    bad.write_text(json.dumps({"training_method": "FINE_TUNE_VAE", "model_type": "STABLE_DIFFUSION_15"}))
+    with pytest.raises(ImportError_, match="FINE_TUNE_VAE is not supported"):
         import_config("onetrainer", bad)
     broken = tmp_path / "broken.toml"
     broken.write_text("network_dim = ")

@@ -49,8 +49,8 @@ RUNTIME_KEYS = {
     "max_bucket_reso": "Bucketer picks buckets by aspect ratio (Bucketer.aspects), not by side limits",
     "cache_latents_to_disk": "the Cache node always caches on disk, in the workspace",
     "vae_batch_size": "Cache.encode_batch is the batch size of encoding",
-    "fp8_base": "weights are loaded in LoadModel's precision (fp8 is not available)",
-    "blocks_to_swap": "memory use is managed by NodeTrainer", "split_mode": "memory use is managed by NodeTrainer",
+    "split_mode": "kohya's deprecated split mode (replaced there by blocks_to_swap) is not available: use "
+                  "TrainLoop.blocks_to_swap",
     "apply_t5_attn_mask": "the Flux family's prompt encoding decides the T5 mask",
 }
 
@@ -118,6 +118,7 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
         s.get("vae")
     if s.get("no_half_vae", False):
         b.set(load, "vae_dtype", "fp32", "no_half_vae")
+    _fp8(b, s, load, lora, flux)
 
     model = load
     if lora:
@@ -195,6 +196,7 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
     b.set(train, "gradient_checkpointing", bool(s.get("gradient_checkpointing", False)), "gradient_checkpointing")
     if s.has("seed") and s.peek("seed") not in (None, ""):
         b.set(train, "seed", int(s.get("seed")), "seed")
+    _memory(b, s, train, lora, opt)
     if s.has("max_token_length"):
         mtl = s.get("max_token_length")
         if str(mtl) in ("75", "150", "225"):
@@ -274,10 +276,59 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
                     f"{len(b.skipped)} setting(s) not imported are listed in meta.imported.")
 
 
+def _fp8(b: Builder, s: Settings, load: str, lora: bool, flux: bool) -> None:
+    """fp8_base (the denoiser and, on SD families, the text encoders in fp8) and fp8_base_unet (the
+    denoiser only) as LoadModel's quantized weights: frozen storage under an adapter (QLoRA)."""
+    whole, unet_only = bool(s.get("fp8_base", False)), bool(s.get("fp8_base_unet", False))
+    if not (whole or unet_only):
+        return
+    key = "fp8_base_unet" if unet_only else "fp8_base"
+    if not lora:
+        b.skip(key, True, "LoadModel's quantized weights are frozen, so a full fine-tune cannot train them; "
+                          "TrainLoop.fused_backward and gradient_checkpointing save memory in a fine-tune")
+        return
+    b.set(load, "denoiser_quant", "fp8", key)
+    if whole and not unet_only:
+        if flux:  # flux_train_network.py keeps CLIP-L in the training precision, T5 as its file holds it
+            b.note("fp8_base: kohya loads Flux's T5 in fp8 only when its file is fp8 and keeps CLIP-L as it is; "
+                   "set LoadModel.text_encoder_quant to fp8 to quantize the text encoders too")
+        else:
+            b.set(load, "text_encoder_quant", "fp8", "fp8_base")
+    b.note(f"{key}: LoadModel keeps one fp8 scale per 128 input columns (fp8_block_size), finer than kohya's plain "
+           "cast; fp8_block_size 0 is one scale per tensor")
+
+
+def _memory(b: Builder, s: Settings, train: str, lora: bool, opt: str) -> None:
+    """blocks_to_swap, cpu_offload_checkpointing and fused_backward_pass as TrainLoop's memory params."""
+    swap = s.get("blocks_to_swap")
+    if swap:
+        if lora:
+            b.set(train, "blocks_to_swap", int(swap), "blocks_to_swap")
+        else:
+            b.skip("blocks_to_swap", swap, "TrainLoop's block swap streams frozen blocks, and a full fine-tune trains "
+                                           "them; fused_backward and gradient_checkpointing save memory here")
+    if s.get("cpu_offload_checkpointing", False):
+        b.set(train, "offload_activations", True, "cpu_offload_checkpointing")
+    if s.get("fused_backward_pass", False):
+        from app.ml.train.optim import FUSED_OPTIMIZERS
+
+        chosen = b.graph.nodes[opt].params.get("optimizer", "adamw")
+        if chosen not in FUSED_OPTIMIZERS:
+            b.skip("fused_backward_pass", True, f"TrainLoop.fused_backward steps the optimizer per weight, which "
+                                                f"{chosen} does not allow ({' and '.join(FUSED_OPTIMIZERS)} do)")
+        else:
+            b.set(train, "fused_backward", True, "fused_backward_pass")
+            if int(b.graph.nodes[train].params.get("grad_accumulation", 1)) > 1:
+                b.note("fused_backward_pass: TrainLoop.fused_backward needs grad_accumulation 1 (kohya accumulates "
+                       "fused gradients, NodeTrainer does not): set it to 1 and raise the batch size instead")
+
+
 def _flux_objective(b: Builder, s: Settings, obj: str) -> None:
     """flux_train_network.py's timestep sampling, shift, sigmoid scale, guidance and prediction type."""
     sampling = str(s.get("timestep_sampling", "sigma")).lower()
-    if sampling in ("sigmoid", "uniform"):
+    if sampling == "sigma":
+        _sigma_sampling(b, s, obj)
+    elif sampling in ("sigmoid", "uniform"):
         b.set_flow(obj, "timesteps", sampling, "timestep_sampling")
         b.set_flow(obj, "shift", "none", "timestep_sampling")
     elif sampling == "shift":
@@ -287,7 +338,7 @@ def _flux_objective(b: Builder, s: Settings, obj: str) -> None:
         b.set_flow(obj, "timesteps", "sigmoid", "timestep_sampling")
         b.set_flow(obj, "shift", "resolution", "timestep_sampling")
     else:
-        b.skip("timestep_sampling", sampling, "sigmoid, uniform, shift and flux_shift are mapped")
+        b.skip("timestep_sampling", sampling, "sigma, sigmoid, uniform, shift and flux_shift are mapped")
     if s.has("discrete_flow_shift"):
         b.set_flow(obj, "shift_value", float(s.get("discrete_flow_shift")), "discrete_flow_shift")
     if s.has("sigmoid_scale"):
@@ -584,3 +635,33 @@ def _every(b: Builder, s: Settings, train: str, what: str) -> tuple:
         b.set(train, f"{what}_every", every_e, f"{what}_every_n_epochs")
         b.set(train, f"{what}_unit", "epochs")
     return every_e, every_s
+
+
+def _sigma_sampling(b: Builder, s: Settings, obj: str) -> None:
+    """kohya's default "sigma" sampling: a draw by weighting_scheme (none: uniform; logit_normal) on the
+    scheduler's sigmas, shifted by discrete_flow_shift (FlowObjective: a fixed shift)."""
+    scheme = str(s.get("weighting_scheme", "none")).lower()
+    if scheme == "logit_normal":
+        b.set_flow(obj, "timesteps", "logit_normal", "timestep_sampling")
+        if s.has("logit_mean"):
+            b.set_flow(obj, "logit_mean", float(s.get("logit_mean")), "logit_mean")
+        if s.has("logit_std"):
+            b.set_flow(obj, "logit_scale", float(s.get("logit_std")), "logit_std")
+        b.mapped.append("weighting_scheme -> FlowObjective.timesteps (logit_normal)")
+    else:
+        b.set_flow(obj, "timesteps", "uniform", "timestep_sampling")
+        if scheme in ("none", "uniform"):
+            b.mapped.append(f"weighting_scheme = {scheme} -> FlowObjective.timesteps (uniform)")
+        elif scheme == "mode":
+            b.skip("weighting_scheme", scheme, "the mode draw (SD3's) is not available: sigma is drawn uniform; "
+                                               "FlowObjective has uniform, sigmoid and logit_normal")
+        else:  # sigma_sqrt, cosmap: a uniform draw, the scheme named for SD3's loss weighting
+            b.skip("weighting_scheme", scheme, f"sigma is drawn uniform, as kohya draws it for {scheme}; its loss "
+                                               f"weighting is not imported: FlowObjective.weighting = {scheme} "
+                                               "weights the loss by sigma")
+    if s.has("mode_scale"):
+        b.skip("mode_scale", s.get("mode_scale"), "belongs to weighting_scheme mode, which is not available")
+    b.set_flow(obj, "shift", "fixed", "timestep_sampling")
+    if not s.has("discrete_flow_shift"):
+        if b.graph.nodes[obj].type == "FlowObjective":
+            b.set(obj, "shift_value", 3.0)  # kohya's default discrete_flow_shift

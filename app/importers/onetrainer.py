@@ -17,6 +17,12 @@ MODEL_TYPES = {"STABLE_DIFFUSION_15": "sd15", "STABLE_DIFFUSION_15_INPAINTING": 
                "STABLE_DIFFUSION_20_BASE": "sd2", "STABLE_DIFFUSION_21": "sd2-v", "STABLE_DIFFUSION_21_BASE": "sd2",
                "STABLE_DIFFUSION_XL_10_BASE": "sdxl", "FLUX_DEV_1": "flux-dev", "FLUX_FILL_DEV_1": None}
 DTYPES = {"FLOAT_32": "fp32", "FLOAT_16": "fp16", "BFLOAT_16": "bf16"}
+QUANT = {"FLOAT_8": "fp8", "INT_8": "int8", "NFLOAT_4": "nf4"}  # OneTrainer's quantized weight dtypes
+# the denoiser's blocks TrainLoop's blocks_to_swap counts, at the families' full size (its tooltip):
+# OneTrainer's layer offload fraction becomes a number of them
+SWAP_BLOCKS = {"sd15": 8, "sd2": 8, "sd2-v": 8, "sdxl": 6, "flux-dev": 57}
+TEXT_ENCODERS = {"sd15": ("text_encoder",), "sd2": ("text_encoder",), "sd2-v": ("text_encoder",),
+                 "sdxl": ("text_encoder", "text_encoder_2"), "flux-dev": ("text_encoder", "text_encoder_2")}
 OPTIMIZERS = {"ADAMW": "adamw", "ADAMW_8BIT": "adamw8bit", "ADAFACTOR": "adafactor", "PRODIGY": "prodigy",
               "LION": "lion", "LION_8BIT": "lion8bit", "SGD_NESTEROV": "sgd_nesterov", "DADAPT_ADAM": "dadapt_adam",
               "SCHEDULE_FREE_ADAMW": "schedulefree_adamw"}
@@ -70,7 +76,15 @@ REASONS = {
     "unet.stop_training_after": "the UNet trains to the end",
     "unet.stop_training_after_unit": "the UNet trains to the end",
     "vae.train": "the VAE is never trained",
+    "preserve_embedding_norm": "not available: the embedding's vectors train freely",
+    "embedding_weight_dtype": "embeddings train in fp32",
+    "async_offloading": "TrainLoop's block swap decides how blocks travel",
+    "enable_async_offloading": "TrainLoop's block swap decides how blocks travel",
+    "bundle_additional_embeddings": "belongs to trained additional embeddings, which this config has none of",
 }
+_FT_QUANT = ("LoadModel's quantized weights are frozen, and this full fine-tune trains them: the part is loaded in "
+             "full precision")
+_TE_OFFLOAD = "TrainLoop's block swap and activation offloading apply to the denoiser"
 
 
 def convert(data: dict, path: Path, registry) -> ImportResult:
@@ -80,24 +94,30 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
                                              "additional_embeddings", "secrets", "cloud", "quantization",
                                              "embedding"))))
     method = str(s.get("training_method", "FINE_TUNE")).upper()
-    if method not in ("LORA", "FINE_TUNE"):
-        raise ImportError_(f"{path}: training_method {method} is not supported (NodeTrainer trains LoRAs and "
-                           f"full fine-tunes); choose LORA or FINE_TUNE in OneTrainer and save the config again")
+    if method not in ("LORA", "FINE_TUNE", "EMBEDDING"):
+        raise ImportError_(f"{path}: training_method {method} is not supported (NodeTrainer trains LoRAs, "
+                           f"embeddings and full fine-tunes); choose LORA, EMBEDDING or FINE_TUNE in OneTrainer and "
+                           f"save the config again")
     model_type = str(s.get("model_type", "STABLE_DIFFUSION_15")).upper()
     if MODEL_TYPES.get(model_type) is None:
         raise ImportError_(f"{path}: model_type {model_type} is not supported here (supported: "
                            f"{', '.join(k for k, v in MODEL_TYPES.items() if v)})")
-    lora = method == "LORA"
+    lora, embedding = method == "LORA", method == "EMBEDDING"
     flux = MODEL_TYPES[model_type].startswith("flux")
-    b.mapped.append(f"training_method -> {'a LoRAInject node' if lora else 'a full fine-tune (no adapter)'}")
+    b.mapped.append(f"training_method -> {'a LoRAInject node' if lora else 'an Embedding node' if embedding else 'a full fine-tune (no adapter)'}")
 
     # ---- model -----------------------------------------------------------------------------------
     load = b.node("LoadModel", 0)
     b.set(load, "source", local_path(str(s.get("base_model_name", "")), base, model=True), "base_model_name")
     b.set(load, "family", MODEL_TYPES[model_type], "model_type")
-    denoiser = ("transformer" if s.has("transformer.weight_dtype") else "prior") if flux else "unet"
+    # Flux's denoiser settings: "transformer" since config version 8, "prior" before
+    denoiser = ("transformer" if any(k.startswith("transformer.") for k in s.values) else "prior") if flux else "unet"
     for part, param in ((denoiser, "unet_dtype"), ("text_encoder", "text_encoder_dtype"), ("vae", "vae_dtype")):
         _dtype(b, s, load, f"{part}.weight_dtype", param)
+    full_ft = not (lora or embedding)
+    _quant(b, s, load, denoiser, MODEL_TYPES[model_type],
+           denoiser_trained=full_ft and bool(s.peek(f"{denoiser}.train", s.peek("train_unet", True))),
+           text_encoder_trained=full_ft and bool(s.peek("text_encoder.train", s.peek("train_text_encoder", False))))
     if s.peek("vae.model_name"):
         b.set(load, "vae", local_path(s.get("vae.model_name"), base), "vae.model_name")
     weight_dtype = s.peek("weight_dtype")
@@ -115,10 +135,14 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
             elif str(v).upper() != "NONE":
                 b.skip(old, v, "no such precision in LoadModel")
 
-    model = load
+    model, trained_embeddings = _embeddings(b, s, load, method, MODEL_TYPES[model_type], base)
+    if s.peek("preserve_embedding_norm") is False:
+        s.get("preserve_embedding_norm")  # off: as NodeTrainer trains
+    if str(s.peek("embedding_weight_dtype", "")).upper() == "FLOAT_32":
+        s.get("embedding_weight_dtype")  # as NodeTrainer trains embeddings
     if lora:
         inject = b.node("LoRAInject", 1)
-        b.link(load, "model", inject, "model")
+        b.link(model, "model", inject, "model")
         model = inject
         peft = str(s.get("peft_type", "LORA")).upper()
         algo = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}.get(peft)
@@ -181,6 +205,8 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
         b.set(cache, "cache_text", bool(s.get("text_caching", True)), "text_caching")
         b.mapped.append("latent_caching -> Cache node")
         buckets = cache
+    elif s.has("text_caching"):
+        b.mapped.append(f"text_caching = {show(s.get('text_caching'))} -> (no Cache node: nothing is cached)")
 
     # ---- optimizer ---------------------------------------------------------------------------------
     opt = b.node("Optimizer", 2)
@@ -210,6 +236,13 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
         b.set(opt, "cycles", max(1, int(round(float(s.get("learning_rate_cycles"))))), "learning_rate_cycles")
     if s.has("learning_rate_min_factor"):
         b.set(opt, "min_factor", s.get("learning_rate_min_factor"), "learning_rate_min_factor")
+    if trained_embeddings:
+        elr = s.get("embedding_learning_rate")
+        b.set(opt, "embedding_lr", base_lr if elr is None else elr,
+              "embedding_learning_rate" if elr is not None else "learning_rate")
+        _embedding_stop(b, opt, trained_embeddings)
+    elif s.has("embedding_learning_rate"):
+        b.skip("embedding_learning_rate", s.get("embedding_learning_rate"), "no embedding is trained")
     stop = s.get("text_encoder.stop_training_after")
     stop_unit = unit(s.get("text_encoder.stop_training_after_unit", "NEVER"))
     if stop and stop_unit in ("epochs", "steps") and stop < 10_000_000:
@@ -236,7 +269,17 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
     gc = s.get("gradient_checkpointing")
     if gc is not None:
         b.set(train, "gradient_checkpointing", str(gc).upper() not in ("OFF", "FALSE"), "gradient_checkpointing")
-    if not lora:
+    _offloading(b, s, train, denoiser, MODEL_TYPES[model_type], full_ft)
+    if s.get("optimizer.fused_back_pass", False):
+        from app.ml.train.optim import FUSED_OPTIMIZERS
+
+        chosen = b.graph.nodes[opt].params.get("optimizer", "adamw")
+        if chosen in FUSED_OPTIMIZERS:
+            b.set(train, "fused_backward", True, "optimizer.fused_back_pass")
+        else:
+            b.skip("optimizer.fused_back_pass", True, f"TrainLoop.fused_backward steps the optimizer per weight, "
+                                                      f"which {chosen} does not allow ({' and '.join(FUSED_OPTIMIZERS)} do)")
+    if not (lora or embedding):
         b.set(train, "train_unet", bool(s.get(f"{denoiser}.train", s.get("train_unet", True))), f"{denoiser}.train")
         b.set(train, "train_text_encoder", bool(s.get("text_encoder.train", s.get("train_text_encoder", False))),
               "text_encoder.train")
@@ -245,7 +288,9 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
           "weight_dtype": s.peek("text_encoder.weight_dtype")}
     for k in ("train", "learning_rate", "weight_dtype"):
         key = f"text_encoder_2.{k}"
-        if s.has(key) and not (lora and k == "train"):
+        if s.has(key) and not ((lora or embedding) and k == "train"):
+            if k == "weight_dtype" and (str(s.peek(key)).upper() in QUANT or str(te[k]).upper() in QUANT):
+                continue  # quantized encoders: LoadModel.text_encoder_quant (_quant)
             v = s.get(key)
             if v == te[k] or v is None or (k == "weight_dtype" and str(v).upper() == "NONE"):
                 b.mapped.append(f"{key} -> as text_encoder.{k} (both encoders share the setting)")
@@ -308,8 +353,15 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
     b.link(train, "model", save, "model")
     dest = str(s.get("output_model_destination", "") or "model.safetensors")
     fmt = str(s.get("output_model_format", "SAFETENSORS")).upper()
-    b.set(save, "what", "adapter" if lora else "full_model")
-    if fmt == "DIFFUSERS":
+    b.set(save, "what", "adapter" if lora else "embedding" if embedding else "full_model")
+    if lora and trained_embeddings:
+        b.set(save, "bundle_embeddings", bool(s.get("bundle_additional_embeddings", True)),
+              "bundle_additional_embeddings")
+    if embedding:
+        s.used.add("output_model_format")
+        b.mapped.append("output_model_format -> Save (embedding files have one layout per family)")
+        name = Path(dest).name if Path(dest).suffix else Path(dest).name + ".safetensors"
+    elif fmt == "DIFFUSERS":
         b.set(save, "layout", "peft" if lora else "diffusers_folder", "output_model_format")
         name = Path(dest).name
     else:
@@ -331,7 +383,7 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
             b.skip(key, s.get(key), why)
     b.leftovers(s, reasons=REASONS)
     title = f"Imported from OneTrainer: {path.stem}"
-    return b.result(title, f"{'LoRA' if lora else 'Fine-tune'} of {model_type} imported from {path.name}; "
+    return b.result(title, f"{'LoRA' if lora else 'Embedding' if embedding else 'Fine-tune'} of {model_type} imported from {path.name}; "
                            f"{len(b.skipped)} setting(s) not imported are listed in meta.imported.")
 
 
@@ -348,13 +400,215 @@ def _flow_objective(b: Builder, s: Settings, obj: str) -> None:
 
 
 def _dtype(b: Builder, s: Settings, nid: str, key: str, param: str) -> None:
-    if not s.has(key):
+    if not s.has(key) or str(s.peek(key)).upper() in QUANT:  # quantized: see _quant
         return
     v = str(s.get(key)).upper()
     if v in DTYPES:
         b.set(nid, param, DTYPES[v], key)
     elif v != "NONE":
-        b.skip(key, v, "fp32, fp16 and bf16 weights are available (quantized weights are not)")
+        b.skip(key, v, f"fp32, fp16 and bf16 weights, and {', '.join(QUANT)} quantized ones, are available")
+
+
+def _quant(b: Builder, s: Settings, load: str, denoiser: str, family: str, *, denoiser_trained: bool,
+           text_encoder_trained: bool) -> None:
+    """OneTrainer's quantized weight dtypes (FLOAT_8, INT_8, NFLOAT_4) as LoadModel's denoiser_quant and
+    text_encoder_quant: frozen storage under an adapter or an embedding (QLoRA); one format serves every
+    text encoder, so the largest quantized encoder's format is used for all."""
+    key = f"{denoiser}.weight_dtype"
+    fmt = QUANT.get(str(s.peek(key, "")).upper())
+    if fmt:
+        if denoiser_trained:
+            b.skip(key, s.get(key), _FT_QUANT)
+        else:
+            s.get(key)
+            b.set(load, "denoiser_quant", fmt, key)
+    encoders = TEXT_ENCODERS.get(family, ("text_encoder",))
+    quantized = {part: QUANT[str(s.peek(f"{part}.weight_dtype", "")).upper()] for part in encoders
+                 if str(s.peek(f"{part}.weight_dtype", "")).upper() in QUANT}
+    if not quantized:
+        return
+    if text_encoder_trained:
+        for part in quantized:
+            b.skip(f"{part}.weight_dtype", s.get(f"{part}.weight_dtype"), _FT_QUANT)
+        return
+    chosen = encoders[-1]  # the larger encoder (SDXL: CLIP-G; Flux: T5), where memory matters most
+    if chosen not in quantized:  # quantizing it too would change more than the config asks
+        for part in quantized:
+            b.skip(f"{part}.weight_dtype", s.get(f"{part}.weight_dtype"),
+                   f"LoadModel.text_encoder_quant quantizes every text encoder, and {chosen} is not quantized here: "
+                   "the encoders stay in full precision (set text_encoder_quant to quantize them all)")
+        return
+    fmt = quantized[chosen]
+    for part, f in quantized.items():
+        key = f"{part}.weight_dtype"
+        if f == fmt:
+            s.get(key)
+            b.set(load, "text_encoder_quant", fmt, key)
+        else:
+            b.skip(key, s.get(key), f"LoadModel.text_encoder_quant is one format for every text encoder: "
+                                    f"{fmt} from {chosen}.weight_dtype is used")
+    others = [p for p in encoders if p not in quantized]
+    if others:
+        b.note(f"LoadModel.text_encoder_quant = {fmt} quantizes every text encoder, {', '.join(others)} too "
+               f"(OneTrainer quantized only {', '.join(quantized)})")
+
+
+def _offloading(b: Builder, s: Settings, train: str, denoiser: str, family: str, full_ft: bool) -> None:
+    """OneTrainer's layer and activation offloading as TrainLoop's blocks_to_swap and offload_activations.
+    Config version 11 keeps them per part ({denoiser}.offload_fraction, .activation_offloading,
+    .gradient_checkpointing); before, layer_offload_fraction and enable_activation_offloading applied
+    when gradient_checkpointing was CPU_OFFLOADED."""
+    old = str(s.peek("gradient_checkpointing", "")).upper() == "CPU_OFFLOADED"
+    fraction, fraction_key = 0.0, None
+    if s.has(f"{denoiser}.offload_fraction"):
+        fraction_key = f"{denoiser}.offload_fraction"
+        fraction = float(s.get(fraction_key) or 0.0)
+    elif s.has("layer_offload_fraction"):
+        fraction_key = "layer_offload_fraction"
+        value = float(s.get(fraction_key) or 0.0)
+        if value and not old:
+            b.skip(fraction_key, value, "OneTrainer offloads layers only with gradient_checkpointing CPU_OFFLOADED")
+        fraction = value if old else 0.0
+    if s.has(f"{denoiser}.activation_offloading"):
+        if s.get(f"{denoiser}.activation_offloading"):
+            b.set(train, "offload_activations", True, f"{denoiser}.activation_offloading")
+    elif old:
+        if s.get("enable_activation_offloading", True):
+            b.set(train, "offload_activations", True, "gradient_checkpointing")
+    if s.has(f"{denoiser}.gradient_checkpointing"):
+        b.set(train, "gradient_checkpointing", bool(s.get(f"{denoiser}.gradient_checkpointing")),
+              f"{denoiser}.gradient_checkpointing")
+    if fraction and fraction_key:
+        blocks = SWAP_BLOCKS.get(family)
+        swap = min(round(fraction * blocks), blocks - 1) if blocks else 0
+        if full_ft:
+            b.skip(fraction_key, fraction, "TrainLoop's block swap streams frozen blocks, and this full fine-tune "
+                                           "trains them; TrainLoop.fused_backward saves memory in a fine-tune")
+        elif not blocks:
+            b.skip(fraction_key, fraction, f"the {family} denoiser's block count is not known to this importer: "
+                                           "set TrainLoop.blocks_to_swap by hand")
+        elif swap < 1:
+            b.skip(fraction_key, fraction, f"less than one of the {family} denoiser's {blocks} blocks: no block swap")
+        else:
+            b.set(train, "blocks_to_swap", swap, fraction_key)
+            b.note(f"{fraction_key} {fraction}: {swap} of the {family} denoiser's {blocks} blocks are streamed from RAM "
+                   f"(TrainLoop.blocks_to_swap; OneTrainer counts layers, NodeTrainer whole blocks)")
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        for k in ("offload_fraction", "activation_offloading", "gradient_checkpointing"):
+            key = f"{part}.{k}"
+            if s.has(key):
+                v = s.get(key)
+                if v and k != "gradient_checkpointing":
+                    b.skip(key, v, _TE_OFFLOAD)
+                elif v and part != "vae":
+                    b.mapped.append(f"{key} -> TrainLoop.gradient_checkpointing (one setting for the model)")
+
+
+def _embeddings(b: Builder, s: Settings, load: str, method: str, family: str, base: Path) -> tuple[str, list]:
+    """OneTrainer's embeddings on the MODEL wire, after LoadModel: additional embeddings that do not train
+    as LoadEmbedding nodes, trained ones (and with training_method EMBEDDING the config's ``embedding``) as
+    Embedding nodes; with a LoRA this is pivotal tuning. Returns the wire's last node and the trained
+    embeddings' settings (for the Optimizer's stop)."""
+    model, trained = load, []
+    main = s.get("embedding")
+    extra = s.get("additional_embeddings") or []
+    if method != "EMBEDDING" and main:
+        b.skip("embedding", {k: main.get(k) for k in ("placeholder", "token_count") if k in main},
+               "OneTrainer trains this embedding only with training_method EMBEDDING; with a LoRA, trained embeddings "
+               "are additional_embeddings (imported)")
+    if method == "FINE_TUNE" and extra:
+        b.skip("additional_embeddings", [e.get("placeholder") for e in extra if isinstance(e, dict)],
+               "a full fine-tune trains a model without adapters, and an embedding on its wire would leave nothing "
+               "to fine-tune: add LoadEmbedding nodes to the Sample nodes that use them")
+        return model, trained
+    items = [(f"additional_embeddings[{i}].", e) for i, e in enumerate(extra) if isinstance(e, dict)]
+    if method == "EMBEDDING":
+        items.append(("embedding.", main if isinstance(main, dict) else {}))
+    for label, data in items:
+        e = b.track(Settings(data, label))
+        e.get("uuid")  # OneTrainer's own name for the embedding's files
+        if e.get("is_output_embedding", False):
+            b.skip(f"{label}is_output_embedding", True, "output embeddings (a T5 output vector) are not available; "
+                                                         "an input embedding is made")
+        train = bool(e.get("train", True)) or label == "embedding."
+        token = str(e.get("placeholder", "<embedding>"))
+        file = e.get("model_name") or ""
+        if not train:
+            if not file:
+                b.skip(f"{label}placeholder", token, "an additional embedding that does not train needs its file "
+                                                     "(model_name)")
+                continue
+            node = b.node("LoadEmbedding", 1)
+            b.set(node, "path", local_path(str(file), base), f"{label}model_name")
+            b.set(node, "token", token, f"{label}placeholder")
+            for k in ("token_count", "initial_embedding_text", "stop_training_after", "stop_training_after_unit"):
+                if e.has(k):
+                    b.mapped.append(f"{label}{k} = {show(e.get(k))} -> (the file decides; it does not train)")
+        else:
+            node = b.node("Embedding", 1)
+            b.set(node, "token", token, f"{label}placeholder")
+            count = e.get("token_count")
+            if count:
+                b.set(node, "num_vectors", int(count), f"{label}token_count")
+            text = str(e.get("initial_embedding_text", "*") or "")
+            b.set(node, "init_text", "" if text.strip() == "*" else text, f"{label}initial_embedding_text")
+            if file:
+                b.set(node, "init_from", local_path(str(file), base), f"{label}model_name")
+            else:
+                e.get("model_name")
+            encoders = _embedding_encoders(b, s, family)
+            if encoders:
+                b.set(node, "encoders", encoders)
+            trained.append(e)  # its leftovers are listed after the Optimizer's stop is read
+        b.link(model, "model", node, "model")
+        model = node
+        if not train:
+            b.leftovers(e)
+    if method == "EMBEDDING":  # OneTrainer trains only the embedding then: the parts' train switches are not read
+        for key in ("unet.train", "prior.train", "transformer.train", "text_encoder.train", "text_encoder_2.train"):
+            if s.has(key):
+                b.mapped.append(f"{key} = {show(s.get(key))} -> (an embedding run trains only the embedding)")
+    return model, trained
+
+
+def _embedding_encoders(b: Builder, s: Settings, family: str) -> str | None:
+    """Which text encoders get the vectors: OneTrainer's text_encoder(_2).train_embedding."""
+    encoders = TEXT_ENCODERS.get(family, ("text_encoder",))
+    if len(encoders) < 2:  # one encoder: OneTrainer trains the embedding on it whatever the switch says
+        if s.has("text_encoder.train_embedding"):
+            b.mapped.append(f"text_encoder.train_embedding = {show(s.get('text_encoder.train_embedding'))} -> "
+                            "Embedding (the one text encoder)")
+        return None
+    flags = {p: s.get(f"{p}.train_embedding", True) for p in encoders}
+    for p in encoders:
+        if s.has(f"{p}.train_embedding"):
+            b.mapped.append(f"{p}.train_embedding -> Embedding.encoders")
+    if all(flags.values()) or not any(flags.values()):
+        return "all"
+    one = next(p for p, on in flags.items() if on)
+    return {"sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
+            "flux-dev": {"text_encoder": "clip_l", "text_encoder_2": "t5"}}[family][one]
+
+
+def _embedding_stop(b: Builder, opt: str, trained: list) -> None:
+    """The Optimizer's one embedding stop, from the first trained embedding that stops (they share it)."""
+    chosen = None
+    for e in trained:
+        stop, stop_unit = e.get("stop_training_after"), unit(e.get("stop_training_after_unit", "NEVER"))
+        key = f"{e.label}stop_training_after"
+        if not stop or stop_unit is None:
+            continue
+        if stop_unit not in ("epochs", "steps"):
+            b.skip(key, stop, "only epochs or steps are mapped; the embedding trains to the end")
+        elif chosen is None:
+            chosen = (stop, stop_unit)
+            b.set(opt, "stop_embedding_after", stop, key)
+            b.set(opt, "stop_embedding_unit", stop_unit, f"{e.label}stop_training_after_unit")
+        elif (stop, stop_unit) != chosen:
+            b.skip(key, stop, f"the embeddings share one stop (Optimizer.stop_embedding_after): {chosen[0]} "
+                              f"{chosen[1]} is used")
+    for e in trained:
+        b.leftovers(e)
 
 
 def _loss(b: Builder, s: Settings, train: str) -> None:
