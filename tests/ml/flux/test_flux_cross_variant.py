@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from app.ml.adapters import AdapterConfig, attached, create_adapter_set, load_adapter_file
+from app.ml.adapters import AdapterConfig, attached, create_adapter_set
 from app.ml.flux import tiny
 from app.ml.flux.variants import lora_variant
 from app.ml.models import load_model
