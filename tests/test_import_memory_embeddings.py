@@ -189,6 +189,18 @@ def test_onetrainer_quantized_dtypes_and_offloading_limits(tmp_path):
     assert one(r, "TrainLoop")["blocks_to_swap"] == 14 and one(r, "TrainLoop")["fused_backward"] is True
 
 
+def test_onetrainer_embedding_settings_without_embeddings(tmp_path):
+    base = {"training_method": "LORA", "model_type": "STABLE_DIFFUSION_15", "base_model_name": "/m/sd15",
+            "embedding_learning_rate": None, "bundle_additional_embeddings": True, "additional_embeddings": []}
+    result, r = convert("onetrainer", write(tmp_path, "a.json", base))  # what every saved LoRA config holds
+    assert not nodes(r, "Embedding") and not [n for n in result.not_imported if "embedding" in n]
+    # a full fine-tune keeps no adapter on its wire: its additional embeddings are listed, not loaded
+    extra = [{"placeholder": "<style>", "model_name": "style.safetensors", "train": False}]
+    result, r = convert("onetrainer", write(tmp_path, "b.json", {**base, "training_method": "FINE_TUNE",
+                                                                  "additional_embeddings": extra}))
+    assert not nodes(r, "LoadEmbedding") and "full fine-tune" in skipped(result, "additional_embeddings")
+
+
 # ---- the recipes validate and train -------------------------------------------------------------------
 
 def tiny(recipe: dict, tmp_path: Path, model: str) -> dict:

@@ -80,7 +80,6 @@ REASONS = {
     "embedding_weight_dtype": "embeddings train in fp32",
     "async_offloading": "TrainLoop's block swap decides how blocks travel",
     "enable_async_offloading": "TrainLoop's block swap decides how blocks travel",
-    "bundle_additional_embeddings": "belongs to trained additional embeddings, which this config has none of",
 }
 _FT_QUANT = ("LoadModel's quantized weights are frozen, and this full fine-tune trains them: the part is loaded in "
              "full precision")
@@ -241,8 +240,10 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
         b.set(opt, "embedding_lr", base_lr if elr is None else elr,
               "embedding_learning_rate" if elr is not None else "learning_rate")
         _embedding_stop(b, opt, trained_embeddings)
-    elif s.has("embedding_learning_rate"):
+    elif s.peek("embedding_learning_rate") is not None:
         b.skip("embedding_learning_rate", s.get("embedding_learning_rate"), "no embedding is trained")
+    else:
+        s.get("embedding_learning_rate")  # null: the learning rate, for no embedding
     stop = s.get("text_encoder.stop_training_after")
     stop_unit = unit(s.get("text_encoder.stop_training_after_unit", "NEVER"))
     if stop and stop_unit in ("epochs", "steps") and stop < 10_000_000:
@@ -357,6 +358,9 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
     if lora and trained_embeddings:
         b.set(save, "bundle_embeddings", bool(s.get("bundle_additional_embeddings", True)),
               "bundle_additional_embeddings")
+    elif s.has("bundle_additional_embeddings"):
+        b.mapped.append(f"bundle_additional_embeddings = {show(s.get('bundle_additional_embeddings'))} -> "
+                        "(no trained embedding to bundle)")
     if embedding:
         s.used.add("output_model_format")
         b.mapped.append("output_model_format -> Save (embedding files have one layout per family)")
