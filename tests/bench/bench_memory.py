@@ -1,29 +1,39 @@
-"""Benchmark: the memory planner's predicted peak against the measured peak of a LoRA step.
+"""Benchmark: the memory plan a recipe shows before its run against the measured peak of its LoRA step.
 
-Each config runs in a fresh subprocess of this script. The measured peak is the process's resident
-memory (a sampling thread reads /proc/self/statm every millisecond) above what it held before the
-model was built - so it covers the weights, the adapter, the optimizer state and the step - on this
-CPU; on CUDA ``torch.cuda.max_memory_allocated``. The prediction uses only data: parameter counts
-from the built model, the storage format's bytes per weight, and activation coefficients measured
-with ``activation_coefficient`` at two *smaller* token counts than the step's (so the prediction
-extrapolates, as it does for a real recipe).
+Each config is a recipe (LoadModel, Bucketer, Cache, LoRAInject, Optimizer, TrainLoop) planned by
+the product's planner (``app/ml/memory/recipe_plan.py``: configs on the meta device, the family
+module's measured activation profile, nothing calibrated here), then run for real in a fresh
+subprocess: the denoiser built from the same config, quantized as LoadModel does (the family's
+``quant_keep`` layers kept), LoRA rank 16 on the layers LoRAInject selects, AdamW, one step on
+random cached latents and text. Measured: the resident size above the warmed-up process before the
+model was built, at the step's peak (a thread samples /proc/self/statm every millisecond; large
+allocations mmap-backed so freed tensors leave at once): the weights as loaded plus the step's
+growth; on CUDA ``torch.cuda.max_memory_allocated``.
 
-Configs (LoRA rank 16 on the attention projections, AdamW, batch 1, cached latents and text: only
-the denoiser is built):
-  tiny-sd       ``builtin:tiny-sd``'s UNet, fp32, 64x64 latents
-  flux-reduced  the Flux dev transformer at full width (3072, 24 heads) with 1 double + 2 single
-                blocks, bf16 / fp8 / nf4 Linear weights, 32x32 latents (256 image + 32 text tokens)
+Block swap on a CPU runs the real BlockSwap hooks but moves nothing (host and device are the
+same memory): its rows compare against the plan without the swap saving, which is listed apart.
 
-Run: OMP_NUM_THREADS=1 python tests/bench/bench_memory.py [--configs tiny-sd,flux-reduced:bf16,...] [--rounds 2]
+Configs (cached latents and text: only the denoiser is on the device):
+  tiny-sd        builtin:tiny-sd, fp32, 512 px (64x64 latents), attn-only LoRA
+  tiny-flux      builtin:tiny-flux, fp32, 512 px (1024 image + 32 text tokens), attn-mlp LoRA
+  sd15           the full-size SD 1.5 UNet, bf16, 256 px (32x32 latents), attn-mlp LoRA
+  flux:FMT[:ckpt][:swapN]  the Flux dev transformer at full width (3072, 24 heads) with 1 double +
+                 2 single blocks, bf16 / fp8 / nf4 Linear weights, 256 px (256 image + 32 text
+                 tokens), attn-mlp LoRA; ckpt: gradient checkpointing; swapN: blocks_to_swap N (of
+                 3 blocks, one prefetched: swap2 keeps 2 on the device, a GPU saves one block)
+
+Run: OMP_NUM_THREADS=1 python tests/bench/bench_memory.py [--configs tiny-sd,flux:nf4,...] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ["tiny-sd", "flux-reduced:bf16", "flux-reduced:fp8", "flux-reduced:nf4"]
+CONFIGS = ["tiny-sd", "tiny-flux", "sd15", "flux:bf16", "flux:fp8", "flux:nf4", "flux:bf16:ckpt", "flux:nf4:ckpt:swap2"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -57,22 +67,6 @@ class PeakRSS:
         return max(self.peak, rss())
 
 
-def _lora(model, targets, rank=16):
-    import torch.nn as nn
-
-    from app.ml.adapters.modules import LoRAModule
-
-    loras = nn.ModuleList()
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets or name.endswith("to_out.0"):
-            if not isinstance(m, nn.Linear):
-                continue
-            lora = LoRAModule(m, rank, rank)
-            m.register_forward_hook(lambda mod, inp, out, lora=lora: lora(mod, inp[0], out, 1.0))
-            loras.append(lora)
-    return loras
-
-
 def _trim():
     """Return freed heap to the system, so a later peak is not hidden in malloc's free lists."""
     import ctypes
@@ -85,6 +79,85 @@ def _trim():
         pass
 
 
+# ---- the recipes ---------------------------------------------------------------------------------
+
+BASE = {
+    "format_version": 1, "meta": {"title": "memory benchmark"},
+    "nodes": {
+        "1": {"type": "LoadModel", "version": 1, "params": {}},
+        "2": {"type": "Concept", "version": 1, "params": {"folder": "data"}},
+        "3": {"type": "Bucketer", "version": 2, "params": {"batch_size": 1}},
+        "4": {"type": "Cache", "version": 1, "params": {"cache_text": True}},
+        "5": {"type": "LoRAInject", "version": 1, "params": {"rank": 16, "alpha": 16.0, "text_encoder_layers": "none"}},
+        "6": {"type": "Optimizer", "version": 1, "params": {"optimizer": "adamw"}},
+        "7": {"type": "TrainLoop", "version": 2, "params": {"gradient_checkpointing": False}},
+    },
+    "links": [
+        {"id": 1, "from_node": "1", "from_output": "model", "to_node": "5", "to_input": "model"},
+        {"id": 2, "from_node": "2", "from_output": "dataset", "to_node": "3", "to_input": "datasets"},
+        {"id": 3, "from_node": "1", "from_output": "model", "to_node": "3", "to_input": "model"},
+        {"id": 4, "from_node": "1", "from_output": "model", "to_node": "4", "to_input": "model"},
+        {"id": 5, "from_node": "3", "from_output": "buckets", "to_node": "4", "to_input": "buckets"},
+        {"id": 6, "from_node": "5", "from_output": "model", "to_node": "7", "to_input": "model"},
+        {"id": 7, "from_node": "4", "from_output": "buckets", "to_node": "7", "to_input": "buckets"},
+        {"id": 8, "from_node": "6", "from_output": "optimizer", "to_node": "7", "to_input": "optimizer"},
+    ],
+    "ui": {},
+}
+
+
+def _flux_folder(tmp: Path) -> Path:
+    """A diffusers FLUX.1 folder of configs only (no weights): the dev configs, 1 + 2 blocks."""
+    from app.ml.flux.variants import CONFIGS
+
+    src = CONFIGS / "flux1-dev"
+    for f in src.rglob("*.json"):
+        dst = tmp / f.relative_to(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(f.read_text())
+        if f.relative_to(src).as_posix() == "transformer/config.json":
+            data.update(num_layers=1, num_single_layers=2)
+        dst.write_text(json.dumps(data))
+    return tmp
+
+
+def recipe_for(config: str, tmp: Path) -> dict:
+    name, *opts = config.split(":")
+    r = copy.deepcopy(BASE)
+    load, bucket, inject, loop = (r["nodes"][k]["params"] for k in ("1", "3", "5", "7"))
+    if name == "tiny-sd":
+        load.update(source="builtin:tiny-sd", unet_dtype="fp32")
+        bucket.update(resolution="512x512")
+        inject.update(unet_layers="attn-only")
+        loop.update(train_dtype="fp32")
+    elif name == "tiny-flux":
+        load.update(source="builtin:tiny-flux", unet_dtype="fp32")
+        bucket.update(resolution="512x512")
+        inject.update(unet_layers="attn-mlp")
+        loop.update(train_dtype="fp32")
+    elif name == "sd15":
+        load.update(source="", family="sd15", unet_dtype="bf16")
+        bucket.update(resolution="256x256")
+        inject.update(unet_layers="attn-mlp")
+        loop.update(train_dtype="bf16")
+    elif name == "flux":
+        load.update(source=str(_flux_folder(tmp)), unet_dtype="bf16", text_max_length=32,
+                    denoiser_quant=opts[0] if opts and opts[0] != "bf16" else "none")
+        bucket.update(resolution="256x256")
+        inject.update(unet_layers="attn-mlp")
+        loop.update(train_dtype="bf16")
+    else:
+        raise SystemExit(f"unknown config {config!r}")
+    for o in opts:
+        if o == "ckpt":
+            loop["gradient_checkpointing"] = True
+        elif o.startswith("swap"):
+            loop["blocks_to_swap"] = int(o[4:])
+    return r
+
+
+# ---- the measured step ---------------------------------------------------------------------------
+
 def _warm_up():
     """Import and run once what the step uses, so the baseline already holds the code and libraries."""
     import torch
@@ -92,7 +165,6 @@ def _warm_up():
 
     from app.ml.models.tiny import tiny_spec
 
-    # diffusers builds some modules lazily on first use: a throwaway tiny UNet step pays for that
     unet = UNet2DConditionModel(**tiny_spec("tiny-sd").unet)
     unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), encoder_hidden_states=torch.randn(1, 77, unet.config.cross_attention_dim)
          ).sample.mean().backward()
@@ -103,111 +175,116 @@ def _warm_up():
     _trim()
 
 
-def worker(config: str, mode: str) -> dict:
+def _build(fam, configs, dtype):
+    import torch
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    cfg = {k: v for k, v in configs[fam.denoiser].items() if not k.startswith("_")}
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.no_grad():
+            cls = FluxTransformer2DModel if fam.denoiser == "transformer" else UNet2DConditionModel
+            return cls.from_config(cfg).requires_grad_(False)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def worker(config: str, device: str) -> dict:
     import torch
 
-    from app.ml.memory.plan import (Component, Recipe, activation_coefficient, count_params, largest_linear,
-                                    measure_transient, predict, step_coefficient)
-    from app.ml.memory.quant import quantize_linears
+    from app.graph.recipe import parse_recipe
+    from app.graph.registry import load_registry
+    from app.ml.adapters.modules import LoRAModule
+    from app.ml.memory import recipe_plan
+    from app.ml.memory.quant import quantize_component
 
     torch.manual_seed(0)
-    name, _, fmt = config.partition(":")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    data = recipe_for(config, tmp)
+    registry = load_registry()
+    graph, problems = parse_recipe(data, registry=registry)
+    rp = recipe_plan.plan_graph(graph, registry, tmp)[0]  # the plan, before anything is built
+    plan = rp.plan
+    lp, tp, ip = (graph.nodes[k].params for k in ("1", "7", "5"))
+    g = recipe_plan._graph_from(graph, registry)
+    model_info = recipe_plan._model_of(g.nodes["1"]["params"], tmp, "LoadModel")
+    fam = model_info.family
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[lp.get("unet_dtype", "fp32")]
     _warm_up()
-    quantize = None
     base_rss = rss()
-    meter = PeakRSS()
-    if name == "tiny-sd":
-        from diffusers import UNet2DConditionModel
+    model = _build(fam, model_info.configs, dtype)
+    quant = lp.get("denoiser_quant", "none")
+    if quant and quant != "none":
+        quantize_component(model, quant, fam.denoiser, keep=getattr(fam, "quant_keep", ()))
+    _trim()
+    loaded = rss() - base_rss  # the weights as held (a quantizing load's conversion peak is not the step's)
+    names = set(fam.adapter_targets(model, fam.denoiser, ip.get("unet_layers", "attn-mlp"), (), True))
+    loras = torch.nn.ModuleList()
+    for n, m in model.named_modules():
+        if n in names and isinstance(m, torch.nn.Linear):
+            lora = LoRAModule(m, 16, 16.0)
+            m.register_forward_hook(lambda mod, inp, out, lora=lora: lora(mod, inp[0], out, 1.0))
+            loras.append(lora)
+    swap = None
+    if tp.get("blocks_to_swap"):
+        from app.ml.memory.swap import BlockSwap
 
-        from app.ml.models.tiny import tiny_spec
+        blocks = torch.nn.ModuleList(fam.swappable_blocks(model))
+        swap = BlockSwap(blocks, max(1, len(blocks) - int(tp["blocks_to_swap"])), device)
+    if tp.get("gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    model.train()
+    width, height = (int(x) for x in graph.nodes["3"].params["resolution"].split("x"))
+    f = fam.vae_scale_factor
+    c = model.config
+    if fam.denoiser == "transformer":
+        side_h, side_w = height // (2 * f), width // (2 * f)
+        text = int(lp.get("text_max_length") or 32)
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side_h).float(), torch.arange(side_w).float(),
+                                         indexing="ij"), -1).reshape(-1, 3).to(dtype)
 
-        model = UNet2DConditionModel(**tiny_spec("tiny-sd").unet).requires_grad_(False)
-        dtype, ctx_dim, side = torch.float32, model.config.cross_attention_dim, 64
-        targets = ("to_q", "to_k", "to_v")
-
-        def run(tokens_side, grad=True):
-            x = torch.randn(1, 4, tokens_side, tokens_side, requires_grad=grad)
-            return model(x, torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, ctx_dim)).sample
-
-        calib = (32 * 32, 48 * 48)  # latent pixels
-        blocks = 1
-        tokens = side * side
-        coef_fn = lambda n: run(int(round(n ** 0.5)))  # noqa: E731
-        step = lambda: run(side, grad=False)  # noqa: E731
+        def forward():
+            kw = {"guidance": torch.tensor([1.0], dtype=dtype)} if c.guidance_embeds else {}
+            return model(hidden_states=torch.randn(1, side_h * side_w, c.in_channels, dtype=dtype),
+                         encoder_hidden_states=torch.randn(1, text, c.joint_attention_dim, dtype=dtype),
+                         pooled_projections=torch.randn(1, c.pooled_projection_dim, dtype=dtype),
+                         timestep=torch.tensor([0.5], dtype=dtype), img_ids=ids,
+                         txt_ids=torch.zeros(text, 3, dtype=dtype), **kw).sample
     else:
-        from diffusers import FluxTransformer2DModel
+        def forward():
+            return model(torch.randn(1, c.in_channels, height // f, width // f, dtype=dtype), torch.tensor([500]),
+                         encoder_hidden_states=torch.randn(1, 77, c.cross_attention_dim, dtype=dtype)).sample
+    opt = torch.optim.AdamW(loras.parameters(), lr=1e-4)
 
-        from app.ml.flux.variants import config as flux_config
+    def step():
+        loss = forward().float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-        cfg = {k: v for k, v in flux_config("dev", "transformer").items() if not k.startswith("_")}
-        cfg.update(num_layers=1, num_single_layers=2)
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.no_grad():
-            model = FluxTransformer2DModel(**cfg).requires_grad_(False)
-        torch.set_default_dtype(old)
-        if fmt != "bf16":
-            quantize = fmt
-        dtype, blocks, text = torch.bfloat16, 3, 32
-        targets = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-        image = 256
-        tokens = image + text
-
-        def run_flux(n_img, n_txt):
-            hs = torch.randn(1, n_img, 64, dtype=dtype, requires_grad=True)
-            side = int(n_img ** 0.5)
-            ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(), indexing="ij"),
-                              -1).reshape(-1, 3)[:n_img].to(dtype)
-            return model(hidden_states=hs, encoder_hidden_states=torch.randn(1, n_txt, 4096, dtype=dtype),
-                         pooled_projections=torch.randn(1, 768, dtype=dtype), timestep=torch.tensor([0.5], dtype=dtype),
-                         img_ids=ids, txt_ids=torch.zeros(n_txt, 3, dtype=dtype),
-                         guidance=torch.tensor([3.5], dtype=dtype)).sample
-
-        calib = (80, 180)  # total tokens: 64 + 16, 144 + 36 (image a square, text a fifth)
-        coef_fn = lambda n: run_flux(n - n // 5, n // 5)  # noqa: E731
-        step = lambda: run_flux(image, text)  # noqa: E731
-    meter.stop()
-    _trim()
-    built = rss()  # the model's weights as built (before the calibration leaves caches behind)
-    # the activation coefficient is the architecture's (data of the family): measured on the model
-    # before its weights are quantized, at smaller token counts than the step's
-    if mode == "saved":  # what autograd saves: exact for checkpointing arithmetic, misses backward's transients
-        coef = activation_coefficient(coef_fn, calib, exclude=model) / blocks
-    else:  # the peak growth of forward + backward per token, measured at the smaller sizes
-        coef = step_coefficient(lambda n: coef_fn(n).float().square().mean().backward(), calib) / blocks
-    _trim()
-    pre_quant = rss()
-    if quantize:
-        quantize_linears(model, quantize)
-    _trim()
-    loaded = built + (rss() - pre_quant)  # the weights as held after quantizing (its conversion peak is not the step's)
-    total, linear = count_params(model)
-    loras = _lora(model, targets)
-    adapter = sum(p.numel() for p in loras.parameters())
-    big = max((m for m in model.modules() if isinstance(m, torch.nn.Linear)), key=lambda m: m.in_features * m.out_features)
-    quant = None if fmt in ("", "bf16") else fmt
-    transient = measure_transient(quant, dtype, shape=(big.out_features, big.in_features))
     _trim()
     before_step = rss()
     meter = PeakRSS()
-    opt = torch.optim.AdamW(loras.parameters(), lr=1e-4)
-    t0 = time.perf_counter()
-    out = step()
-    loss = out.float().square().mean()
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    ms = (time.perf_counter() - t0) * 1000
+    step()
     step_peak = meter.stop()
-    measured = (loaded - base_rss) + (step_peak - before_step)  # weights as loaded + the step's growth
-    comp = Component("denoiser", total, linear, "fp32" if dtype == torch.float32 else "bf16",
-                     quant=None if fmt in ("", "bf16") else fmt)
-    recipe = Recipe([comp], denoiser="denoiser", blocks=blocks, act_per_token=coef, tokens=tokens,
-                    adapter_params=adapter, optimizer="adamw", largest_linear=largest_linear(model),
-                    compute_dtype=comp.dtype, transient_per_weight=transient)
-    plan = predict(recipe)
-    return {"config": config, "activations": mode, "transient_per_weight": round(transient, 2), "predicted_mb": plan.peak / 2**20, "measured_mb": measured / 2**20,
-            "error": (plan.peak - measured) / measured, "ms_step": ms, "weights_mb": (loaded - base_rss) / 2**20,
+    _trim()
+    before_second = rss()
+    meter = PeakRSS()
+    t0 = time.perf_counter()
+    step()
+    ms = (time.perf_counter() - t0) * 1000
+    second_peak = meter.stop()
+    if swap is not None:
+        swap.remove()
+    measured = loaded + (step_peak - before_step)
+    saving = -plan.parts.get("block swap (weights in RAM)", 0.0)
+    predicted = plan.peak + (saving if device == "cpu" else 0.0)  # a CPU's block swap moves nothing
+    return {"config": config, "predicted_mb": predicted / 2**20, "measured_mb": measured / 2**20,
+            "error": (predicted - measured) / measured, "ms_step": ms, "weights_mb": loaded / 2**20,
+            "second_step_mb": (loaded + second_peak - before_second) / 2**20,
+            "swap_saving_on_gpu_mb": saving / 2**20, "tokens": rp.tokens,
             "breakdown_mb": {k: round(v / 2**20, 1) for k, v in plan.parts.items() if v}}
 
 
@@ -215,12 +292,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--worker")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each config (fresh processes)")
-    ap.add_argument("--activations", choices=["step", "saved"], default="step",
-                    help="activation coefficient: peak growth of a step per token (default) or bytes autograd saves")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.activations)))
+        print(json.dumps(worker(args.worker, args.device)))
         return
     rows = []
     for c in [c for _ in range(args.rounds) for c in args.configs.split(",")]:
@@ -228,16 +304,19 @@ def main():
         # measured peak is the tensors', not glibc's free lists' (fragmentation of a quantizing load)
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
                    MALLOC_MMAP_THRESHOLD_="131072")
-        out = subprocess.run([sys.executable, __file__, "--worker", c, "--activations", args.activations], capture_output=True, text=True, env=env)
+        out = subprocess.run([sys.executable, __file__, "--worker", c, "--device", args.device], capture_output=True,
+                             text=True, env=env)
         if out.returncode:
             print(f"{c}: failed\n{out.stderr[-2000:]}")
             continue
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(json.dumps(row))
-    print(f"\n{'config':<20} {'predicted MB':>12} {'measured MB':>12} {'error':>7} {'ms/step':>9}")
+        print(json.dumps(row), flush=True)
+    print(f"\n{'config':<22} {'predicted MB':>12} {'measured MB':>12} {'error':>7} {'ms/step':>9}  swap saving on a GPU")
     for r in rows:
-        print(f"{r['config']:<20} {r['predicted_mb']:12.1f} {r['measured_mb']:12.1f} {r['error']:+7.1%} {r['ms_step']:9.0f}")
+        swap = f"{r['swap_saving_on_gpu_mb']:.0f} MB" if r["swap_saving_on_gpu_mb"] else ""
+        print(f"{r['config']:<22} {r['predicted_mb']:12.1f} {r['measured_mb']:12.1f} {r['error']:+7.1%} "
+              f"{r['ms_step']:9.0f}  {swap}")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def _runner(model, family, dtype):
 
 def _sides(name: str) -> tuple[int, int, int]:
     return {"tiny-sd": (16, 32, 48), "tiny-sdxl": (16, 32, 48), "shapes-sd": (16, 32, 48), "sd15": (8, 16, 24), "sdxl": (16, 24, 32),
-            "tiny-flux": (24, 48, 64), "flux-dev": (8, 12, 16)}[name]
+            "tiny-flux": (16, 32, 48), "flux-dev": (8, 12, 16)}[name]
 
 
 def _attach_lora(model, family):
