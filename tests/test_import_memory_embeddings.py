@@ -115,6 +115,10 @@ def test_kohya_fp8_base_on_sd_quantizes_the_text_encoder_too_and_the_sigma_defau
 
 
 def test_kohya_fused_backward_and_full_finetune_limits(tmp_path):
+    from app.importers.common import FUSED_OPTIMIZERS
+    from app.ml.train.optim import FUSED_OPTIMIZERS as TRAIN_LOOP_FUSED
+
+    assert FUSED_OPTIMIZERS == TRAIN_LOOP_FUSED  # the importers' copy (they do not import torch)
     result, r = convert("kohya", FIX / "kohya_sdxl_finetune_fused.toml")
     assert one(r, "TrainLoop")["fused_backward"] is True and one(r, "Optimizer")["optimizer"] == "adafactor"
     assert "LoadModel" in r["nodes"]["1"]["type"] and "denoiser_quant" not in one(r, "LoadModel")

@@ -13,6 +13,9 @@ from app.graph.spec import check_param_value
 from app.importers import ImportResult
 
 _MISSING = object()
+# the optimizers TrainLoop's fused_backward can step one weight at a time (app/ml/train/optim.py's, kept
+# here so that importing stays free of torch)
+FUSED_OPTIMIZERS = ("adamw", "adafactor")
 
 
 def flatten(data: dict, prefix: str = "", keep: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.importers import ImportError_, ImportResult
-from app.importers.common import Builder, Settings, local_path
+from app.importers.common import FUSED_OPTIMIZERS, Builder, Settings, local_path
 
 OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "adafactor": "adafactor", "prodigy": "prodigy",
               "lion": "lion", "lion8bit": "lion8bit", "sgdnesterov": "sgd_nesterov", "dadaptadam": "dadapt_adam",
@@ -310,8 +310,6 @@ def _memory(b: Builder, s: Settings, train: str, lora: bool, opt: str) -> None:
     if s.get("cpu_offload_checkpointing", False):
         b.set(train, "offload_activations", True, "cpu_offload_checkpointing")
     if s.get("fused_backward_pass", False):
-        from app.ml.train.optim import FUSED_OPTIMIZERS
-
         chosen = b.graph.nodes[opt].params.get("optimizer", "adamw")
         if chosen not in FUSED_OPTIMIZERS:
             b.skip("fused_backward_pass", True, f"TrainLoop.fused_backward steps the optimizer per weight, which "
@@ -319,8 +317,8 @@ def _memory(b: Builder, s: Settings, train: str, lora: bool, opt: str) -> None:
         else:
             b.set(train, "fused_backward", True, "fused_backward_pass")
             if int(b.graph.nodes[train].params.get("grad_accumulation", 1)) > 1:
-                b.note("fused_backward_pass: TrainLoop.fused_backward needs grad_accumulation 1 (kohya accumulates "
-                       "fused gradients, NodeTrainer does not): set it to 1 and raise the batch size instead")
+                b.note("fused_backward_pass: TrainLoop.fused_backward needs grad_accumulation 1: set it to 1 and "
+                       "raise the batch size instead")
 
 
 def _flux_objective(b: Builder, s: Settings, obj: str) -> None:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from app.importers import ImportError_, ImportResult
-from app.importers.common import Builder, Settings, flatten, local_path, show, unit
+from app.importers.common import FUSED_OPTIMIZERS, Builder, Settings, flatten, local_path, show, unit
 
 MODEL_TYPES = {"STABLE_DIFFUSION_15": "sd15", "STABLE_DIFFUSION_15_INPAINTING": None, "STABLE_DIFFUSION_20": "sd2-v",
                "STABLE_DIFFUSION_20_BASE": "sd2", "STABLE_DIFFUSION_21": "sd2-v", "STABLE_DIFFUSION_21_BASE": "sd2",
@@ -272,8 +272,6 @@ def convert(data: dict, path: Path, registry) -> ImportResult:
         b.set(train, "gradient_checkpointing", str(gc).upper() not in ("OFF", "FALSE"), "gradient_checkpointing")
     _offloading(b, s, train, denoiser, MODEL_TYPES[model_type], full_ft)
     if s.get("optimizer.fused_back_pass", False):
-        from app.ml.train.optim import FUSED_OPTIMIZERS
-
         chosen = b.graph.nodes[opt].params.get("optimizer", "adamw")
         if chosen in FUSED_OPTIMIZERS:
             b.set(train, "fused_backward", True, "optimizer.fused_back_pass")
