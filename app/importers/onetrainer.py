@@ -3,6 +3,10 @@
 Nested settings are read by dotted key (``unet.learning_rate``, ``optimizer.beta1``); concepts and
 samples come inline (``concepts``, ``samples``) or from the files the config names
 (``concept_file_name``, ``sample_definition_file_name``), read relative to the config's folder.
+
+Embeddings follow OneTrainer's rules: the config's ``embedding`` trains only with training_method
+EMBEDDING (an Embedding node, no adapter); ``additional_embeddings`` that train become Embedding nodes
+(beside a LoRA: pivotal tuning) and those that do not, LoadEmbedding nodes of their files.
 """
 
 from __future__ import annotations
