@@ -210,9 +210,9 @@ def _options(recipe: Recipe) -> list[list[_Option]]:
     if eight:
         opt.append(_Option(f"{eight}", 0.5, lambda r, e=eight: replace(r, optimizer=e)))
     swap = [_Option("", 0, lambda r: r)]
-    if recipe.blocks > 1:
+    if recipe.blocks > 1:  # every swapped block crosses the bus twice a step: swapping most of them costs most
         for keep in range(recipe.blocks - 1, 0, -1):
-            swap.append(_Option(f"block swap {recipe.blocks - keep}", 1.0 + 3.0 * (recipe.blocks - keep) / recipe.blocks,
+            swap.append(_Option(f"block swap {recipe.blocks - keep}", 1.0 + 8.0 * (recipe.blocks - keep) / recipe.blocks,
                                 lambda r, k=keep: replace(r, blocks_resident=k)))
     if recipe.checkpointing:  # on already: not a change; offloading its inputs is
         ckpt = ckpt[:1] + ([] if recipe.offload_activations else [
