@@ -61,3 +61,12 @@ def test_validate_without_plan_stays_torch_free():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+def test_a_tight_target_combines_quantization_and_a_few_swapped_blocks(capsys):
+    main(["validate", str(ROOT / "presets" / "flux_lora.json"), "--fit", "8GB"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if "to fit 8.00 GB" in l)
+    changes = line.split(": ", 1)[1].split(" -> ")[0].split(" + ")
+    assert "nf4 transformer" in changes, line
+    swapped = [int(c.rsplit(" ", 1)[1]) for c in changes if c.startswith("block swap")]
+    assert swapped and swapped[0] < 57 / 2, line  # not most of Flux's 57 blocks
