@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -45,8 +46,9 @@ def compute(data: dict, recipe_dir: str | None, target: str, timeout: float = TI
     if target:
         cmd += ["--fit", target]
     try:
+        # at the lowest priority: importing torch takes seconds of a core the editor must not lose
         out = subprocess.run(cmd, input=json.dumps(data), capture_output=True, text=True, cwd=str(ROOT),
-                             timeout=timeout)
+                             timeout=timeout, preexec_fn=_background if hasattr(os, "nice") else None)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"error": f"the memory planner did not answer ({e})"}
     lines = out.stdout.strip().splitlines()
@@ -54,6 +56,10 @@ def compute(data: dict, recipe_dir: str | None, target: str, timeout: float = TI
         return json.loads(lines[-1]) if lines else {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
     except ValueError:
         return {"error": (out.stderr.strip().splitlines() or [lines[-1]])[-1]}
+
+
+def _background() -> None:
+    os.nice(19)
 
 
 def short(nbytes: float) -> str:
