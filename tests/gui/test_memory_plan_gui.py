@@ -95,7 +95,7 @@ def test_the_editor_shows_a_presets_plan_on_its_train_loop(display, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "gui", str(ROOT / "presets" / "tiny_demo.json")],
                             env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline, state, x = time.monotonic() + 240, {}, 0
+        deadline, state, x = time.monotonic() + 420, {}, 0
         while time.monotonic() < deadline:
             # an idle editor draws on input only: a mouse move every second lets the arrived plan show
             x = 1 - x
