@@ -70,6 +70,14 @@ def test_load_model_quantizes_per_component_and_keeps_the_family_layers(reg, tmp
     assert "Linear layers" in line and "MiB" in line and "kept in full precision" in line
 
 
+def test_load_model_offers_the_formats_quant_knows(reg):
+    from app.ml.memory.quant import CHOICES
+
+    inputs = {i.name: i for i in reg.get("LoadModel").inputs}
+    assert inputs["denoiser_quant"].choices == inputs["text_encoder_quant"].choices == CHOICES
+    assert inputs["denoiser_quant"].default == inputs["text_encoder_quant"].default == "none"
+
+
 def test_text_encoder_quant_changes_the_text_identity_and_encodes_close(reg, tmp_path):
     data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-flux", "text_encoder_quant": "int8"}),
                    "2": ("LoadModel", {"source": "builtin:tiny-flux"})}, [])
@@ -234,3 +242,4 @@ def test_sample_node_on_a_quantized_base_with_a_lora(reg, tmp_path, nf4_lora):
 
     paths = result.outputs["4"]["images"]["paths"]
     assert len(paths) == 2 and all(Image.open(p).size == (64, 64) for p in paths)
+
