@@ -14,7 +14,7 @@ optimizer from ``build_optimizer``) and the reference written the way diffusers'
 ``train_dreambooth_lora_flux.py`` trains (``transformer.add_adapter`` with a peft ``LoraConfig`` on the same
 modules, packing, ``FlowMatchEulerDiscreteScheduler`` sigmas, MSE on noise - latents, its
 ``torch.optim.AdamW``), same rank, inputs and learning rate; ms/step after warm-up, peak RSS and RSS before
-the first step. Both hold only the transformer (the text embeddings and latents are given). ``--rounds``
+the first step, and process CPU ms/step (with one thread, the figure a loaded machine blurs least). Both hold only the transformer (the text embeddings and latents are given). ``--rounds``
 runs both that many times, alternating which goes first, and reports per-round ratios and their medians,
 since a shared machine's load moves between runs; ``--count`` adds each step's torch ops and MB of fresh
 tensors (forward + backward), figures load cannot blur. ``step --impl ours --profile 30`` prints the top ops.
@@ -211,13 +211,14 @@ def _step_once(args) -> dict:
             return loss
         presets_module = len(targets)
     setup_rss = _rss_mb()
-    times = []
+    times, cpu = [], []
     for i in range(args.steps + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step(i)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -236,6 +237,7 @@ def _step_once(args) -> dict:
         work = {"ops_per_step": counter.ops, "fresh_tensor_mb_per_step": counter.bytes / 2**20}
     steady = times[1:]
     return {**work, "impl": args.impl, "ms_per_step": 1000 * sum(steady) / len(steady), "first_step_ms": 1000 * times[0],
+            "cpu_ms_per_step": 1000 * sum(cpu[1:]) / len(cpu[1:]),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "setup_rss_mb": setup_rss,
             "lora_modules": presets_module,
             "trainable": sum(p.numel() for p in params), "transformer_params": sum(p.numel() for p in model.parameters()
@@ -307,6 +309,8 @@ def bench_step(args) -> dict:
                        "ours_setup_rss_mb": r["ours"]["setup_rss_mb"], "ref_setup_rss_mb": r["reference"]["setup_rss_mb"],
                        **{f"{who}_{k}": r[impl][k] for who, impl in (("ours", "ours"), ("ref", "reference"))
                           for k in ("ops_per_step", "fresh_tensor_mb_per_step") if k in r[impl]},
+                       "ours_cpu_ms": r["ours"]["cpu_ms_per_step"], "ref_cpu_ms": r["reference"]["cpu_ms_per_step"],
+                       "ratio_cpu_time": r["ours"]["cpu_ms_per_step"] / r["reference"]["cpu_ms_per_step"],
                        "ratio_time": r["ours"]["ms_per_step"] / r["reference"]["ms_per_step"],
                        "ratio_memory": r["ours"]["peak_rss_mb"] / r["reference"]["peak_rss_mb"]})
     last = r
@@ -316,6 +320,7 @@ def bench_step(args) -> dict:
             "transformer_params": last["ours"]["transformer_params"], "rounds": rounds,
             "median_ours_ms": median(x["ours_ms"] for x in rounds), "median_ref_ms": median(x["ref_ms"] for x in rounds),
             "median_ratio_time": median(x["ratio_time"] for x in rounds),
+            "median_ratio_cpu_time": median(x["ratio_cpu_time"] for x in rounds),
             "median_ratio_memory": median(x["ratio_memory"] for x in rounds)}
 
 
