@@ -59,6 +59,12 @@ def compute(data: dict, recipe_dir: str | None, target: str, timeout: float = TI
         return {"error": (out.stderr.strip().splitlines() or [lines[-1]])[-1]}
 
 
+def can_plan() -> bool:
+    """Plans are asked for by an editor on screen: headless editors (tests driving callbacks, with
+    no viewport) would only start torch imports nobody reads."""
+    return dpg.is_dearpygui_running()
+
+
 def _background() -> None:
     os.nice(5)
 
@@ -142,7 +148,8 @@ class MemoryPlanPanel:
             self._data = (data, recipe_dir)
             self._key = plan_key(data, recipe_dir, self.target) if trains else None
         key = self._key
-        if key is not None and key not in _CACHE and self._thread is None and now - self._changed_at >= SETTLE_S:
+        if (key is not None and key not in _CACHE and self._thread is None and now - self._changed_at >= SETTLE_S
+                and can_plan()):
             data, recipe_dir = self._data
             self._asked = key
             self._thread = threading.Thread(target=self._work, args=(key, data, recipe_dir, self.target), daemon=True)

@@ -35,6 +35,7 @@ def test_the_node_line_and_the_inspector_show_the_plan_and_what_fits(editor, mon
 
     monkeypatch.setattr(memory_plan, "compute", fake)
     monkeypatch.setattr(memory_plan, "SETTLE_S", 0.0)
+    monkeypatch.setattr(memory_plan, "can_plan", lambda: True)  # as an editor on screen
     memory_plan._CACHE.clear()
     assert editor.open_path(str(ROOT / "presets" / "tiny_demo.json"))
     editor.focus_node("7", quiet=True)
@@ -69,6 +70,7 @@ def test_a_planner_error_is_shown_not_raised(editor, monkeypatch):
 
     monkeypatch.setattr(memory_plan, "compute", lambda *a, **k: {"error": "TrainLoop (node 7): its buckets input is not linked"})
     monkeypatch.setattr(memory_plan, "SETTLE_S", 0.0)
+    monkeypatch.setattr(memory_plan, "can_plan", lambda: True)
     memory_plan._CACHE.clear()
     assert editor.open_path(str(ROOT / "presets" / "tiny_demo.json"))
     editor.focus_node("7", quiet=True)
@@ -117,3 +119,17 @@ def test_the_editor_shows_a_presets_plan_on_its_train_loop(display, tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_a_headless_editor_asks_for_no_plan(editor, monkeypatch):
+    from app.gui import memory_plan
+
+    calls = []
+    monkeypatch.setattr(memory_plan, "compute", lambda *a, **k: calls.append(a) or {"plans": []})
+    monkeypatch.setattr(memory_plan, "SETTLE_S", 0.0)
+    memory_plan._CACHE.clear()
+    assert editor.open_path(str(ROOT / "presets" / "tiny_demo.json"))
+    for _ in range(5):
+        editor.frame()
+    time.sleep(0.1)
+    assert calls == [] and editor.memory.busy()  # waiting, but for an editor on screen
