@@ -133,3 +133,35 @@ def test_a_headless_editor_asks_for_no_plan(editor, monkeypatch):
         editor.frame()
     time.sleep(0.1)
     assert calls == [] and editor.memory.busy()  # waiting, but for an editor on screen
+
+
+def test_the_planner_subprocess_ends_with_the_editor(tmp_path):
+    """A planner still running when the editor closes gets SIGTERM (Linux), not minutes more of CPU."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = ("import subprocess, sys, threading, time\n"
+            "from app.gui.memory_plan import _background\n"
+            "def run():\n"
+            "    p = subprocess.Popen(['sleep', '120'], preexec_fn=_background)\n"
+            "    print(p.pid, flush=True)\n"
+            "    p.wait()\n"
+            "threading.Thread(target=run, daemon=True).start()\n"
+            "time.sleep(1.0)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}") and "Z" not in _state(pid):
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}") or "Z" in _state(pid), "the planner outlived the editor"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
