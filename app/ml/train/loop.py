@@ -580,24 +580,21 @@ class Trainer:
         return int(meta["step"]), int(meta["epoch"]), int(meta["batch_index"])
 
     def _stop_text_encoder(self, optimizer) -> bool:
-        for g in optimizer.param_groups:
-            if str(g.get("name", "")).startswith("text_encoder"):
-                g["lr"] = 0.0
-                g["weight_decay"] = 0.0
-                for p in g["params"]:
-                    p.requires_grad_(False)
-        self.hooks.log("text encoder training stopped")
-        return True
+        return self._stop_groups(optimizer, lambda name: name.startswith("text_encoder"), "text encoder")
 
     def _stop_embedding(self, optimizer) -> bool:
         """Pivotal tuning's "stop the embedding after N steps": its rows freeze, the adapter trains on."""
+        return self._stop_groups(optimizer, lambda name: name == "embedding", "embedding")
+
+    def _stop_groups(self, optimizer, chosen, what: str) -> bool:
+        """Freeze the param groups ``chosen(name)`` picks: no rate, no decay, no gradients."""
         for g in optimizer.param_groups:
-            if g.get("name") == "embedding":
+            if chosen(str(g.get("name", ""))):
                 g["lr"] = 0.0
                 g["weight_decay"] = 0.0
                 for p in g["params"]:
                     p.requires_grad_(False)
-        self.hooks.log("embedding training stopped")
+        self.hooks.log(f"{what} training stopped")
         return True
 
     def _sync_gradients(self, params) -> None:
