@@ -65,6 +65,28 @@ def test_resume_after_stop_equals_uninterrupted(bundle, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("stop_after", [3, 4])  # mid-epoch, and the epoch's last step
+def test_a_stop_right_after_a_step_resumes_after_it(bundle, tmp_path, stop_after):
+    """Ctrl-C lands anywhere, e.g. in the progress or metric report of a step that is already taken:
+    the backup then resumes at the next batch, not by redoing that step's batch."""
+    settings = TrainSettings(epochs=2, grad_accumulation=1, seed=3)
+    full_t = FullFinetune(bundle)
+    full = Trainer(bundle, full_t, Pixels(), OPT, settings, tmp_path / "a").run()
+
+    def stop(step, total):
+        if step == stop_after:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        Trainer(bundle, FullFinetune(bundle), Pixels(), OPT, settings, tmp_path / "b", Hooks(progress=stop)).run()
+    backup = tmp_path / "b" / "backups" / f"step_{stop_after:07d}"
+    resumed_t = FullFinetune(bundle)
+    rest = Trainer(bundle, resumed_t, Pixels(), OPT, settings, tmp_path / "b").run(resume_from=backup)
+    assert rest.losses == full.losses[stop_after:]
+    a, b = weights(full_t), weights(resumed_t)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_base_model_is_not_changed_by_full_finetune(bundle, tmp_path):
     before = {k: v.clone() for k, v in bundle.unet.state_dict().items()}
     t = FullFinetune(bundle)

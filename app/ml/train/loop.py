@@ -284,6 +284,8 @@ class Trainer:
                         lr_sched.step()
                         optimizer.zero_grad(set_to_none=True)
                         step += 1
+                        # from here a stop resumes after this step: at the next batch (or the next epoch)
+                        step_start = (epoch + 1, 0) if batch_index >= n_batches else (epoch, batch_index)
                         if ema is not None and step % max(1, s.ema_every) == 0:
                             ema.update(params)
                         if s.stop_text_encoder_after and step >= s.stop_text_encoder_after and not te_stopped:
