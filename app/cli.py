@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print each TrainLoop's predicted peak device memory, broken down (loads no weights; "
                         "imports torch)")
     v.add_argument("--fit", metavar="SIZE", help="with the plan, the cheapest changes that fit SIZE (e.g. 12GB, "
-                                                 "11.5GiB, 8000MB), or that nothing does")
+                                                 "11.5GiB, 8000MB; a bare 8 is 8 GB), or that nothing does")
 
     r = sub.add_parser("run", help="run a recipe (only what the targets need)")
     r.add_argument("recipe")

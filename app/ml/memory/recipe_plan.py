@@ -26,7 +26,7 @@ from typing import Any
 
 from .plan import GB, WEIGHT_BYTES, Component, Plan, Recipe, fit, predict
 
-SIZE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+SIZE_UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
               "tib": 2**40, "k": 1e3, "m": 1e6, "g": 1e9}
 ADAPTER_NODES = ("LoRAInject",)
 
@@ -36,7 +36,8 @@ class PlanError(Exception):
 
 
 def parse_size(text: str | float | int) -> float:
-    """Bytes from "12GB", "12 GiB", "11.5G", "12000MB" (GB = 10^9, GiB = 2^30)."""
+    """Bytes from "12GB", "12 GiB", "11.5G", "12000MB" (GB = 10^9, GiB = 2^30); a bare "12" is 12 GB, as GPU
+    sizes are said (a number passed as int/float is bytes)."""
     if isinstance(text, (int, float)):
         return float(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))

@@ -163,6 +163,7 @@ def test_fit_through_the_recipe_and_sizes(registry):
     assert p.to_dict(target)["fit"]["fits"] is True
     assert parse_size("12GB") == 12e9 and parse_size("12 GiB") == 12 * 2**30 and parse_size("8000MB") == 8e9
     assert parse_size("11.5g") == 11.5e9
+    assert parse_size("8") == 8e9 and parse_size("2B") == 2  # a bare number is GB, as a card's size is said
     with pytest.raises(ValueError, match="12 bananas"):
         parse_size("12 bananas")
 
