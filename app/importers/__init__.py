@@ -29,6 +29,10 @@ class ImportResult:
 
 def read_config(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        configs = sorted(q.name for q in p.iterdir() if q.suffix.lower() in (".json", ".toml"))[:5]
+        raise ImportError_(f"{p}: is a folder; give the config file in it"
+                           + (f" ({', '.join(configs)})" if configs else ""))
     if not p.is_file():
         raise ImportError_(f"{p}: no such file")
     try:
@@ -51,6 +55,41 @@ def read_config(path: str | Path) -> dict:
     return data
 
 
+# keys every OneTrainer config has (its UI saves them all; its presets name the method and the model)
+ONETRAINER_KEYS = ("__version", "training_method", "model_type", "base_model_name")
+# keys of kohya sd-scripts' TOML and of the kohya_ss GUI's JSON
+KOHYA_KEYS = ("pretrained_model_name_or_path", "network_module", "LoRA_type", "train_data_dir", "sdxl")
+
+
+def looks_like(data: dict) -> str | None:
+    """What a settings file is, from keys its tool always writes: "nodetrainer", "onetrainer", "kohya" or None.
+    The kind the user named is checked against it, so a wrong file is refused instead of half imported."""
+    if isinstance(data.get("nodes"), dict) and ("format_version" in data or "links" in data):
+        return "nodetrainer"
+    if any(k in data for k in ONETRAINER_KEYS):
+        return "onetrainer"
+    if any(k in data for k in KOHYA_KEYS):
+        return "kohya"
+    return None
+
+
+def check_kind(kind: str, data: dict, path: Path) -> None:
+    """Refuse a file of another tool, saying what it is and which command reads it."""
+    found = looks_like(data)
+    if found == kind:
+        return
+    if found == "nodetrainer":
+        raise ImportError_(f"{path}: this is a NodeTrainer recipe: open or run it directly "
+                           f"(launch.py run {path}), there is nothing to import")
+    if found == "onetrainer":
+        raise ImportError_(f"{path}: this is a OneTrainer config: use 'launch.py import onetrainer {path}'")
+    if found == "kohya":
+        raise ImportError_(f"{path}: this is a kohya config: use 'launch.py import kohya {path}'")
+    if kind == "onetrainer":  # kohya's TOML is checked by the keys it needs (pretrained_model_name_or_path)
+        raise ImportError_(f"{path}: not a OneTrainer config: it has none of the keys every OneTrainer config has "
+                           f"({', '.join(ONETRAINER_KEYS)}); save the config from OneTrainer's UI and import that file")
+
+
 def import_config(kind: str, config: str | Path, *, dataset: str | Path | None = None, output: str | Path | None = None,
                   registry=None) -> ImportResult:
     """Convert, validate the structure, and write the recipe to ``output`` (atomically) when given."""
@@ -61,6 +100,8 @@ def import_config(kind: str, config: str | Path, *, dataset: str | Path | None =
 
         registry = load_registry()
     data = read_config(config)
+    if kind in ("onetrainer", "kohya"):
+        check_kind(kind, data, Path(config))
     if kind == "onetrainer":
         from app.importers.onetrainer import convert
 
