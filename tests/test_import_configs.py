@@ -145,7 +145,7 @@ def test_imported_recipe_trains_a_step_on_the_tiny_model(tmp_path, name):
     for nid, node in recipe["nodes"].items():  # the paths swapped for tiny ones, one step
         p = node["params"]
         if node["type"] == "LoadModel":
-            p.update(source=tiny, vae="")
+            p.update(source=tiny, vae="", ae="", clip_l="", t5xxl="")
         elif node["type"] == "Concept":
             source = p.get("prompt_source", "per_image")
             p.update(folder=str(data), caption_file="", name=f"concept {nid}",
@@ -175,4 +175,6 @@ def test_flux_configs_become_flux_recipes(tmp_path):
             assert _has(flow[0]["params"], {"shift": "fixed"})
             assert flow[0]["params"]["shift_value"] in (3.0, 3.1582)
     _, k = _import(tmp_path, "kohya_flux_lora")
-    assert _nodes(k, "LoadModel")[0]["params"]["vae"] == "/models/ae.safetensors"
+    assert _has(_nodes(k, "LoadModel")[0]["params"], {"ae": "/models/ae.safetensors",
+                                                     "clip_l": "/models/clip_l.safetensors",
+                                                     "t5xxl": "/models/t5xxl_fp16.safetensors"})

@@ -218,7 +218,7 @@ def tiny(recipe: dict, tmp_path: Path, model: str) -> dict:
     for node in recipe["nodes"].values():
         p = node["params"]
         if node["type"] == "LoadModel":
-            p.update(source=model, vae="")
+            p.update(source=model, vae="", ae="", clip_l="", t5xxl="")
         elif node["type"] == "Concept":
             p.update(folder=str(data))
         elif node["type"] == "Bucketer":

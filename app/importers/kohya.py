@@ -104,12 +104,11 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
         family = "flux-schnell" if "schnell" in str(source).lower() else "flux-dev"
     b.set(load, "family", family, "v2/v_parameterization/sdxl" if not flux else "network_module/ae/t5xxl (Flux)")
     if flux:
-        if s.peek("ae"):
-            b.set(load, "vae", local_path(s.get("ae"), base), "ae")
-        for key in ("clip_l", "t5xxl"):
-            if s.has(key):
-                b.skip(key, s.get(key), "LoadModel reads the text encoders of a diffusers folder or of the checkpoint; "
-                                        "give it a model that holds them")
+        for key in ("ae", "clip_l", "t5xxl"):  # Flux's split files: LoadModel's params of the same names
+            if s.peek(key):
+                b.set(load, key, local_path(str(s.get(key)), base), key)
+            else:
+                s.get(key)
         if s.has("t5xxl_max_token_length"):
             b.set(load, "text_max_length", int(s.get("t5xxl_max_token_length")), "t5xxl_max_token_length")
     if s.peek("vae"):
@@ -135,13 +134,25 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
     else:
         _dataset_flat(b, s, bucketer, base)
     buckets = bucketer
-    if s.get("cache_latents", False):
+    # sd-scripts turns cache_latents on when cache_latents_to_disk is (and the text encoders' "_to_disk" likewise)
+    to_disk = bool(s.get("cache_latents_to_disk", False))
+    if s.get("cache_latents", False) or to_disk:
         cache = b.node("Cache", 2)
         b.link(load, "model", cache, "model")
         b.link(bucketer, "buckets", cache, "buckets")
-        b.mapped.append("cache_latents -> Cache node")
-        b.set(cache, "cache_text", bool(s.get("cache_text_encoder_outputs", True)), "cache_text_encoder_outputs")
+        b.mapped.append(f"{'cache_latents' if s.peek('cache_latents') else 'cache_latents_to_disk'} -> Cache node")
+        if to_disk:
+            b.mapped.append("cache_latents_to_disk -> Cache node (it always caches on disk, in the workspace)")
+        text_keys = [k for k in ("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk") if s.has(k)]
+        if text_keys:
+            on = any(bool(s.get(k)) for k in text_keys)
+            b.set(cache, "cache_text", on, " / ".join(text_keys))
         buckets = cache
+    else:
+        for key in ("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"):
+            if s.peek(key):
+                b.skip(key, s.get(key), "the Cache node caches text with the latents (Cache.cache_text): set "
+                                        "cache_latents, or add a Cache node, to cache both")
 
     # ---- optimizer ---------------------------------------------------------------------------------
     opt = b.node("Optimizer", 2)

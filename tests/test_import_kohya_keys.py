@@ -1,0 +1,60 @@
+"""kohya settings that have a NodeTrainer param: Flux's split files, the caching switches as sd-scripts reads
+them (cache_latents_to_disk implies cache_latents), prior_loss_weight on the regularisation concept."""
+
+import tomllib
+from pathlib import Path
+
+from app.importers import import_config
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "import"
+
+
+def _nodes(result, type_):
+    return [n["params"] for n in result.recipe["nodes"].values() if n["type"] == type_]
+
+
+def _kohya(tmp_path, fixture="kohya_sd15_lora.toml", drop=(), dataset=None, **changes):
+    """A fixture with keys dropped or changed, written as TOML beside the prompt file it names."""
+    cfg = {k: v for k, v in tomllib.loads((FIX / fixture).read_text()).items() if k not in drop}
+    cfg.update(changes)
+    lines = []
+    for k, v in cfg.items():
+        text = repr(v).lower() if isinstance(v, bool) else repr(v).replace("'", '"') if not isinstance(v, str) \
+            else '"""' + v + '"""' if "\n" in v else '"' + v.replace("\\", "\\\\") + '"'
+        lines.append(f"{k} = {text}")
+    path = tmp_path / fixture
+    path.write_text("\n".join(lines) + "\n")
+    (tmp_path / "prompts.txt").write_text((FIX / "prompts.txt").read_text())
+    return import_config("kohya", path, dataset=dataset)
+
+
+def test_flux_split_files_go_to_loadmodel(tmp_path):
+    r = import_config("kohya", FIX / "kohya_flux_lora.toml")
+    load, = _nodes(r, "LoadModel")
+    assert {k: load.get(k) for k in ("ae", "clip_l", "t5xxl")} == {
+        "ae": "/models/ae.safetensors", "clip_l": "/models/clip_l.safetensors", "t5xxl": "/models/t5xxl_fp16.safetensors"}
+    assert not load.get("vae")
+    assert not [n for n in r.not_imported if n.split(" ")[0] in ("ae", "clip_l", "t5xxl")], r.not_imported
+    assert {"ae -> LoadModel.ae", "clip_l -> LoadModel.clip_l", "t5xxl -> LoadModel.t5xxl"} <= set(r.mapped)
+
+
+def test_cache_latents_to_disk_alone_caches_and_maps_text_caching(tmp_path):
+    r = import_config("kohya", FIX / "kohya_flux_lora.toml")  # cache_latents_to_disk, no cache_latents
+    cache, = _nodes(r, "Cache")
+    assert cache.get("cache_text", True) is True
+    assert not [n for n in r.not_imported if n.startswith("cache_")], r.not_imported
+    assert "cache_text_encoder_outputs -> Cache.cache_text" in r.mapped
+    r = _kohya(tmp_path, drop=("cache_latents",), cache_text_encoder_outputs=False)
+    cache, = _nodes(r, "Cache")
+    assert cache["cache_text"] is False
+    r = _kohya(tmp_path, drop=("cache_latents",), cache_text_encoder_outputs_to_disk=True)
+    cache, = _nodes(r, "Cache")
+    assert cache.get("cache_text", True) is True
+    assert any(m.startswith("cache_text_encoder_outputs_to_disk -> Cache.cache_text") for m in r.mapped), r.mapped
+
+
+def test_text_caching_without_latent_caching_says_how(tmp_path):
+    r = _kohya(tmp_path, drop=("cache_latents", "cache_latents_to_disk"), cache_text_encoder_outputs=True)
+    assert not _nodes(r, "Cache")
+    line, = [n for n in r.not_imported if n.startswith("cache_text_encoder_outputs")]
+    assert "no NodeTrainer equivalent" not in line and "set cache_latents" in line
