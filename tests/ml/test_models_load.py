@@ -293,3 +293,27 @@ def test_prediction_type_override():
     assert b.prediction_type == "v_prediction"
     assert b.make_noise_scheduler().config.prediction_type == "v_prediction"
     assert b.family.kohya_metadata["ss_v_parameterization"] == "True"
+
+
+@pytest.mark.parametrize("source", ["builtin:tiny-sd", "builtin:tiny-flux"])
+def test_a_bf16_load_casts_without_diffusers_empty_float32_warning(source):
+    """diffusers' to(dtype) warns 'modules that should be kept in float32: []' on every cast: a user
+    loading any preset in bf16 saw it; the cast is the same without it."""
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    log = logging.getLogger("diffusers")
+    handler = Keep(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        bundle = load_model(source, dtypes={"unet": "bf16", "vae": "bf16", "text_encoder": "bf16"})
+    finally:
+        log.removeHandler(handler)
+    assert not [m for m in records if "kept in float32" in m], records
+    assert all(p.dtype == torch.bfloat16 for p in bundle.denoiser.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in bundle.vae.parameters())

@@ -135,7 +135,7 @@ def load_model(
         if name == "vae":
             warn_fp16_sdxl_vae(fam, dtype)
         if module.dtype != dtype:
-            module.to(dtype)
+            _cast(module, dtype)
         freeze(module)
         identities[name] = ident.combine(parts["ids"][name], DTYPE_NAMES[dtype])
         if name in quantized:
@@ -190,6 +190,15 @@ def _named_components(fam: ModelFamily, parts: dict) -> Iterator[tuple[str, Any]
     yield "vae", parts["vae"]
     for spec, te in zip(fam.text_encoders, parts["text_encoders"]):
         yield spec.name, te
+
+
+def _cast(module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)``. diffusers' ``to`` warns on every cast of a model that lists no modules to
+    keep in float32 (its list is empty: the warning says nothing), so those cast as plain modules."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(dtype)  # a real list: diffusers' own cast and its warning apply
+    else:
+        torch.nn.Module.to(module, dtype)
 
 
 def _resolve_dtypes(dtypes: Mapping | None, fam: ModelFamily) -> dict[str, torch.dtype]:
