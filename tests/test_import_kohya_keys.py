@@ -58,3 +58,21 @@ def test_text_caching_without_latent_caching_says_how(tmp_path):
     assert not _nodes(r, "Cache")
     line, = [n for n in r.not_imported if n.startswith("cache_text_encoder_outputs")]
     assert "no NodeTrainer equivalent" not in line and "set cache_latents" in line
+
+
+def test_prior_loss_weight_goes_to_the_regularisation_concept_with_or_without_a_dataset_config(tmp_path):
+    def weights(r):
+        return [(c.get("concept_type", "standard"), c.get("loss_weight", 1.0)) for c in _nodes(r, "Concept")]
+
+    r = _kohya(tmp_path, prior_loss_weight=0.5)  # reg_data_dir
+    assert weights(r) == [("standard", 1.0), ("prior", 0.5)]
+    assert "prior_loss_weight -> Regularisation.loss_weight" in r.mapped
+    r = _kohya(tmp_path, prior_loss_weight=0.5, dataset=FIX / "kohya_sdxl_dataset.toml")  # an is_reg subset
+    assert ("prior", 0.5) in weights(r) and all(w == 1.0 for t, w in weights(r) if t != "prior")
+    assert not [n for n in r.not_imported if n.startswith("prior_loss_weight")], r.not_imported
+    plain = tmp_path / "plain_dataset.toml"
+    plain.write_text('[[datasets]]\nresolution = 512\n[[datasets.subsets]]\nimage_dir = "/data/train"\n')
+    for dataset in (None, plain):  # no regularisation images: the same advice either way
+        r = _kohya(tmp_path, drop=("reg_data_dir",), prior_loss_weight=0.5, dataset=dataset)
+        line, = [n for n in r.not_imported if n.startswith("prior_loss_weight")]
+        assert "set Concept.loss_weight of the regularisation concept" in line, line

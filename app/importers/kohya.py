@@ -133,6 +133,7 @@ def convert(data: dict, path: Path, registry, *, dataset: dict | None = None,
         _dataset_toml(b, dataset, dataset_path or path, bucketer, s)
     else:
         _dataset_flat(b, s, bucketer, base)
+    _prior_loss_weight(b, s)
     buckets = bucketer
     # sd-scripts turns cache_latents on when cache_latents_to_disk is (and the text encoders' "_to_disk" likewise)
     to_disk = bool(s.get("cache_latents_to_disk", False))
@@ -495,10 +496,22 @@ def _dataset_flat(b: Builder, s: Settings, bucketer: str, base: Path) -> None:
         b.set(c, "folder", local_path(str(reg), base), "reg_data_dir")
         b.set(c, "concept_type", "prior")
         b.link(c, "dataset", bucketer, "datasets")
-    if s.has("prior_loss_weight"):
-        b.skip("prior_loss_weight", s.get("prior_loss_weight"), "set Concept.loss_weight of the regularisation concept")
     _bucketing(b, s, bucketer, "")
     b.set(bucketer, "batch_size", s.get("train_batch_size", 1), "train_batch_size")
+
+
+def _prior_loss_weight(b: Builder, s: Settings) -> None:
+    """kohya weighs the loss of its regularisation images (reg_data_dir, or is_reg subsets of a dataset config)
+    by prior_loss_weight: that is Concept.loss_weight of each prior concept."""
+    if not s.has("prior_loss_weight"):
+        return
+    priors = [nid for nid, n in b.graph.nodes.items() if n.type == "Concept" and n.params.get("concept_type") == "prior"]
+    value = s.get("prior_loss_weight")
+    if not priors:
+        b.skip("prior_loss_weight", value, "no regularisation images (reg_data_dir, or is_reg in the dataset config): "
+                                           "set Concept.loss_weight of the regularisation concept when you add one")
+    for nid in priors:
+        b.set(nid, "loss_weight", value, "prior_loss_weight")
 
 
 def _bucketing(b: Builder, s: Settings, bucketer: str, label: str) -> None:
