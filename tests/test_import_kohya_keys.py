@@ -76,3 +76,24 @@ def test_prior_loss_weight_goes_to_the_regularisation_concept_with_or_without_a_
         r = _kohya(tmp_path, drop=("reg_data_dir",), prior_loss_weight=0.5, dataset=dataset)
         line, = [n for n in r.not_imported if n.startswith("prior_loss_weight")]
         assert "set Concept.loss_weight of the regularisation concept" in line, line
+
+
+def test_a_multi_line_value_is_reported_on_one_line(tmp_path, capsys):
+    import json
+
+    from app.cli import main
+
+    note = "first line\nsecond line\n" + "x" * 200
+    _kohya(tmp_path, my_notes=note)
+    config = tmp_path / "kohya_sd15_lora.toml"
+    ot = tmp_path / "ot.json"
+    ot.write_text(json.dumps({**json.loads((FIX / "onetrainer_sd15_lora.json").read_text()), "my_notes": note}))
+    for kind, path in (("kohya", config), ("onetrainer", ot)):
+        capsys.readouterr()
+        assert main(["import", kind, str(path), "-o", str(tmp_path / "r.json")]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert all(line.startswith("not imported: ") for line in out[:-1]) and out[-1].endswith("not imported)"), out
+        line, = [line for line in out if line.startswith("not imported: my_notes = ")]
+        assert line.startswith("not imported: my_notes = 'first line\\nsecond line\\nxxx")
+        value = line[len("not imported: my_notes = "):line.index(" (no NodeTrainer")]
+        assert value.endswith("...") and len(value) == 80

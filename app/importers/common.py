@@ -30,9 +30,14 @@ def flatten(data: dict, prefix: str = "", keep: tuple[str, ...] = ()) -> dict[st
     return out
 
 
-def show(value: Any) -> str:
+def show(value: Any, width: int = 80) -> str:
+    """A value for the one-line ``KEY = VALUE (why)`` report: strings as they are, other values as JSON; a
+    line break or another control character is escaped (the string's repr), so each entry stays one line,
+    and a long value is cut."""
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
-    return text if len(text) <= 120 else text[:117] + "..."
+    if not text.isprintable():
+        text = repr(value) if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 class Settings:
