@@ -208,9 +208,8 @@ class Trainer:
             if self.s.offload_activations and self.offloaded.get("offloaded"):
                 self.hooks.log(f"activations offloaded to RAM: {self.offloaded['offloaded']} tensors, "
                                f"{self.offloaded['bytes'] / 2**20:.1f} MiB over the run")
+        # the TrainLoop node logs it once, next to the memory plan's prediction
         result.peak_bytes, result.peak_kind = peak.read()
-        if result.peak_bytes is not None:
-            self.hooks.log(f"peak device memory: {_size(result.peak_bytes)} ({result.peak_kind})")
         return result
 
     def _run(self, resume_from) -> TrainResult:
