@@ -100,3 +100,19 @@ def test_long_prompts_are_read_past_75_tokens(sd):
     assert not torch.allclose(full, truncated)  # the words after token 75 change the image
     again = sample_images(sd, [LONG], width=64, height=64, steps=3, seed=7, sampler="euler").latents[0]
     torch.testing.assert_close(full, again)
+
+
+@pytest.mark.parametrize("source", ["builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux"])
+def test_a_bf16_denoiser_beside_fp32_text_encoders_samples(source):
+    """LoadModel's dtypes are per component: a bf16 UNet/transformer with fp32 text encoders must sample
+    (the pipelines made its inputs in the encoders' dtype: 'mat1 and mat2 must have the same dtype')."""
+    from app.ml.models import load_model
+
+    mixed = load_model(source, dtypes={"unet": "bf16", "text_encoder": "fp32", "vae": "fp32"})
+    plain = load_model(source)
+    kw = dict(width=64, height=64, steps=3, seed=5, sampler="euler")
+    a = sample_images(mixed, ["a red circle"], **kw).latents[0].float()
+    b = sample_images(plain, ["a red circle"], **kw).latents[0].float()
+    assert torch.isfinite(a).all()
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos > 0.95, cos  # the same image, within bf16 rounding

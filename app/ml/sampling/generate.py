@@ -13,6 +13,7 @@ regardless of batch composition or device. ``seed=None`` draws a random seed and
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -66,6 +67,41 @@ def _long_prompt_embeds(bundle, prompt: str, negative_prompt: str, clip_skip: in
         out["pooled_prompt_embeds"] = pos["pooled_prompt_embeds"].to(device)
         out["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"].to(device)
     return out
+
+
+# What the pipelines hand the denoiser in the text encoders' dtype: the latents and the text embeddings.
+# Timesteps, guidance, positions and SDXL's size ids stay as they are (bf16 would round 999 to 1000).
+_CAST_ARGS = ("sample", "hidden_states", "encoder_hidden_states", "pooled_projections")
+_CAST_ADDED = ("text_embeds",)
+
+
+@contextmanager
+def _denoiser_dtype_inputs(bundle):
+    """A denoiser loaded in another precision than the text encoders (e.g. a bf16 UNet beside an fp32
+    CLIP) gets its inputs in its own dtype: the diffusers pipelines make latents and embeddings in the
+    text encoder's dtype, and the first layer would refuse the mix."""
+    denoiser = bundle.denoiser
+    dtype = next(denoiser.parameters()).dtype
+    if all(next(te.parameters()).dtype == dtype for te in bundle.text_encoders):
+        yield
+        return
+
+    def cast(t):
+        return t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() and t.dtype != dtype else t
+
+    def pre_hook(module, args, kwargs):
+        args = (cast(args[0]), *args[1:]) if args else args
+        kwargs = {k: cast(v) if k in _CAST_ARGS else v for k, v in kwargs.items()}
+        added = kwargs.get("added_cond_kwargs")
+        if isinstance(added, dict):
+            kwargs["added_cond_kwargs"] = {k: cast(v) if k in _CAST_ADDED else v for k, v in added.items()}
+        return args, kwargs
+
+    handle = denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _step_check(check_cancel):
@@ -129,7 +165,8 @@ def sample_images(
     params: list[dict[str, Any]] = []
     latents_out: list[torch.Tensor] = []
     visitors = [bundle.denoiser, *bundle.text_encoders, bundle.vae, *(a for a, _ in _normalise(adapters, strength))]
-    with current().visit(*visitors), attached(bundle, adapters, strength), torch.no_grad():
+    with current().visit(*visitors), attached(bundle, adapters, strength), _denoiser_dtype_inputs(bundle), \
+            torch.no_grad():
         for n, (prompt, s) in enumerate(jobs):
             latents, impl = bundle.family.sample_latents(
                 bundle, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
