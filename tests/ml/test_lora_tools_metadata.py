@@ -80,7 +80,9 @@ def test_save_lora_node_sets_user_fields_and_base_model_name(sd, tmp_path):
     from app.graph.recipe import load_recipe
     from app.graph.registry import load_registry
 
-    src = save_adapter(_lora(sd, rank=2), tmp_path / "src.safetensors", dtype="fp32",
+    trained = _lora(sd, rank=2)
+    trained.base_precision = {"unet": "nf4", "text_encoder": "fp32", "vae": "fp32"}  # as trained on an nf4 base
+    src = save_adapter(trained, tmp_path / "src.safetensors", dtype="fp32",
                        extra_metadata={"ss_tag_frequency": json.dumps({"c": {"cross": 2}})})
     reg = load_registry(include_user=False)
     g, problems = load_recipe(Path(__file__).resolve().parents[2] / "graphs" / "lora_convert.json", reg)
@@ -98,3 +100,6 @@ def test_save_lora_node_sets_user_fields_and_base_model_name(sd, tmp_path):
         ("me", "tiny crosses", "xcross")
     assert meta["ss_sd_model_name"] == "builtin:tiny-sd"
     assert "cross" in meta["ss_tag_frequency"]  # carried from the source file
+    from app.ml.save.metadata import read_base_precision
+
+    assert read_base_precision(meta)["unet"] == "nf4"  # converted on a plain base: still trained against nf4

@@ -74,8 +74,11 @@ def split_components(aset: AdapterSet, denoiser_strength: float, text_strength: 
 def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """The source file's metadata a converted or resized LoRA keeps (training keys, trigger words, author,
     tag frequencies...); the network shape, title and hashes are written anew for the new file."""
+    from app.ml.save.metadata import BASE_PRECISION_KEY
+
+    # the recipe, layout and config are this file's own; the base precision it was trained on stays true
     return {k: v for k, v in metadata.items()
-            if v != "" and k not in _REGENERATED and not k.startswith("nodetrainer_")}  # empty: no information
+            if v != "" and k not in _REGENERATED and (k == BASE_PRECISION_KEY or not k.startswith("nodetrainer_"))}
 
 
 def user_metadata(*, title: str = "", author: str = "", description: str = "", trigger_phrase: str = "") -> dict[str, str]:
