@@ -73,15 +73,11 @@ def load_lora(ctx, model, path):
 def _warn_precision(ctx, info, aset, bundle) -> None:
     """A LoRA trained on a quantized base (QLoRA) applied to another precision, or the other way round: it works,
     but it learned against its base's rounding, so the user is told which file and which components differ."""
-    from app.ml.save.metadata import read_base_precision
+    from app.ml.save.metadata import precision_mismatch
 
-    trained = read_base_precision(info["metadata"])
-    here = bundle.precisions
-    differ = [c for c in aset.components if c in trained and c in here and trained[c] != here[c]]
-    if differ:
-        ctx.warn(f"{info['file']} was trained on a base with " + ", ".join(f"{c} {trained[c]}" for c in differ)
-                 + "; this model has " + ", ".join(f"{c} {here[c]}" for c in differ) + ". It applies, but it learned "
-                 "against its base's rounding: results can differ slightly from its samples")
+    note = precision_mismatch(info["file"], info["metadata"], aset.components, bundle.precisions)
+    if note:
+        ctx.warn(note)
 
 
 @node(type="ApplyLoRA", category="lora",

@@ -121,6 +121,7 @@ def lora_inject(ctx, model, algorithm, rank, alpha, conv_rank, conv_alpha, dropo
         if init_from:
             adapter = load_adapter_file(init_from, bundle, trainable=True)
             ctx.log(f"continuing from {init_from}")
+            _warn_init_precision(ctx, init_from, adapter, bundle)
         else:
             config = AdapterConfig(
                 algorithm=algorithm, rank=rank, alpha=alpha, conv_rank=conv_rank or None,
@@ -137,6 +138,21 @@ def lora_inject(ctx, model, algorithm, rank, alpha, conv_rank, conv_alpha, dropo
     ctx.log(f"{algorithm}: {summary['trainable_parameters']:,} trainable parameters in {len(adapter)} layers")
     ctx.preview("table", title="Adapter", rows=[[k, str(v)] for k, v in summary.items()])
     return handle.with_adapter(adapter)
+
+
+def _warn_init_precision(ctx, path, adapter, bundle) -> None:
+    """Continuing a QLoRA on another precision (or the other way round) is allowed, and said."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from app.ml.save.metadata import precision_mismatch
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+    note = precision_mismatch(Path(path).name, metadata, adapter.components, bundle.precisions)
+    if note:
+        ctx.warn(note)
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -300,3 +300,18 @@ def test_qlora_learns_red_from_blue_on_a_quantized_base(tmp_path, fmt):
 
 # the full fine-tune's 1500 steps; rank 16 at 5e-3 measured 0.95 / 0.975 (nf4) and 0.925 / 0.975 (fp8), rank 8 missed
 LEARN_STEPS, LEARN_LR = 1500, 5e-3
+
+
+def test_lora_inject_continuing_a_qlora_on_another_precision_warns(reg, tmp_path, nf4_lora):
+    """LoRAInject's init_from says it too, as LoadLoRA does: continuing an nf4-trained LoRA on a plain base."""
+    for quant, warned in (("none", True), ("nf4", False)):
+        data = recipe({"1": ("LoadModel", {"source": "builtin:tiny-sd", "denoiser_quant": quant}),
+                       "2": ("LoRAInject", {"init_from": str(nf4_lora["nf4"])})}, [("1", "model", "2", "model")])
+        result, events = _run(reg, data, tmp_path / f"ws_{quant}")
+        assert result.status == "done"
+        notes = [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning"
+                 and "was trained on a base with" in e["message"]]
+        assert bool(notes) == warned, notes
+        if warned:
+            assert notes[0].startswith(f"{nf4_lora['nf4'].name} was trained on a base with unet nf4; this model has "
+                                       "unet fp32")

@@ -198,6 +198,18 @@ def base_precision_metadata(precisions: Mapping[str, str] | None, family) -> dic
             "ss_fp8_base": str(den == "fp8"), "ss_fp8_base_unet": str(den == "fp8" and not te_fp8)}
 
 
+def precision_mismatch(file_name: str, metadata: Mapping[str, str], components, precisions: Mapping[str, str]) -> str | None:
+    """A warning when a LoRA trained on a base of one precision (a QLoRA on nf4, say) meets a base of another,
+    naming the file and the components that differ; None when they match or the file does not say."""
+    trained = read_base_precision(metadata)
+    differ = [c for c in components if c in trained and c in precisions and trained[c] != precisions[c]]
+    if not differ:
+        return None
+    return (f"{file_name} was trained on a base with " + ", ".join(f"{c} {trained[c]}" for c in differ)
+            + "; this model has " + ", ".join(f"{c} {precisions[c]}" for c in differ) + ". It applies, but it learned "
+            "against its base's rounding: results can differ slightly from its samples")
+
+
 def read_base_precision(metadata: Mapping[str, str]) -> dict[str, str]:
     """``nodetrainer_base_precision`` of a LoRA file's metadata; {} when absent or unreadable."""
     try:
