@@ -50,8 +50,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def _long_prompt_embeds(bundle, prompt: str, negative_prompt: str, clip_skip: int,
                         chunks: int | None = None) -> dict:
     """Past 75 tokens, prompts are encoded in 75-token pieces (as A1111 and ComfyUI do, and as
-    TrainLoop's max_tokens trains) and handed to the pipeline as embeddings; shorter prompts go
-    to the pipeline as text (returns {})."""
+    TrainLoop's max_tokens trains); shorter prompts are left to the pipeline's own ``encode_prompt``
+    (returns {})."""
     if chunks is None:
         limit = bundle.token_limit()
         longest = max(bundle.token_counts([prompt, negative_prompt]))
@@ -60,9 +60,8 @@ def _long_prompt_embeds(bundle, prompt: str, negative_prompt: str, clip_skip: in
         chunks = -(-longest // limit)
     pos = bundle.encode_prompts([prompt], clip_skip=clip_skip, chunks=chunks)
     neg = bundle.encode_prompts([negative_prompt], clip_skip=clip_skip, chunks=chunks)
-    device = next(bundle.unet.parameters()).device
-    out = {"prompt": None, "negative_prompt": None, "clip_skip": None,
-           "prompt_embeds": pos["prompt_embeds"].to(device), "negative_prompt_embeds": neg["prompt_embeds"].to(device)}
+    device = current().device  # where the denoiser computes; the text encoders are there now too
+    out = {"prompt_embeds": pos["prompt_embeds"].to(device), "negative_prompt_embeds": neg["prompt_embeds"].to(device)}
     if "pooled_prompt_embeds" in pos:
         out["pooled_prompt_embeds"] = pos["pooled_prompt_embeds"].to(device)
         out["negative_pooled_prompt_embeds"] = neg["pooled_prompt_embeds"].to(device)
@@ -138,8 +137,9 @@ def sample_images(
     or ``(set, strength)`` pairs; ``strength`` applies to bare sets. ``progress(i, total)`` is called
     after each image so a node can report progress; ``check_cancel()`` after every denoising step,
     so that a stop request (which it raises as an exception) ends a long sample within one step.
-    Components and adapters not already on the compute device visit it for the call and go back
-    where they were (during training: the run's placement, so a streamed denoiser keeps streaming).
+    Components not already on the compute device visit it one after another (text encoders, then the
+    denoiser, then the VAE; adapters with the first two) and go back where they were (during training:
+    the run's placement, so a streamed denoiser keeps streaming). ``progress`` counts denoised images.
     ``steps`` 0 is the model's default (``family.sample_steps``: Flux schnell 4). ``options``: sampling
     settings only some families have (``family.sample_options``, e.g. Flux's ``true_cfg``), recorded too.
     """
@@ -164,21 +164,36 @@ def sample_images(
     images: list[Image.Image] = []
     params: list[dict[str, Any]] = []
     latents_out: list[torch.Tensor] = []
-    visitors = [bundle.denoiser, *bundle.text_encoders, bundle.vae, *(a for a, _ in _normalise(adapters, strength))]
-    with current().visit(*visitors), attached(bundle, adapters, strength), _denoiser_dtype_inputs(bundle), \
-            torch.no_grad():
-        for n, (prompt, s) in enumerate(jobs):
-            latents, impl = bundle.family.sample_latents(
-                bundle, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-                cfg=cfg, seed=s, sampler=sampler, clip_skip=clip_skip, check_cancel=check_cancel, **options)
-            latents_out.append(latents[0].float().cpu())
-            images.extend(to_pil(bundle.decode_latents(latents)))
-            params.append({
-                "prompt": prompt, "negative_prompt": negative_prompt, "width": width, "height": height, "steps": steps,
-                "cfg": cfg, "seed": s, "sampler": sampler, "sampler_impl": impl, "clip_skip": clip_skip,
-                "strength": strength if adapters is not None else None, "model_family": bundle.family.id,
-                "model_hash": bundle.identity, **options,
-            })
-            if progress is not None:
-                progress(n + 1, len(jobs))
+    family, place = bundle.family, current()
+    extras = [a for a, _ in _normalise(adapters, strength)]  # small; they ride along with what they patch
+    decoded: list[torch.Tensor] = []
+    with attached(bundle, adapters, strength), torch.no_grad():
+        # One component on the device at a time, so a sample peaks at the largest component, not their sum
+        # (Flux: T5 9.5 GB, then the transformer 24 GB, then the VAE). 1: the prompts become embeddings.
+        text: dict[str, dict] = {}
+        with place.visit(*bundle.text_encoders, *extras):
+            for prompt in dict.fromkeys(p for p, _ in jobs):
+                text[prompt] = family.sample_text(bundle, prompt=prompt, negative_prompt=negative_prompt, cfg=cfg,
+                                                  sampler=sampler, clip_skip=clip_skip, device=place.device, **options)
+        # 2: the denoiser (a streamed one keeps streaming: ``visit`` leaves it as the run placed it).
+        with place.visit(bundle.denoiser, *extras), _denoiser_dtype_inputs(bundle):
+            for n, (prompt, s) in enumerate(jobs):
+                latents, impl = family.sample_latents(
+                    bundle, text=text[prompt], negative_prompt=negative_prompt, width=width, height=height,
+                    steps=steps, cfg=cfg, seed=s, sampler=sampler, check_cancel=check_cancel, **options)
+                decoded.append(latents)
+                latents_out.append(latents[0].float().cpu())
+                params.append({
+                    "prompt": prompt, "negative_prompt": negative_prompt, "width": width, "height": height,
+                    "steps": steps, "cfg": cfg, "seed": s, "sampler": sampler, "sampler_impl": impl,
+                    "clip_skip": clip_skip, "strength": strength if adapters is not None else None,
+                    "model_family": family.id, "model_hash": bundle.identity, **options,
+                })
+                if progress is not None:
+                    progress(n + 1, len(jobs))
+        del text
+        # 3: the VAE turns the latents into images.
+        with place.visit(bundle.vae):
+            for latents in decoded:
+                images.extend(to_pil(bundle.decode_latents(latents)))
     return SampleResult(images, params, latents_out)

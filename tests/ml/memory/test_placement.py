@@ -151,10 +151,13 @@ def test_sampling_during_training_brings_what_it_needs_and_puts_it_back(bundle, 
     result, seen, after, _ = _train(bundle, lora(bundle), Source(bundle, True, True, n=3), tmp_path,
                                     Hooks(sample=sample), sample_every=1, sample_unit="steps")
     assert len(images) == 2 and all(torch.isfinite(z).all() for z in images)
-    sampling = [where for name, where in seen if name in ("te", "vae.decode")]
-    assert sampling and all(w["te"] == DEVICE and w["vae"] == DEVICE for w in sampling)
-    steps = [where for name, where in seen if name == "unet" and where["te"] == HOST]
-    assert len(steps) == 3  # the training forwards, with the encoders back in RAM after each sample
+    encodes = [where for name, where in seen if name == "te"]
+    decodes = [where for name, where in seen if name == "vae.decode"]
+    assert encodes and all(w["te"] == DEVICE and w["vae"] == HOST for w in encodes)  # one visits at a time
+    assert decodes and all(w["vae"] == DEVICE and w["te"] == HOST for w in decodes)
+    steps = [where for name, where in seen if name == "unet"]
+    assert len(steps) == 3 + 2 * 2  # the training forwards and two sampling steps per sample
+    assert all(w["te"] == HOST and w["vae"] == HOST for w in steps)  # the encoders back in RAM meanwhile
 
 
 def test_the_sample_node_path_visits_and_restores(bundle):
@@ -172,7 +175,9 @@ def test_the_sample_node_path_visits_and_restores(bundle):
         for h in handles:
             h.remove()
     assert torch.isfinite(result.latents[0]).all()
-    assert seen and all(set(w.values()) == {DEVICE} for _, w in seen)
+    part = {"te": "te", "unet": "unet", "vae.decode": "vae"}
+    assert [n for n, _ in seen] == ["te", "unet", "unet", "vae.decode"]  # one component on the device at a time
+    assert all(w[part[n]] == DEVICE and list(w.values()).count(DEVICE) == 1 for n, w in seen)
     assert {mover.where[id(m)] for m in (bundle.unet, bundle.vae, *bundle.text_encoders)} == {HOST}
     mover.restore()
 

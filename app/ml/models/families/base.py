@@ -206,9 +206,15 @@ class ModelFamily:
 
     scheduler_class: str = "PNDMScheduler"  # written in a diffusers folder when the config names none
 
-    def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                       cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None) -> tuple[Any, str]:
-        """Denoise one image from noise; returns ``(latents 1 x C x h x w, implementation name)``."""
+    def sample_text(self, bundle, *, prompt: str, negative_prompt: str, cfg: float, sampler: str, clip_skip: int,
+                    device) -> dict[str, Any]:
+        """The sampling pipeline's text inputs as embeddings on ``device`` (only the text encoders are there)."""
+        raise NotImplementedError
+
+    def sample_latents(self, bundle, *, text: Mapping[str, Any], negative_prompt: str, width: int, height: int,
+                       steps: int, cfg: float, seed: int, sampler: str, check_cancel=None) -> tuple[Any, str]:
+        """Denoise one image from noise and ``sample_text``'s embeddings (only the denoiser is on the device);
+        returns ``(latents 1 x C x h x w, implementation name)``."""
         raise NotImplementedError
 
 

@@ -280,10 +280,27 @@ class FluxFamily(ModelFamily):
 
     sample_options: tuple[str, ...] = ("true_cfg",)
 
-    def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                       cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None, true_cfg: float = 1.0):
+    def sample_text(self, bundle, *, prompt: str, negative_prompt: str, cfg: float, sampler: str, clip_skip: int,
+                    device, true_cfg: float = 1.0) -> dict[str, Any]:
+        """FluxPipeline's text inputs as embeddings (T5's ``prompt_embeds`` and CLIP's ``pooled_prompt_embeds``, and
+        the negative prompt's for true CFG), from the pipeline's own ``encode_prompt`` exactly as its call would, so
+        T5 can leave the device before the transformer comes."""
+        if true_cfg < 1.0:
+            raise ValueError(f"Sample: true_cfg {true_cfg} is below 1; use 1 (off) or more.")
+        pipe = self.build_pipeline(bundle)
+        length = bundle.tokenizers[1].model_max_length
+        pos, pooled, _ = pipe.encode_prompt(prompt=prompt, device=device, max_sequence_length=length)
+        text = {"prompt_embeds": pos, "pooled_prompt_embeds": pooled}
+        if true_cfg > 1.0:
+            neg, neg_pooled, _ = pipe.encode_prompt(prompt=negative_prompt, device=device, max_sequence_length=length)
+            text.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+        return text
+
+    def sample_latents(self, bundle, *, text: Mapping[str, Any], negative_prompt: str, width: int, height: int,
+                       steps: int, cfg: float, seed: int, sampler: str, check_cancel=None, true_cfg: float = 1.0):
         """diffusers' FluxPipeline (flow-matching Euler with the dynamic shift) over the bundle's modules, so a
-        preview is what a diffusers user gets. ``cfg`` is dev's distilled guidance, fed only to a transformer
+        preview is what a diffusers user gets, from ``text`` (``sample_text``'s embeddings). ``cfg`` is dev's
+        distilled guidance, fed only to a transformer
         with a guidance embedder (schnell has none: it is not used, which the recorded implementation says).
         ``true_cfg`` > 1 is real classifier-free guidance with the negative prompt (FluxPipeline's
         ``true_cfg_scale``: two passes a step, pos + s·(pos − neg)); at 1 the negative prompt is not used."""
@@ -297,10 +314,10 @@ class FluxFamily(ModelFamily):
         pipe = self.build_pipeline(bundle)
         pipe.set_progress_bar_config(disable=True)
         gen = torch.Generator("cpu").manual_seed(seed)
-        kwargs = dict(prompt=prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=cfg,
-                      generator=gen, output_type="latent", max_sequence_length=bundle.tokenizers[1].model_max_length)
+        kwargs = dict(width=width, height=height, num_inference_steps=steps, guidance_scale=cfg, generator=gen,
+                      output_type="latent", max_sequence_length=bundle.tokenizers[1].model_max_length, **text)
         if true_cfg > 1.0:
-            kwargs.update(negative_prompt=negative_prompt, true_cfg_scale=float(true_cfg))
+            kwargs["true_cfg_scale"] = float(true_cfg)
         if check_cancel is not None:
             check_cancel()
             kwargs["callback_on_step_end"] = _step_check(check_cancel)

@@ -92,21 +92,39 @@ class SDFamily(ModelFamily):
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
 
-    def sample_latents(self, bundle, *, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                       cfg: float, seed: int, sampler: str, clip_skip: int, check_cancel=None):
+    def sample_text(self, bundle, *, prompt: str, negative_prompt: str, cfg: float, sampler: str, clip_skip: int,
+                    device) -> dict[str, Any]:
+        """The pipeline's text inputs as embeddings (``prompt_embeds``, ``negative_prompt_embeds``, SDXL's pooled
+        ones), encoded by the pipeline's own ``encode_prompt`` exactly as its call would, so the text encoders can
+        leave the device before the denoiser comes; prompts past 75 tokens are encoded in pieces (see
+        ``_long_prompt_embeds``)."""
+        from app.ml.sampling.generate import _long_prompt_embeds, build_pipeline
+        from app.ml.sampling.samplers import make_scheduler
+
+        long = _long_prompt_embeds(bundle, prompt, negative_prompt, clip_skip)
+        if long:
+            return long
+        pipe = build_pipeline(bundle, make_scheduler(sampler, bundle.scheduler_config)[0])
+        guided = cfg > 1 and bundle.unet.config.time_cond_proj_dim is None  # the pipeline's own test
+        out = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
+                                 clip_skip=(clip_skip - 1) or None)
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return dict(zip(names, out))  # SD gives the first two, SDXL all four
+
+    def sample_latents(self, bundle, *, text: Mapping[str, Any], negative_prompt: str, width: int, height: int,
+                       steps: int, cfg: float, seed: int, sampler: str, check_cancel=None):
+        """Denoise from ``text`` (``sample_text``'s embeddings); the text encoders are not used."""
         import torch
 
-        from app.ml.sampling.generate import _long_prompt_embeds, _step_check, build_pipeline
+        from app.ml.sampling.generate import _step_check, build_pipeline
         from app.ml.sampling.samplers import make_scheduler
 
         scheduler, impl = make_scheduler(sampler, bundle.scheduler_config, seed=seed)
         pipe = build_pipeline(bundle, scheduler)
         gen = torch.Generator("cpu").manual_seed(seed)
-        kwargs = dict(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_inference_steps=steps,
-            guidance_scale=cfg, generator=gen, output_type="latent", clip_skip=(clip_skip - 1) or None,
-        )
-        kwargs.update(_long_prompt_embeds(bundle, prompt, negative_prompt, clip_skip))
+        kwargs = dict(width=width, height=height, num_inference_steps=steps, guidance_scale=cfg, generator=gen,
+                      output_type="latent", **text)
         if check_cancel is not None:
             check_cancel()
             kwargs["callback_on_step_end"] = _step_check(check_cancel)
