@@ -6,6 +6,7 @@ from app.graph.confine import check_graph
 from app.graph.inputs_check import check_image_sizes, check_input_files
 from app.graph.model import Graph, Node
 from app.graph.problems import Problem
+from app.graph.train_check import check_training
 from app.graph.spec import NodeSpec, check_param_value, describe_value
 from app.graph.types import can_link
 
@@ -36,6 +37,7 @@ def validate(graph: Graph, registry, *, workspace=None, recipe_dir=None, allow_o
     problems.extend(check_graph(graph, registry, workspace=workspace, recipe_dir=recipe_dir, allow=allow_output))
     problems.extend(check_input_files(graph, registry, recipe_dir=recipe_dir))
     problems.extend(check_image_sizes(graph, registry, recipe_dir=recipe_dir))
+    problems.extend(check_training(graph, registry))
     return problems
 
 
