@@ -104,6 +104,10 @@ class SDFamily(ModelFamily):
         long = _long_prompt_embeds(bundle, prompt, negative_prompt, clip_skip)
         if long:
             return long
+        if clip_skip > 1 and any(spec.final_layer_norm for spec in self.text_encoders):
+            # diffusers' SD pipeline reaches for text_model.final_layer_norm, which transformers 5's CLIPTextModel
+            # no longer has; ours takes the same layer and norm (and skips on the negative prompt too, as A1111)
+            return _long_prompt_embeds(bundle, prompt, negative_prompt, clip_skip, chunks=1)
         pipe = build_pipeline(bundle, make_scheduler(sampler, bundle.scheduler_config)[0])
         guided = cfg > 1 and bundle.unet.config.time_cond_proj_dim is None  # the pipeline's own test
         out = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
