@@ -28,7 +28,10 @@ class Mover:
         self.where, self.saved, self.on_move = {}, {}, on_move
 
     def __call__(self, module, target, skip=()):
+        skipped = {id(p) for m in skip for p in m.parameters()}
         for p in module.parameters():
+            if id(p) in skipped:
+                continue
             if target == HOST and id(p) not in self.saved:
                 self.saved[id(p)] = (p, p.data)
                 p.data = torch.full_like(p.data, float("nan"))
@@ -187,3 +190,67 @@ def test_sd_clip_skip_takes_the_penultimate_layer_for_both_prompts():
     assert not torch.equal(want, _reference(bundle, negative_prompt="blurry", cfg=5.0))  # the skip shows
     _one_at_a_time(states)
     assert set(ended.values()) == {HOST}
+
+
+def test_a_streamed_denoiser_keeps_streaming_while_training_samples(tmp_path):
+    """With blocks_to_swap the run places the denoiser with its blocks streaming; a sample during the run uses it so
+    (no block moves in whole), with the text encoder and the VAE back in RAM while it denoises."""
+    import torch.nn as nn
+
+    from app.ml.adapters import AdapterConfig
+    from app.ml.handle import ModelHandle
+    from app.ml.train.loop import Batch, Hooks, Trainer, TrainSettings
+    from app.ml.train.trainables import AdapterTrainable
+
+    bundle = load_model("builtin:tiny-sd")
+    blocks = bundle.family.swappable_blocks(bundle.denoiser)
+    parts = {"te": bundle.text_encoders[0], "vae": bundle.vae}
+    mover = Mover()
+    sampling, record, whole = [False], [], []
+    mover.on_move = lambda: whole.append(sampling[0] and mover.where.get(id(bundle.denoiser)) == HOST)
+
+    def hook(block):
+        def pre(module, args):  # every layer of a block says where its block is when it computes in a sample
+            if sampling[0]:
+                record.append((mover.where.get(id(block), DEVICE), {k: mover.where.get(id(v)) for k, v in parts.items()}))
+        return pre
+
+    for block in blocks:
+        for m in block.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.register_forward_pre_hook(hook(block))
+    latents = []
+
+    def sample(step, epoch):
+        sampling[0] = True
+        try:
+            latents.extend(sample_images(bundle, ["red square"], width=16, height=16, steps=2, cfg=1.0, seed=1,
+                                         sampler="euler").latents)
+        finally:
+            sampling[0] = False
+
+    class Cached:
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.latents = bundle.encode_images(torch.rand((2, 3, 16, 16), generator=g) * 2 - 1)
+            self.text = bundle.encode_prompts(["red square", "blue circle"])
+
+        def iterations(self, epoch):
+            return 2
+
+        def batch(self, epoch, index, rank=0, world=1):
+            return Batch(captions=["red square", "blue circle"], loss_weights=torch.ones(2), pixels=None,
+                         latents=self.latents, text=self.text)
+
+    config = AdapterConfig(rank=4, alpha=4, targets={"unet": "attn-only"}, seed=1)
+    trainable = AdapterTrainable(ModelHandle(bundle).with_adapter(create_adapter_set(bundle, config)))
+    settings = TrainSettings(epochs=1, blocks_to_swap=len(blocks) - 1, sample_every=1, sample_unit="steps")
+    try:
+        Trainer(bundle, trainable, Cached(), {"optimizer": "adamw", "lr": 1e-3}, settings, tmp_path,
+                Hooks(sample=sample), device=torch.device("cpu"), mover=mover).run()
+    finally:
+        mover.restore()
+    assert latents and all(torch.isfinite(z).all() for z in latents)
+    assert record and all(where == DEVICE for where, _ in record)  # every block computed on the device
+    assert all(others == {"te": HOST, "vae": HOST} for _, others in record)
+    assert not any(whole)  # the denoiser was never put back in RAM whole by the sample
