@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.ml.adapters import AdapterConfig, attached, create_adapter_set
-from app.ml.memory.placement import DEVICE, HOST, Placement
+from app.ml.memory.placement import DEVICE, HOST, Placement, module_bytes
 from app.ml.models import load_model
 from app.ml.sampling import sample_images
 from app.ml.sampling.generate import build_pipeline
@@ -129,6 +129,10 @@ def test_one_component_on_the_device_at_a_time_and_all_back(bundle):
     assert all(n == "denoiser" for n in computed[first_denoise:last_denoise + 1])
     _one_at_a_time(states)
     assert set(ended.values()) == {HOST}  # everything ends where it started
+    size = {k: module_bytes(m) for k, m in _parts(bundle).items()}
+    peak = max(sum(size[k] for k, v in w.items() if v == DEVICE) for _, w in states)
+    text = sum(v for k, v in size.items() if k.startswith("te"))
+    assert peak == max(text, size["denoiser"], size["vae"]) < sum(size.values())  # the largest, not the sum
 
 
 @pytest.mark.parametrize("case", ["plain", "negative", "long"])
