@@ -44,9 +44,11 @@ def test_too_many_blocks_to_swap_is_refused_naming_the_node_and_the_count(tmp_pa
 
 
 def test_fused_backward_with_accumulation_is_refused(tmp_path):
+    # validate says it before anything loads (the Trainer's own refusal: tests/ml/memory/test_fused_backward.py)
     result, _ = run(tmp_path, {"fused_backward": True, "grad_accumulation": 2}, adapter=False)
-    assert result.status == "error" and result.error_node == "6"
-    assert "fused_backward" in result.error and "grad_accumulation" in result.error
+    assert result.status == "invalid" and result.executed == []
+    (problem,) = result.problems
+    assert problem.node_id == "6" and "fused_backward" in problem.message and "grad_accumulation = 2" in problem.message
 
 
 def test_a_fused_full_finetune_runs(tmp_path):

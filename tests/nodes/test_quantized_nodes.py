@@ -108,13 +108,25 @@ def test_fp8_block_size_is_a_param_and_part_of_the_identity(reg, tmp_path):
 
 
 def test_full_finetune_of_a_quantized_component_is_refused_by_name(reg, tmp_path):
+    from app.ml.memory.quant import QuantError
+    from app.ml.models import load_model
+    from app.ml.train.trainables import FullFinetune
+
+    def refused_before_running(data, workspace):
+        graph, problems = loads_recipe(json.dumps(data), registry=reg)
+        assert not problems
+        result = Executor(reg).run(graph, workspace=workspace)
+        assert result.status == "invalid" and result.executed == [], result  # validate says it: nothing loaded
+        return [(p.node_id, p.message) for p in result.problems]
+
     data = lora_recipe(DEMO, {"max_steps": 2}, adapter=False)
     data["nodes"]["1"]["params"]["denoiser_quant"] = "nf4"
-    result, events = _run(reg, data, tmp_path / "ws")
-    assert result.status == "error" and result.error_node == "6"
-    message = next(e["message"] for e in events if e["event"] == "node_error")
-    assert message.startswith("TrainLoop: the unet (nf4 from LoadModel)"), message
-    assert "denoiser_quant" in message and "LoRAInject" in message
+    (node, message), = refused_before_running(data, tmp_path / "ws")
+    assert node == "6" and "denoiser_quant = nf4" in message and "LoRAInject" in message
+    # TrainLoop refuses it too when it starts (a model that reaches it some other way)
+    with pytest.raises(QuantError) as err:
+        FullFinetune(load_model("builtin:tiny-sd", quant={"unet": "nf4"}))
+    assert str(err.value).startswith("TrainLoop: the unet (nf4 from LoadModel)") and "LoRAInject" in str(err.value)
 
     # the text encoder alone quantized: a UNet-only fine-tune still runs; training the encoder too is refused
     data = lora_recipe(DEMO, {"max_steps": 1}, adapter=False)
@@ -122,10 +134,10 @@ def test_full_finetune_of_a_quantized_component_is_refused_by_name(reg, tmp_path
     result, _ = _run(reg, data, tmp_path / "ws2")
     assert result.status == "done"
     data["nodes"]["6"]["params"]["train_text_encoder"] = True
-    result, events = _run(reg, data, tmp_path / "ws3")
-    assert result.status == "error"
-    message = next(e["message"] for e in events if e["event"] == "node_error")
-    assert "the text_encoder (fp8 from LoadModel)" in message
+    (node, message), = refused_before_running(data, tmp_path / "ws3")
+    assert node == "6" and "text_encoder_quant = fp8" in message
+    with pytest.raises(QuantError, match=r"the text_encoder \(fp8 from LoadModel\)"):
+        FullFinetune(load_model("builtin:tiny-sd", quant={"text_encoder": "fp8"}), train_text_encoders=True)
 
 
 def test_quantized_linear_keeps_its_format_when_the_model_is_cast(reg, tmp_path):
