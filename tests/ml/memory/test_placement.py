@@ -15,33 +15,9 @@ from app.ml.memory.placement import DEVICE, HOST, Placement
 from app.ml.models.load import load_model
 from app.ml.train.loop import Batch, Hooks, Trainer, TrainSettings
 from app.ml.train.trainables import AdapterTrainable
+from poison_mover import Mover
 
 OPT = {"optimizer": "adamw", "lr": 1e-3}
-
-
-class Mover:
-    """Records where each module is; a module "in RAM" holds NaN weights until it comes back."""
-
-    def __init__(self):
-        self.where, self.saved, self.moves = {}, {}, []
-
-    def __call__(self, module, target, skip=()):
-        skipped = {id(p) for m in skip for p in m.parameters()}
-        for p in module.parameters():  # kept per parameter: a block moves alone and with its model
-            if id(p) in skipped:
-                continue
-            if target == HOST and id(p) not in self.saved:
-                self.saved[id(p)] = (p, p.data)
-                p.data = torch.full_like(p.data, float("nan"))
-            elif target == DEVICE and id(p) in self.saved:
-                p.data = self.saved.pop(id(p))[1]
-        self.where[id(module)] = target
-        self.moves.append((id(module), target))
-
-    def restore(self):
-        for p, data in self.saved.values():
-            p.data = data
-        self.saved.clear()
 
 
 class Source:

@@ -16,35 +16,10 @@ from app.ml.models import load_model
 from app.ml.sampling import sample_images
 from app.ml.sampling.generate import build_pipeline
 from app.ml.sampling.samplers import make_scheduler
+from poison_mover import Mover
 
 MODELS = ["builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux"]
 LONG = ", ".join(f"a red cube number {i} on a blue table" for i in range(12))  # past 75 tokens
-
-
-class Mover:
-    """Records where each module is; a module "in RAM" holds NaN weights until it comes back."""
-
-    def __init__(self, on_move=None):
-        self.where, self.saved, self.on_move = {}, {}, on_move
-
-    def __call__(self, module, target, skip=()):
-        skipped = {id(p) for m in skip for p in m.parameters()}
-        for p in module.parameters():
-            if id(p) in skipped:
-                continue
-            if target == HOST and id(p) not in self.saved:
-                self.saved[id(p)] = (p, p.data)
-                p.data = torch.full_like(p.data, float("nan"))
-            elif target == DEVICE and id(p) in self.saved:
-                p.data = self.saved.pop(id(p))[1]
-        self.where[id(module)] = target
-        if self.on_move is not None:
-            self.on_move()
-
-    def restore(self):
-        for p, data in self.saved.values():
-            p.data = data
-        self.saved.clear()
 
 
 @pytest.fixture(scope="module", params=MODELS)
